@@ -1,0 +1,147 @@
+"""The one protocol every sink implements.
+
+Batch loads call `prepare_table` then `write`; CDC calls `apply_changes`. A sink with
+transactions stores the checkpoint (a batch high-water mark or a CDC LSN) in the same transaction
+as the data, so a crash can never separate the two; `read_checkpoint` returns it on restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Protocol
+
+import pyarrow as pa
+
+from nilus_dagster.schema import Column, TableSchema
+
+# Sink-side bookkeeping table holding checkpoints atomically with the data.
+CHECKPOINT_TABLE = "_nilus_checkpoints"
+
+# Metadata columns carried by CDC sink rows.
+LSN_COLUMN = "_nilus_lsn"
+OP_COLUMN = "_nilus_op"
+SYNCED_AT_COLUMN = "_nilus_synced_at"
+DELETED_COLUMN = "_nilus_deleted"
+
+
+class WriteStrategy(StrEnum):
+    APPEND = "append"
+    REPLACE = "replace"
+    MERGE = "merge"
+
+
+@dataclass(frozen=True)
+class SinkTable:
+    """Where a source table lands: a dataset (schema) and a table name."""
+
+    dataset: str
+    name: str
+
+    @property
+    def qualified(self) -> str:
+        return f"{self.dataset}.{self.name}"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A progress marker stored with the data, e.g. key 'acme/orders_sync/public.orders'."""
+
+    key: str
+    value: str
+
+
+@dataclass
+class WriteResult:
+    rows: int = 0
+    bytes: int = 0
+    added_columns: list[str] = field(default_factory=list)
+
+
+# In ChangeSet.upserts: per row, the columns whose unchanged TOASTed value the sink must keep.
+UNCHANGED_COLUMN = "_nilus_unchanged"
+
+
+@dataclass
+class ChangeSet:
+    """The net effect of whole source transactions on one table, ready to apply.
+
+    The CDC engine collapses changes per primary key (last one wins, by LSN) before a sink sees
+    them, so a key appears at most once across `deletes` and `upserts`. A sink applies, in one
+    transaction: the truncate (if any), then deletes, then upserts, then the checkpoint.
+
+    - `upserts`: the table's columns plus `_nilus_lsn` (int64), `_nilus_op` ('I' or 'U') and
+      `_nilus_unchanged` (list<string>, null when every value is present): for those columns the
+      sink keeps its current value (unchanged TOAST).
+    - `deletes`: the key columns plus `_nilus_lsn`. With `soft_delete` the sink sets
+      `_nilus_deleted = true` (and `_nilus_lsn`, `_nilus_op = 'D'`) instead of removing the row.
+    - `truncate`: the table was truncated before these changes.
+    """
+
+    upserts: pa.Table
+    deletes: pa.Table
+    truncate: bool = False
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.truncate and self.upserts.num_rows == 0 and self.deletes.num_rows == 0
+
+
+class SinkError(Exception):
+    """A sink refused or failed a write; the message names the sink and what to do."""
+
+
+class UnsupportedColumnType(SinkError):
+    def __init__(self, sink: str, table: str, column: Column, reason: str):
+        super().__init__(
+            f"{sink} sink cannot hold column '{column.name}' of {table} "
+            f"(source type {column.source_type or column.type.describe()}): {reason}"
+        )
+        self.column = column
+
+
+class Sink(Protocol):
+    """A destination. Implementations: DuckDBSink, PostgresSink (and BigQuerySink)."""
+
+    name: str
+
+    def prepare_table(self, target: SinkTable, schema: TableSchema) -> list[str]:
+        """Create the table if missing, add new source columns; return the added column names.
+
+        Raises UnsupportedColumnType (naming the column) before any data moves.
+        """
+        ...
+
+    def write(
+        self,
+        target: SinkTable,
+        schema: TableSchema,
+        batches: Iterable[pa.RecordBatch],
+        strategy: WriteStrategy,
+        checkpoint: Checkpoint | None = None,
+    ) -> WriteResult:
+        """Write all batches with the strategy as one atomic unit, with the checkpoint."""
+        ...
+
+    def apply_changes(
+        self,
+        target: SinkTable,
+        schema: TableSchema,
+        changes: ChangeSet,
+        checkpoint: Checkpoint | None,
+        *,
+        soft_delete: bool = False,
+    ) -> WriteResult:
+        """Apply one ChangeSet and the checkpoint atomically (idempotently where no transactions).
+
+        The CDC sink table is `schema`'s columns plus the metadata columns `_nilus_lsn`,
+        `_nilus_op`, `_nilus_synced_at` and `_nilus_deleted`.
+        """
+        ...
+
+    def read_checkpoint(self, key: str) -> str | None:
+        ...
+
+    def close(self) -> None:
+        ...

@@ -1,0 +1,65 @@
+"""Shared fixtures: one throwaway PostgreSQL cluster (wal_level=logical) per test session.
+
+Each test that needs a database gets a fresh one (`source_db`), so tests never see each other's
+tables, slots or publications.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from nilus_dagster.embedded.postgres import EmbeddedPostgres
+
+
+@pytest.fixture(scope="session")
+def pg_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    cluster = EmbeddedPostgres(tmp_path_factory.mktemp("pg")).start()
+    try:
+        yield cluster
+    finally:
+        cluster.destroy()
+
+
+def _create_database(cluster: EmbeddedPostgres, prefix: str) -> str:
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return cluster.dsn(name)
+
+
+@pytest.fixture
+def source_db(pg_cluster: EmbeddedPostgres) -> str:
+    """DSN of a fresh, empty database: the pipeline source."""
+    return _create_database(pg_cluster, "src")
+
+
+@pytest.fixture
+def sink_pg(pg_cluster: EmbeddedPostgres) -> str:
+    """DSN of a fresh, empty database: a PostgreSQL sink."""
+    return _create_database(pg_cluster, "sink")
+
+
+@pytest.fixture
+def state_dsn(pg_cluster: EmbeddedPostgres) -> str:
+    """DSN of a fresh database for the state store."""
+    return _create_database(pg_cluster, "state")
+
+
+@pytest.fixture
+def duckdb_path(tmp_path: Path) -> Path:
+    return tmp_path / "warehouse.duckdb"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_dagster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test gets its own DAGSTER_HOME so runs never leak between tests."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    os.environ.setdefault("XDG_RUNTIME_DIR", str(tmp_path))
