@@ -57,9 +57,8 @@ def duckdb_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def _quiet_dagster(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def _own_dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test gets its own DAGSTER_HOME so runs never leak between tests."""
     home = tmp_path / "dagster_home"
     home.mkdir()
     monkeypatch.setenv("DAGSTER_HOME", str(home))
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(tmp_path))

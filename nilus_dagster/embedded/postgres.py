@@ -15,8 +15,18 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-import pgserver
-from pgserver.utils import ensure_folder_permissions, ensure_prefix_permissions, ensure_user_exists
+# pgserver's import asks platformdirs for a private runtime dir; give it one instead of a warning.
+if "XDG_RUNTIME_DIR" not in os.environ:
+    _runtime_dir = Path(f"/tmp/nilus-runtime-{os.getuid()}")
+    _runtime_dir.mkdir(mode=0o700, exist_ok=True)
+    os.environ["XDG_RUNTIME_DIR"] = str(_runtime_dir)
+
+import pgserver  # noqa: E402
+from pgserver.utils import (  # noqa: E402
+    ensure_folder_permissions,
+    ensure_prefix_permissions,
+    ensure_user_exists,
+)
 
 BIN_DIR = Path(pgserver.__file__).parent / "pginstall" / "bin"
 _SERVER_SETTINGS = {
@@ -89,8 +99,7 @@ class EmbeddedPostgres:
         (self.pgdata / "postgresql.auto.conf").write_text(
             "".join(f"{key} = {value}\n" for key, value in settings.items())
         )
-        self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-l", str(self.pgdata / "server.log"),
-                  "start")
+        self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-l", str(self.pgdata / "server.log"), "start")
         return self
 
     def is_running(self) -> bool:

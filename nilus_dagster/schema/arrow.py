@@ -31,9 +31,7 @@ LOGICAL_KIND_KEY = b"nilus.kind"
 def arrow_type(column_type: ColumnType) -> pa.DataType:
     if column_type.kind == "decimal":
         precision, scale = (
-            (column_type.precision, column_type.scale)
-            if column_type.precision is not None
-            else UNCONSTRAINED_DECIMAL
+            (column_type.precision, column_type.scale) if column_type.precision is not None else UNCONSTRAINED_DECIMAL
         )
         assert scale is not None
         return pa.decimal128(precision, scale) if precision <= 38 else pa.decimal256(precision, scale)

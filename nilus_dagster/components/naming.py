@@ -1,0 +1,27 @@
+"""How pipelines and tables are named in Dagster: asset keys, groups, kinds, tags."""
+
+from __future__ import annotations
+
+import re
+
+import dagster as dg
+
+from nilus_dagster.spec.pipelines import Pipeline, SourceTable
+from nilus_dagster.spec.project import PipelinesSpec
+
+_TAG_VALUE = re.compile(r"^[A-Za-z0-9_.-]{0,63}$")
+
+
+def asset_key(pipeline: Pipeline, table: SourceTable) -> dg.AssetKey:
+    return dg.AssetKey([pipeline.tenant, pipeline.name, table.table.schema, table.table.name])
+
+
+def kinds(pipeline: Pipeline, spec: PipelinesSpec) -> set[str]:
+    return {"postgres", spec.connections[pipeline.sink.connection].type}
+
+
+def asset_tags(pipeline: Pipeline) -> dict[str, str]:
+    """Labels become asset tags (those Dagster accepts as tags; all remain in the YAML)."""
+    tags = {"nilus/tenant": pipeline.tenant, "nilus/type": pipeline.type}
+    tags.update({k: v for k, v in pipeline.labels.items() if _TAG_VALUE.match(k) and _TAG_VALUE.match(v)})
+    return tags

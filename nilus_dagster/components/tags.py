@@ -1,0 +1,27 @@
+"""Run tags: the join key between Dagster run storage and the monitoring API."""
+
+from __future__ import annotations
+
+from nilus_dagster.spec.pipelines import Pipeline
+
+TENANT_TAG = "nilus/tenant"
+PIPELINE_TAG = "nilus/pipeline"
+RESOURCE_ID_TAG = "nilus/resource_id"
+RUN_AS_USER_TAG = "nilus/run_as_user"
+PIPELINE_TYPE_TAG = "nilus/type"
+# A tag whose value is unique per pipeline: the run queue limits CDC runs to one per pipeline by it.
+CDC_PIPELINE_TAG = "nilus/cdc_pipeline"
+
+
+def run_tags(pipeline: Pipeline) -> dict[str, str]:
+    tags = {
+        TENANT_TAG: pipeline.tenant,
+        PIPELINE_TAG: pipeline.name,
+        RESOURCE_ID_TAG: pipeline.effective_resource_id,
+        PIPELINE_TYPE_TAG: pipeline.type,
+    }
+    if pipeline.run_as_user:
+        tags[RUN_AS_USER_TAG] = pipeline.run_as_user
+    if pipeline.type == "cdc":
+        tags[CDC_PIPELINE_TAG] = pipeline.job_name
+    return tags

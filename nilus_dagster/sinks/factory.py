@@ -1,0 +1,28 @@
+"""Sinks from connection declarations (secrets are read from the environment here, at run time)."""
+
+from __future__ import annotations
+
+from nilus_dagster.sinks.base import Sink
+from nilus_dagster.spec.connections import (
+    BigQueryConnection,
+    Connection,
+    DuckDBConnection,
+    PostgresConnection,
+)
+from nilus_dagster.spec.pipelines import BigQueryTableOptions
+
+
+def open_sink(name: str, connection: Connection, *, table_options: BigQueryTableOptions | None = None) -> Sink:
+    if isinstance(connection, DuckDBConnection):
+        from nilus_dagster.sinks.duckdb import DuckDBSink
+
+        return DuckDBSink(connection.path)
+    if isinstance(connection, PostgresConnection):
+        from nilus_dagster.sinks.postgres import PostgresSink
+
+        return PostgresSink(connection.dsn(name))
+    if isinstance(connection, BigQueryConnection):
+        from nilus_dagster.sinks.bigquery import open_bigquery_sink
+
+        return open_bigquery_sink(name, connection, table_options)
+    raise TypeError(f"connection '{name}' of type {connection.type} cannot be a sink")

@@ -1,0 +1,88 @@
+"""The state store's own schema, versioned. Append a migration; never edit an applied one."""
+
+from __future__ import annotations
+
+# Each entry: (version, SQL). `{schema}` is the state store's schema name (already quoted).
+MIGRATIONS: list[tuple[int, str]] = [
+    (
+        1,
+        """
+        CREATE TABLE {schema}.pipeline_state (
+            tenant text NOT NULL,
+            pipeline text NOT NULL,
+            resource_id text NOT NULL,
+            state text NOT NULL,
+            detail jsonb NOT NULL DEFAULT '{{}}',
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant, pipeline)
+        );
+        CREATE TABLE {schema}.batch_cursors (
+            tenant text NOT NULL,
+            pipeline text NOT NULL,
+            resource_id text NOT NULL,
+            table_name text NOT NULL,
+            cursor_column text NOT NULL,
+            cursor_value text NOT NULL,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant, pipeline, table_name)
+        );
+        CREATE TABLE {schema}.cdc_offsets (
+            id bigserial PRIMARY KEY,
+            tenant text NOT NULL,
+            pipeline text NOT NULL,
+            resource_id text NOT NULL,
+            connector_name text NOT NULL,
+            offset_key text NOT NULL,
+            offset_value jsonb NOT NULL,
+            run_id text,
+            record_insert_ts timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX ON {schema}.cdc_offsets (tenant, pipeline, id DESC);
+        CREATE INDEX ON {schema}.cdc_offsets (tenant, record_insert_ts);
+        CREATE TABLE {schema}.schema_history (
+            id bigserial PRIMARY KEY,
+            tenant text NOT NULL,
+            pipeline text NOT NULL,
+            resource_id text NOT NULL,
+            connector_name text NOT NULL,
+            table_name text NOT NULL,
+            table_schema jsonb NOT NULL,
+            lsn text,
+            record_insert_ts timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX ON {schema}.schema_history (tenant, pipeline, table_name, id DESC);
+        CREATE INDEX ON {schema}.schema_history (tenant, record_insert_ts);
+        CREATE TABLE {schema}.snapshot_partitions (
+            tenant text NOT NULL,
+            pipeline text NOT NULL,
+            table_name text NOT NULL,
+            partition_no integer NOT NULL,
+            start_block bigint NOT NULL,
+            end_block bigint NOT NULL,
+            rows_estimate bigint NOT NULL DEFAULT 0,
+            rows_done bigint NOT NULL DEFAULT 0,
+            done boolean NOT NULL DEFAULT false,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant, pipeline, table_name, partition_no)
+        );
+        CREATE TABLE {schema}.heartbeats (
+            tenant text NOT NULL,
+            pipeline text NOT NULL,
+            run_id text NOT NULL,
+            detail jsonb NOT NULL DEFAULT '{{}}',
+            beat_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant, pipeline)
+        );
+        CREATE TABLE {schema}.pipeline_runs (
+            id bigserial PRIMARY KEY,
+            tenant text NOT NULL,
+            pipeline text NOT NULL,
+            resource_id text NOT NULL,
+            run_id text NOT NULL,
+            payload jsonb NOT NULL,
+            record_insert_ts timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX ON {schema}.pipeline_runs (tenant, pipeline, id DESC);
+        """,
+    ),
+]
