@@ -6,7 +6,6 @@ tables, slots or publications.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +14,8 @@ import psycopg
 import pytest
 
 from nilus_dagster.embedded.postgres import EmbeddedPostgres
+
+pytest_plugins = ["bigquery_fixtures"]
 
 
 @pytest.fixture(scope="session")
