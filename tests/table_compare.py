@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import decimal
 import json
 import uuid
 from decimal import Decimal
@@ -11,8 +12,10 @@ from typing import Any
 
 import duckdb
 import psycopg
+from psycopg.types.json import set_json_loads
 
 Row = tuple[Any, ...]
+_EXACT = decimal.Context(prec=200)
 
 
 def normalize(value: Any) -> Any:
@@ -33,7 +36,7 @@ def normalize(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return tuple(normalize(v) for v in value)
     if isinstance(value, Decimal):
-        return value.normalize() if value.is_finite() else value
+        return value.normalize(_EXACT) if value.is_finite() else value  # the default context rounds
     return value
 
 
@@ -45,6 +48,7 @@ def source_rows(dsn: str, table: str, columns: list[str], order_by: str) -> list
     cols = ", ".join(f'"{c}"' for c in columns)
     with psycopg.connect(dsn) as conn:
         conn.execute("SET TIME ZONE 'UTC'")
+        set_json_loads(bytes.decode, conn)  # JSON as text on both sides, normalized alike
         return _normalized(conn.execute(f"SELECT {cols} FROM {table} ORDER BY {order_by}").fetchall())
 
 

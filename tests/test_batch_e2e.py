@@ -223,7 +223,6 @@ def test_every_run_carries_the_pipeline_tags(env: str, sink: SinkTarget, instanc
     adhoc = dg.materialize(
         [defs.resolve_assets_def(dg.AssetKey(["globex", "tagged", "public", "t"]))],
         instance=instance,
-        resources={"nilus_state": defs.resources["nilus_state"]},
     )
     assert adhoc.success
     runs = instance.get_runs()

@@ -1,0 +1,230 @@
+"""DuckDB sink: Arrow batches straight into a DuckDB file, one transaction per call.
+
+DuckDB lets one process at a time open a file for writing. The sink therefore opens the file only
+for the length of one transaction (connect → work → close) and, when another process holds the
+lock, waits and retries with backoff for up to `lock_timeout_s`: two runs writing one file both
+succeed, one after the other, transaction by transaction.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+from psycopg import sql
+
+from nilus_dagster.schema import Column, TableSchema, arrow_schema
+from nilus_dagster.sinks.base import (
+    ChangeSet,
+    Checkpoint,
+    SinkError,
+    SinkTable,
+    WriteResult,
+    WriteStrategy,
+)
+from nilus_dagster.sinks.sql_changes import (
+    apply_change_set,
+    delete_all_statement,
+    insert_statement,
+    merge_statement,
+)
+from nilus_dagster.sinks.sql_dialect import (
+    SqlDialect,
+    SqlRunner,
+    TypeRejected,
+    column_ddls,
+    ensure_table,
+    load_checkpoint,
+    save_checkpoint,
+    sink_columns,
+)
+from nilus_dagster.sinks.streaming import CountingBatches
+
+MAX_DECIMAL_PRECISION = 38
+
+
+def _decimal(precision: int | None, scale: int | None) -> str:
+    if precision is None:
+        return "DECIMAL(38, 9)"
+    if precision > MAX_DECIMAL_PRECISION:
+        raise TypeRejected(f"DuckDB DECIMAL holds at most {MAX_DECIMAL_PRECISION} digits")
+    return f"DECIMAL({precision}, {scale})"
+
+
+DUCKDB_DIALECT = SqlDialect(
+    sink_name="duckdb",
+    simple_types={
+        "bool": "BOOLEAN",
+        "int16": "SMALLINT",
+        "int32": "INTEGER",
+        "int64": "BIGINT",
+        "float32": "REAL",
+        "float64": "DOUBLE",
+        "text": "VARCHAR",
+        "json": "JSON",
+        "uuid": "UUID",
+        "bytes": "BLOB",
+        "date": "DATE",
+        "time": "TIME",
+        "timestamp": "TIMESTAMP",
+        "timestamptz": "TIMESTAMPTZ",
+        "interval": "INTERVAL",
+    },
+    decimal_type=_decimal,
+    list_type=lambda element_ddl, _element: f"{element_ddl}[]",
+    param=sql.SQL("?"),
+    default_schema="main",
+)
+
+_BATCHES_VIEW = "_nilus_batches"
+
+
+def _is_lock_conflict(error: duckdb.Error) -> bool:
+    return "lock" in str(error).lower()
+
+
+class DuckDBSink:
+    """Writes into the DuckDB database file at `path` (created with its folder if missing)."""
+
+    name = "duckdb"
+
+    def __init__(self, path: str | Path, *, lock_timeout_s: float = 300) -> None:
+        self.path = Path(path)
+        self.lock_timeout_s = lock_timeout_s
+
+    def __repr__(self) -> str:
+        return f"DuckDBSink({str(self.path)!r})"
+
+    # -- connection -------------------------------------------------------------------------
+
+    def _connect(self) -> duckdb.DuckDBPyConnection:
+        """Open the file, waiting (with jittered exponential backoff) while another process writes."""
+        deadline = time.monotonic() + self.lock_timeout_s
+        delay = 0.02
+        while True:
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                conn = duckdb.connect(str(self.path))
+            except OSError as e:
+                raise SinkError(f"duckdb sink cannot create the folder of {self.path}: {e}") from e
+            except duckdb.IOException as e:
+                if not _is_lock_conflict(e):
+                    raise SinkError(f"duckdb sink cannot open {self.path}: {e}") from e
+                if time.monotonic() + delay > deadline:
+                    raise SinkError(
+                        f"duckdb sink: {self.path} stayed locked by another process for "
+                        f"{self.lock_timeout_s:g}s; raise lock_timeout_s or stop the other writer ({e})"
+                    ) from e
+                time.sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 1.0)
+                continue
+            conn.execute("SET TimeZone = 'UTC'")
+            return conn
+
+    @contextmanager
+    def _transaction(self, target: SinkTable | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
+        """One connection and one transaction; DuckDB errors become SinkError naming the table."""
+        conn = self._connect()
+        try:
+            conn.execute("BEGIN TRANSACTION")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+        except duckdb.Error as e:
+            where = f" writing {target.qualified}" if target else ""
+            raise SinkError(f"duckdb sink {self.path}{where} failed: {e}") from e
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _runner(conn: duckdb.DuckDBPyConnection) -> SqlRunner:
+        def run(statement: sql.Composable, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+            result = conn.execute(statement.as_string(), list(params))
+            return result.fetchall() if result.description else []
+
+        return run
+
+    # -- Sink protocol --------------------------------------------------------------------------
+
+    def prepare_table(self, target: SinkTable, schema: TableSchema, *, cdc: bool = False) -> list[str]:
+        """Create/evolve the table. `cdc=True` adds the `_nilus_*` metadata columns apply_changes sets."""
+        column_ddls(DUCKDB_DIALECT, target, sink_columns(schema, cdc))  # reject before opening the file
+        with self._transaction(target) as conn:
+            return ensure_table(self._runner(conn), DUCKDB_DIALECT, target, schema, cdc=cdc)
+
+    def write(
+        self,
+        target: SinkTable,
+        schema: TableSchema,
+        batches: Iterable[pa.RecordBatch],
+        strategy: WriteStrategy,
+        checkpoint: Checkpoint | None = None,
+    ) -> WriteResult:
+        """Stream all batches through one INSERT ... SELECT over an Arrow reader, in one transaction."""
+        strategy = WriteStrategy(strategy)
+        if strategy is WriteStrategy.MERGE and not schema.primary_key:
+            raise SinkError(f"duckdb sink cannot merge into {target.qualified}: it has no primary key")
+        column_ddls(DUCKDB_DIALECT, target, schema.columns)
+        counted = CountingBatches(batches)
+        try:
+            with self._transaction(target) as conn:
+                run = self._runner(conn)
+                added = ensure_table(run, DUCKDB_DIALECT, target, schema, cdc=False)
+                if strategy is WriteStrategy.REPLACE:
+                    run(delete_all_statement(target))
+                conn.register(_BATCHES_VIEW, pa.RecordBatchReader.from_batches(arrow_schema(schema), counted))
+                source = sql.Identifier(_BATCHES_VIEW)
+                if strategy is WriteStrategy.MERGE:
+                    run(merge_statement(target, schema, source))
+                else:
+                    run(insert_statement(target, schema.column_names, source))
+                conn.unregister(_BATCHES_VIEW)
+                if checkpoint is not None:
+                    save_checkpoint(run, DUCKDB_DIALECT, checkpoint)
+        except SinkError:
+            counted.reraise_source_error()
+            raise
+        return WriteResult(rows=counted.rows, bytes=counted.bytes, added_columns=added)
+
+    def apply_changes(
+        self,
+        target: SinkTable,
+        schema: TableSchema,
+        changes: ChangeSet,
+        checkpoint: Checkpoint | None,
+        *,
+        soft_delete: bool = False,
+    ) -> WriteResult:
+        """Apply the ChangeSet (creating/evolving the CDC table as needed) and the checkpoint at once."""
+        column_ddls(DUCKDB_DIALECT, target, sink_columns(schema, True))
+        with self._transaction(target) as conn:
+            run = self._runner(conn)
+            added = ensure_table(run, DUCKDB_DIALECT, target, schema, cdc=True)
+
+            def stage(name: str, table: pa.Table, columns: Sequence[Column]) -> sql.Composable:
+                conn.register(name, table.select([c.name for c in columns]))
+                return sql.Identifier(name)
+
+            result = apply_change_set(run, stage, target, schema, changes, soft_delete=soft_delete)
+            if checkpoint is not None:
+                save_checkpoint(run, DUCKDB_DIALECT, checkpoint)
+        result.added_columns = added
+        return result
+
+    def read_checkpoint(self, key: str) -> str | None:
+        if not self.path.exists():
+            return None
+        with self._transaction() as conn:
+            return load_checkpoint(self._runner(conn), DUCKDB_DIALECT, key)
+
+    def close(self) -> None:
+        """Nothing to release: the file is only open during a transaction."""
