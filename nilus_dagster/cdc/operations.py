@@ -1,0 +1,69 @@
+"""Operator actions on a CDC pipeline: approve a held schema change, reset (re-snapshot)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nilus_dagster.cdc.replication import drop_slot
+from nilus_dagster.schema import TableSchema
+from nilus_dagster.sinks.base import Sink, WriteStrategy
+from nilus_dagster.sources.postgres.connection import connect_source
+from nilus_dagster.state.records import PipelineKey
+from nilus_dagster.state.store import StateStore
+
+# Keys of a pipeline state's detail that describe a held schema change (the rest is identity).
+PENDING_DETAIL = ("table", "proposed_schema", "diff", "lsn")
+
+
+class NothingToApprove(Exception):
+    """Approval was asked for, but no schema change is waiting."""
+
+
+def proposed_schema(store: StateStore, key: PipelineKey) -> dict[str, Any] | None:
+    """The schema change waiting for approval, if any: table, proposed schema, diff, LSN."""
+    state = store.get_pipeline_state(key.tenant, key.pipeline)
+    if state is None or state.state != "pending_schema_approval":
+        return None
+    return state.detail
+
+
+def approve_schema_change(store: StateStore, key: PipelineKey) -> str:
+    """Accept the held change: it becomes the table's schema and the pipeline resumes.
+
+    The running CDC run notices and ends; the keep-alive sensor starts the next one, which adds
+    the new columns to the sink and replays the held table's changes from its checkpoint.
+    """
+    pending = proposed_schema(store, key)
+    if pending is None:
+        raise NothingToApprove(f"pipeline {key.pipeline} of tenant {key.tenant} has no schema change to approve")
+    schema = TableSchema.from_json(pending["proposed_schema"])
+    store.append_schema(
+        key,
+        connector_name=key.pipeline,
+        table_name=pending["table"],
+        table_schema=schema.to_json(),
+        lsn=pending.get("lsn"),
+    )
+    kept = {k: v for k, v in pending.items() if k not in PENDING_DETAIL}
+    store.set_pipeline_state(key, "active", kept)
+    return pending["table"]
+
+
+def reset_pipeline(
+    store: StateStore,
+    key: PipelineKey,
+    *,
+    source_connection: str,
+    source_dsn: str,
+    slot: str,
+    sink: Sink,
+    targets: list[tuple[Any, Any]],
+) -> None:
+    """Start over: drop the slot, empty the sink tables, forget snapshot progress. The next run
+    creates a new slot and snapshots every table again."""
+    with connect_source(source_connection, source_dsn, autocommit=True) as conn:
+        drop_slot(conn, slot)
+    for schema, target in targets:
+        sink.write(target, schema, [], WriteStrategy.REPLACE)
+    store.clear_snapshot(key.tenant, key.pipeline)
+    store.set_pipeline_state(key, "active", {"reset": True})

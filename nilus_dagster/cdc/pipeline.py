@@ -1,0 +1,442 @@
+"""One CDC run of a pipeline: check the source, keep the publication and slot, snapshot what needs
+it, then stream until asked to stop. Plain Python: the Dagster job calls `run_cdc_pipeline`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import psycopg
+
+from nilus_dagster.cdc.lsn import format_lsn, parse_lsn
+from nilus_dagster.cdc.replication import (
+    ReplicationConnection,
+    SlotLost,
+    SystemMismatch,
+    ensure_same_system,
+    fetch_type_info,
+    slot_status,
+    system_identifier,
+)
+from nilus_dagster.cdc.setup import CdcTable, check_server, replication_name, resolve_tables, sync_publication
+from nilus_dagster.cdc.snapshot import SnapshotProgress, SnapshotRunner
+from nilus_dagster.cdc.stream import (
+    ChangeApplier,
+    SchemaChangeRefused,
+    SchemaEvent,
+    StreamProgress,
+    StreamStats,
+    StreamTable,
+    run_stream,
+)
+from nilus_dagster.schema import TableName, TableSchema
+from nilus_dagster.sinks.base import Sink, SinkTable
+from nilus_dagster.sources.postgres.connection import connect_source
+from nilus_dagster.state.records import PipelineKey
+from nilus_dagster.state.store import StateStore
+
+Phase = Literal["setup", "snapshot", "streaming", "stopped"]
+
+
+class CdcPipelineFailed(Exception):
+    """The pipeline cannot continue without an operator (its state is set to `failed`)."""
+
+
+@dataclass(frozen=True)
+class CdcTableConfig:
+    table: TableName
+    target: SinkTable
+    primary_key: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class CdcPipelineConfig:
+    key: PipelineKey
+    source_connection: str
+    source_dsn: str
+    tables: tuple[CdcTableConfig, ...]
+    snapshot: Literal["initial", "never"] = "initial"
+    snapshot_workers: int = 2
+    snapshot_partition_blocks: int = 4096
+    batch_max_rows: int = 50_000
+    batch_max_ms: int = 1_000
+    soft_delete: bool = False
+    schema_changes: Literal["evolve", "pause", "fail"] = "evolve"
+    slot_name: str | None = None
+    publication_name: str | None = None
+
+    def slot(self, database: str) -> str:
+        """Slots are per cluster: the name includes the source database."""
+        return self.slot_name or replication_name("nilus", self.key.tenant, self.key.pipeline, database)
+
+    @property
+    def publication(self) -> str:
+        return self.publication_name or replication_name("nilus", self.key.tenant, self.key.pipeline)
+
+    @property
+    def checkpoint_prefix(self) -> str:
+        return f"{self.key.tenant}/{self.key.pipeline}"
+
+    def table_checkpoint(self, table: TableName) -> str:
+        return f"{self.checkpoint_prefix}/{table.qualified}"
+
+
+@dataclass
+class CdcProgress:
+    """What a run reports while it works (heartbeats, Dagster observations, metrics)."""
+
+    phase: Phase
+    lsn: str | None = None
+    lag_seconds: float = 0.0
+    events_total: int = 0
+    events_per_s: float = 0.0
+    retained_wal_bytes: int | None = None
+    snapshot_rows: int = 0
+    snapshot_partitions_done: int = 0
+    snapshot_partitions_total: int = 0
+
+    def as_detail(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class CdcRunResult:
+    snapshot_rows: int = 0
+    stats: StreamStats = field(default_factory=StreamStats)
+    slot_created: bool = False
+    tables_added: list[str] = field(default_factory=list)
+
+
+@dataclass
+class CdcRun:
+    """State and collaborators of one run; `run()` does the work."""
+
+    config: CdcPipelineConfig
+    sink: Sink
+    store: StateStore
+    run_id: str
+    should_stop: Callable[[], bool] = lambda: False
+    on_progress: Callable[[CdcProgress], Any] = lambda progress: None
+    stop_at_caught_up: bool = False
+    heartbeat_interval_s: float = 5.0
+    offset_interval_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        self._last_beat = 0.0
+        self._last_offset = 0.0
+        self._pending_offset: int | None = None
+        self._retained_wal: int | None = None
+        self.slot = self.config.slot_name or ""  # resolved against the source database in run()
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _set_state(self, state: str, **detail: Any) -> None:
+        """Change the pipeline state, keeping the identity facts (slot, system) in its detail."""
+        current = self.store.get_pipeline_state(self.config.key.tenant, self.config.key.pipeline)
+        self.store.set_pipeline_state(self.config.key, state, {**(current.detail if current else {}), **detail})
+
+    def _fail(self, reason: str, **detail: Any) -> CdcPipelineFailed:
+        self._set_state("failed", reason=reason, **detail)
+        return CdcPipelineFailed(reason)
+
+    def _report(self, progress: CdcProgress, *, force: bool = False) -> None:
+        progress.retained_wal_bytes = self._retained_wal
+        self.on_progress(progress)
+        now = time.monotonic()
+        if force or now - self._last_beat >= self.heartbeat_interval_s:
+            self._last_beat = now
+            self.store.beat(self.config.key, self.run_id, progress.as_detail())
+
+    def _record_offset(self, lsn: int, *, force: bool = False) -> None:
+        self._pending_offset = lsn
+        now = time.monotonic()
+        if force or now - self._last_offset >= self.offset_interval_s:
+            self._last_offset = now
+            self.store.append_offset(
+                self.config.key,
+                connector_name=self.config.key.pipeline,
+                offset_key=self.slot,
+                offset_value={"lsn": format_lsn(lsn), "lsn_int": lsn, "slot": self.slot},
+                run_id=self.run_id,
+            )
+            self._pending_offset = None
+
+    # -- the run ---------------------------------------------------------------------------
+    def run(self) -> CdcRunResult:
+        config, result = self.config, CdcRunResult()
+        state = self.store.get_pipeline_state(config.key.tenant, config.key.pipeline)
+        if state is not None and state.state == "failed":
+            raise CdcPipelineFailed(
+                f"pipeline {config.key.pipeline} is failed ({state.detail.get('reason', 'see its state')}); "
+                "reset it (re-snapshot) before it can run again"
+            )
+        self._report(CdcProgress("setup"), force=True)
+        with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
+            self.slot = config.slot(_current_database(conn))
+            tables = self._prepare_source(conn, state.detail if state else {})
+            status = slot_status(conn, self.slot)
+            if status.exists and status.wal_status == "lost":
+                raise self._fail(
+                    f"replication slot {self.slot} has lost WAL it needed (wal_status = lost): changes were "
+                    "removed before they were read; reset the pipeline to re-snapshot",
+                    slot=self.slot,
+                )
+            if not status.exists and state is not None and "slot" in state.detail:
+                raise self._fail(
+                    f"replication slot {self.slot} is gone (dropped or lost) although the pipeline has "
+                    "streamed before: changes since the last offset cannot be read; reset the pipeline to "
+                    "re-snapshot",
+                    slot=self.slot,
+                )
+            identifier = system_identifier(conn)
+        added = self._sync_publication(tables)
+        result.tables_added = [t.qualified for t in added]
+        if not status.exists:
+            result.slot_created = True
+            result.snapshot_rows = self._create_slot_and_snapshot(tables, identifier)
+        else:
+            result.snapshot_rows = self._finish_snapshots(tables, added, state.detail if state else {})
+        if self.should_stop():
+            return result
+        result.stats = self._stream(tables)
+        return result
+
+    def _prepare_source(self, conn: psycopg.Connection[Any], detail: dict[str, Any]) -> list[CdcTable]:
+        config = self.config
+        check_server(conn, self.slot)
+        if "system_identifier" in detail:
+            try:
+                ensure_same_system(conn, detail["system_identifier"])
+            except SystemMismatch as error:
+                raise self._fail(str(error)) from None
+        keys = {t.table: t.primary_key for t in config.tables if t.primary_key}
+        return resolve_tables(conn, [t.table for t in config.tables], keys)
+
+    def _sync_publication(self, tables: list[CdcTable]) -> list[TableName]:
+        with connect_source(self.config.source_connection, self.config.source_dsn, autocommit=True) as conn:
+            existed = conn.execute(
+                "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.config.publication,)
+            ).fetchone()
+            added, removed = sync_publication(conn, self.config.publication, [t.name for t in tables])
+        for table in removed:
+            self.store.clear_snapshot(self.config.key.tenant, self.config.key.pipeline, table.qualified)
+        return added if existed else []
+
+    def _targets(self, tables: list[CdcTable]) -> list[tuple[CdcTable, SinkTable]]:
+        by_name = {t.table: t.target for t in self.config.tables}
+        return [(t, by_name[t.name]) for t in tables]
+
+    def _snapshot_runner(self, consistent_lsn: int, snapshot_name: str | None, generation: str) -> SnapshotRunner:
+        config = self.config
+        progress = CdcProgress("snapshot")
+
+        def report(snapshot: SnapshotProgress) -> None:
+            progress.snapshot_rows = snapshot.rows_done
+            progress.snapshot_partitions_done = snapshot.partitions_done
+            progress.snapshot_partitions_total = snapshot.partitions_total
+            self._report(progress)
+
+        return SnapshotRunner(
+            source_connection=config.source_connection,
+            source_dsn=config.source_dsn,
+            key=config.key,
+            sink=self.sink,
+            store=self.store,
+            consistent_lsn=consistent_lsn,
+            checkpoint_prefix=config.checkpoint_prefix,
+            generation=generation,
+            snapshot_name=snapshot_name,
+            workers=config.snapshot_workers,
+            partition_blocks=config.snapshot_partition_blocks,
+            should_stop=self.should_stop,
+            on_progress=report,
+        )
+
+    def _record_schemas(self, tables: list[CdcTable], lsn: int) -> None:
+        for table in tables:
+            self.store.append_schema(
+                self.config.key,
+                connector_name=self.config.key.pipeline,
+                table_name=table.name.qualified,
+                table_schema=table.schema.to_json(),
+                lsn=format_lsn(lsn),
+            )
+
+    def _create_slot_and_snapshot(self, tables: list[CdcTable], identifier: str) -> int:
+        """A new slot: its exported snapshot is the exact starting point of the stream."""
+        config = self.config
+        with ReplicationConnection.connect(config.source_dsn) as replication:
+            slot = replication.create_slot(self.slot, export_snapshot=config.snapshot == "initial")
+            self.store.clear_snapshot(config.key.tenant, config.key.pipeline)
+            self.store.set_pipeline_state(
+                config.key,
+                "active",
+                {
+                    "system_identifier": identifier,
+                    "slot": self.slot,
+                    "publication": config.publication,
+                    "consistent_lsn": format_lsn(slot.consistent_point),
+                },
+            )
+            self._record_schemas(tables, slot.consistent_point)
+            runner = self._snapshot_runner(slot.consistent_point, slot.snapshot_name, format_lsn(slot.consistent_point))
+            if config.snapshot == "never":
+                runner.mark_streaming_start(self._targets(tables))
+                rows = 0
+            else:
+                rows = runner.run(self._targets(tables))
+        self._record_offset(slot.consistent_point, force=True)
+        return rows
+
+    def _finish_snapshots(self, tables: list[CdcTable], added: list[TableName], detail: dict[str, Any]) -> int:
+        """Resume an interrupted snapshot and snapshot tables added to the pipeline since."""
+        config = self.config
+        consistent = parse_lsn(detail.get("consistent_lsn", "0/0"))
+        targets = self._targets(tables)
+        unfinished = [
+            (t, target)
+            for t, target in targets
+            if t.name not in added and self.sink.read_checkpoint(config.table_checkpoint(t.name)) is None
+        ]
+        rows = 0
+        if unfinished and config.snapshot == "initial":
+            rows += self._snapshot_runner(consistent, None, format_lsn(consistent)).run(unfinished)
+        new = [(t, target) for t, target in targets if t.name in added]
+        if new:
+            # A new table is read at a fresh snapshot and every change since it joined the
+            # publication is replayed on top (from LSN 0 for this table): idempotent by key.
+            with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
+                generation = f"added-{format_lsn(_current_wal_lsn(conn))}"
+            self._record_schemas([t for t, _ in new], 0)
+            rows += self._snapshot_runner(0, None, generation).run(new)
+        return rows
+
+    def _stream(self, tables: list[CdcTable]) -> StreamStats:
+        config = self.config
+        latest = self.store.latest_schemas(config.key.tenant, config.key.pipeline)
+        stream_tables: dict[TableName, StreamTable] = {}
+        for table, target in self._targets(tables):
+            recorded = latest.get(table.name.qualified)
+            schema = TableSchema.from_json(recorded.table_schema) if recorded else table.schema
+            schema = TableSchema(schema.table, schema.columns, table.schema.primary_key)
+            self.sink.prepare_table(target, schema, cdc=True)  # type: ignore[call-arg]
+            checkpoint = self.sink.read_checkpoint(config.table_checkpoint(table.name))
+            stream_tables[table.name] = StreamTable(
+                source=table,
+                target=target,
+                checkpoint_key=config.table_checkpoint(table.name),
+                applied_lsn=parse_lsn(checkpoint) if checkpoint else 0,
+                schema=schema,
+            )
+        with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
+            stop_at = _current_wal_lsn(conn) if self.stop_at_caught_up else None
+            types_conn = conn
+
+            applier = ChangeApplier(
+                tables=stream_tables,
+                sink=self.sink,
+                lookup_types=lambda oids: fetch_type_info(types_conn, oids),
+                on_schema_change=self._schema_policy,
+                batch_max_rows=config.batch_max_rows,
+                batch_max_ms=config.batch_max_ms,
+                soft_delete=config.soft_delete,
+            )
+            start = min((t.applied_lsn for t in stream_tables.values()), default=0)
+            progress = CdcProgress("streaming")
+            last_slot_check = 0.0
+
+            def report(stream_progress: StreamProgress) -> None:
+                nonlocal last_slot_check
+                if time.monotonic() - last_slot_check >= 10:
+                    last_slot_check = time.monotonic()
+                    self._retained_wal = slot_status(conn, self.slot).retained_wal_bytes
+                progress.lsn = format_lsn(stream_progress.applied_lsn) if stream_progress.applied_lsn else None
+                progress.lag_seconds = stream_progress.lag_seconds
+                progress.events_total = stream_progress.events_total
+                progress.events_per_s = stream_progress.events_per_s
+                self._report(progress)
+
+            try:
+                with ReplicationConnection.connect(config.source_dsn) as replication:
+                    stream = replication.start(self.slot, [config.publication], start)
+                    stats = run_stream(
+                        stream,
+                        applier,
+                        should_stop=self.should_stop,
+                        stop_at_lsn=stop_at,
+                        on_progress=report,
+                        on_durable=self._record_offset,
+                    )
+            except SlotLost as error:
+                raise self._fail(f"{error}; reset the pipeline to re-snapshot", slot=self.slot) from None
+        if self._pending_offset is not None:
+            self._record_offset(self._pending_offset, force=True)
+        progress.phase = "stopped"
+        self._report(progress, force=True)
+        return stats
+
+    def _schema_policy(self, event: SchemaEvent) -> str:
+        config = self.config
+        policy = config.schema_changes
+        if policy == "fail" or (policy == "evolve" and not event.diff.evolvable):
+            raise (
+                self._fail(
+                    f"{event.table}: the source schema changed ({event.diff.describe()}) and schema_changes is "
+                    f"'{policy}'",
+                    table=event.table.qualified,
+                    diff=event.diff.describe(),
+                )
+                if policy == "fail"
+                else SchemaChangeRefused(
+                    f"{event.table}: the source schema changed in a way evolve cannot apply "
+                    f"({event.diff.describe()}): set schema_changes to pause to review it"
+                )
+            )
+        if policy == "pause":
+            self._set_state(
+                "pending_schema_approval",
+                table=event.table.qualified,
+                proposed_schema=event.schema.to_json(),
+                diff=event.diff.describe(),
+                lsn=format_lsn(event.lsn),
+            )
+            return "pause"
+        target = next(t.target for t in config.tables if t.table == event.table)
+        self.sink.prepare_table(target, event.schema, cdc=True)  # type: ignore[call-arg]
+        self.store.append_schema(
+            config.key,
+            connector_name=config.key.pipeline,
+            table_name=event.table.qualified,
+            table_schema=event.schema.to_json(),
+            lsn=format_lsn(event.lsn),
+        )
+        return "evolve"
+
+
+def _current_database(conn: psycopg.Connection[Any]) -> str:
+    row = conn.execute("SELECT current_database()").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def _current_wal_lsn(conn: psycopg.Connection[Any]) -> int:
+    row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+    assert row is not None
+    return parse_lsn(row[0])
+
+
+def run_cdc_pipeline(
+    config: CdcPipelineConfig,
+    sink: Sink,
+    store: StateStore,
+    *,
+    run_id: str,
+    should_stop: Callable[[], bool] = lambda: False,
+    on_progress: Callable[[CdcProgress], Any] = lambda progress: None,
+    stop_at_caught_up: bool = False,
+) -> CdcRunResult:
+    """Run the pipeline until `should_stop()` (or, with `stop_at_caught_up`, until the WAL position
+    seen at the start is applied)."""
+    return CdcRun(config, sink, store, run_id, should_stop, on_progress, stop_at_caught_up).run()

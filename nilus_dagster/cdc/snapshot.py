@@ -1,0 +1,245 @@
+"""The initial snapshot: tables read in CTID block ranges by parallel workers, inside the slot's
+exported snapshot, each partition written atomically with its own checkpoint.
+
+Progress lives in the state store (the plan and done partitions) and in the sink (a checkpoint per
+partition, committed with its rows), so a crash resumes at the first unfinished partition. A
+resumed snapshot has lost the exported snapshot; it reads the remaining partitions at a newer
+snapshot and merges them by key, and the stream (which starts at the slot's consistent point)
+replays every later change on top: the end state is exact. Tables without a key cannot be
+resumed that way; the caller restarts their snapshot instead.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pyarrow as pa
+from psycopg import sql
+
+from nilus_dagster.cdc.lsn import format_lsn
+from nilus_dagster.cdc.setup import CdcTable
+from nilus_dagster.schema import TableName, TableSchema
+from nilus_dagster.sinks.base import (
+    DELETED_COLUMN,
+    LSN_COLUMN,
+    OP_COLUMN,
+    SYNCED_AT_COLUMN,
+    Checkpoint,
+    Sink,
+    SinkTable,
+    WriteStrategy,
+)
+from nilus_dagster.sinks.sql_dialect import CDC_COLUMNS
+from nilus_dagster.sources.postgres.catalog import table_size
+from nilus_dagster.sources.postgres.connection import connect_source
+from nilus_dagster.sources.postgres.reader import read_table
+from nilus_dagster.state.records import PipelineKey, SnapshotPartition
+from nilus_dagster.state.store import StateStore
+
+LAST_BLOCK = 0xFFFFFFFF  # an open end: the last partition also reads blocks added since planning
+SNAPSHOT_OP = "r"  # rows read by the snapshot, as Debezium marks them
+
+
+def cdc_schema(schema: TableSchema) -> TableSchema:
+    """The sink table's schema for a CDC pipeline: source columns plus the metadata columns."""
+    return TableSchema(schema.table, schema.columns + CDC_COLUMNS, schema.primary_key)
+
+
+def with_snapshot_metadata(batch: pa.RecordBatch, lsn: int, synced_at: datetime) -> pa.RecordBatch:
+    rows = batch.num_rows
+    extra = [
+        pa.array([lsn] * rows, type=pa.int64()),
+        pa.array([SNAPSHOT_OP] * rows, type=pa.string()),
+        pa.array([synced_at] * rows, type=pa.timestamp("us", tz="UTC")),
+        pa.array([False] * rows, type=pa.bool_()),
+    ]
+    names = [*batch.schema.names, LSN_COLUMN, OP_COLUMN, SYNCED_AT_COLUMN, DELETED_COLUMN]
+    return pa.RecordBatch.from_arrays([*batch.columns, *extra], names=names)
+
+
+def plan_partitions(pages: int, blocks_per_partition: int) -> list[tuple[int, int]]:
+    starts = list(range(0, max(pages, 1), blocks_per_partition))
+    return [(start, next_start) for start, next_start in zip(starts, starts[1:] + [LAST_BLOCK], strict=True)]
+
+
+@dataclass(frozen=True)
+class SnapshotTask:
+    table: CdcTable
+    target: SinkTable
+    partition: SnapshotPartition
+
+
+@dataclass
+class SnapshotProgress:
+    tables_total: int
+    partitions_total: int
+    partitions_done: int
+    rows_done: int
+
+
+class SnapshotCancelled(Exception):
+    """The run was asked to stop; finished partitions are kept and the next run resumes."""
+
+
+@dataclass
+class SnapshotRunner:
+    """Reads and writes every unfinished partition of the given tables."""
+
+    source_connection: str
+    source_dsn: str
+    key: PipelineKey
+    sink: Sink
+    store: StateStore
+    consistent_lsn: int
+    checkpoint_prefix: str
+    generation: str  # one per snapshot (the slot's consistent point, or when a table was added)
+    snapshot_name: str | None = None  # None: resuming without the exported snapshot
+    workers: int = 2
+    partition_blocks: int = 4096
+    should_stop: Callable[[], bool] = lambda: False
+    on_progress: Callable[[SnapshotProgress], None] = lambda progress: None
+
+    def partition_checkpoint(self, table: TableName, partition_no: int) -> str:
+        return f"{self.checkpoint_prefix}/snapshot/{self.generation}/{table.qualified}/{partition_no}"
+
+    def plan(self, tables: list[tuple[CdcTable, SinkTable]]) -> list[SnapshotTask]:
+        """The unfinished partitions, planning tables seen for the first time."""
+        tasks = []
+        with connect_source(self.source_connection, self.source_dsn, autocommit=True) as conn:
+            for table, target in tables:
+                size = table_size(conn, table.name)
+                plan = self.store.plan_snapshot(
+                    self.key,
+                    table.name.qualified,
+                    plan_partitions(size.pages, self.partition_blocks),
+                    size.rows_estimate,
+                )
+                for partition in plan:
+                    if partition.done:
+                        continue
+                    if self.sink.read_checkpoint(self.partition_checkpoint(table.name, partition.partition_no)):
+                        # committed in the sink, not yet marked in the store (a crash in between)
+                        self.store.mark_partition_done(self.key, table.name.qualified, partition.partition_no, 0)
+                        continue
+                    tasks.append(SnapshotTask(table, target, partition))
+        return tasks
+
+    def run(self, tables: list[tuple[CdcTable, SinkTable]]) -> int:
+        """Snapshot the tables; returns the rows written. Raises SnapshotCancelled on stop."""
+        for table, target in tables:
+            self.sink.prepare_table(target, table.schema, cdc=True)  # type: ignore[call-arg]
+        tasks = self.plan(tables)
+        progress = SnapshotProgress(len(tables), len(tasks), 0, 0)
+        rows = self._read_and_write(tasks, progress) if tasks else 0
+        self.mark_streaming_start(tables)
+        return rows
+
+    def mark_streaming_start(self, tables: list[tuple[CdcTable, SinkTable]]) -> None:
+        """Each table's stream checkpoint: its changes apply from the snapshot point on."""
+        for table, target in tables:
+            self.sink.prepare_table(target, table.schema, cdc=True)  # type: ignore[call-arg]
+            self.sink.write(
+                target,
+                cdc_schema(table.schema),
+                [],
+                WriteStrategy.APPEND,
+                Checkpoint(f"{self.checkpoint_prefix}/{table.name.qualified}", format_lsn(self.consistent_lsn)),
+            )
+
+    def _read_and_write(self, tasks: list[SnapshotTask], progress: SnapshotProgress) -> int:
+        pending: queue.Queue[SnapshotTask] = queue.Queue()
+        for task in tasks:
+            pending.put(task)
+        results: queue.Queue[tuple[SnapshotTask, list[pa.RecordBatch]] | BaseException] = queue.Queue(
+            maxsize=self.workers * 2
+        )
+        stop = threading.Event()
+        threads = [
+            threading.Thread(target=self._worker, args=(pending, results, stop), daemon=True, name=f"snapshot-{i}")
+            for i in range(min(self.workers, len(tasks)))
+        ]
+        for thread in threads:
+            thread.start()
+        strategy = WriteStrategy.APPEND if self.snapshot_name else WriteStrategy.MERGE
+        try:
+            for _ in range(len(tasks)):
+                item = self._next_result(results)
+                if isinstance(item, BaseException):
+                    raise item
+                task, batches = item
+                written = self.sink.write(
+                    task.target,
+                    cdc_schema(task.table.schema),
+                    batches,
+                    strategy,
+                    Checkpoint(self.partition_checkpoint(task.table.name, task.partition.partition_no), "done"),
+                )
+                self.store.mark_partition_done(
+                    self.key, task.table.name.qualified, task.partition.partition_no, written.rows
+                )
+                progress.partitions_done += 1
+                progress.rows_done += written.rows
+                self.on_progress(progress)
+        finally:
+            stop.set()
+            while True:  # unblock workers waiting on a full queue
+                try:
+                    results.get_nowait()
+                except queue.Empty:
+                    break
+        return progress.rows_done
+
+    def _next_result(
+        self, results: queue.Queue[tuple[SnapshotTask, list[pa.RecordBatch]] | BaseException]
+    ) -> tuple[SnapshotTask, list[pa.RecordBatch]] | BaseException:
+        """Wait on the main thread in short steps, so a stop request is seen promptly."""
+        while True:
+            if self.should_stop():
+                raise SnapshotCancelled("snapshot stopped; finished partitions are kept")
+            try:
+                return results.get(timeout=0.2)
+            except queue.Empty:
+                continue
+
+    def _worker(
+        self,
+        pending: queue.Queue[SnapshotTask],
+        results: queue.Queue[tuple[SnapshotTask, list[pa.RecordBatch]] | BaseException],
+        stop: threading.Event,
+    ) -> None:
+        try:
+            with connect_source(self.source_connection, self.source_dsn, autocommit=True) as conn:
+                conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+                if self.snapshot_name:
+                    conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot_name)))
+                for task in _drain(pending, stop):
+                    partition = task.partition
+                    synced_at = datetime.now(UTC)
+                    batches = [
+                        with_snapshot_metadata(batch, self.consistent_lsn, synced_at)
+                        for batch in read_table(
+                            conn, task.table.schema, ctid_range=(partition.start_block, partition.end_block)
+                        )
+                    ]
+                    while not stop.is_set():
+                        try:
+                            results.put((task, batches), timeout=0.2)
+                            break
+                        except queue.Full:
+                            continue
+                conn.execute("COMMIT")
+        except BaseException as error:  # noqa: BLE001 - handed to the main thread, which raises it
+            if not stop.is_set():
+                results.put(error)
+
+
+def _drain(pending: queue.Queue[SnapshotTask], stop: threading.Event) -> Iterator[SnapshotTask]:
+    while not stop.is_set():
+        try:
+            yield pending.get_nowait()
+        except queue.Empty:
+            return

@@ -1,0 +1,312 @@
+"""The streaming phase: pgoutput messages → batches of whole transactions → the sink.
+
+Each table has its own checkpoint in the sink (the end LSN of the last transaction applied to
+it), committed in the same sink transaction as its changes: a transaction already applied to a
+table is skipped for that table after a restart, so nothing is applied twice, and the slot is
+acknowledged only up to what every table has made durable, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from nilus_dagster.cdc.changes import TableChanges, tuple_values
+from nilus_dagster.cdc.lsn import format_lsn
+from nilus_dagster.cdc.pgoutput import (
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    Message,
+    PgTypeInfo,
+    Relation,
+    Truncate,
+    Update,
+    relation_schema,
+)
+from nilus_dagster.cdc.replication import ReplicationStream
+from nilus_dagster.cdc.setup import CdcTable
+from nilus_dagster.schema import TableName, TableSchema
+from nilus_dagster.schema.evolution import SchemaDiff, diff_schemas
+from nilus_dagster.sinks.base import Checkpoint, Sink, SinkTable
+
+
+class SchemaChangeRefused(Exception):
+    """A source schema change that the pipeline's `schema_changes` policy does not allow."""
+
+
+@dataclass
+class StreamStats:
+    events_total: int = 0
+    transactions: int = 0
+    batches: int = 0
+    applied_lsn: int = 0  # end LSN of the last transaction made durable
+    last_commit_time: datetime | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events_total / max(time.monotonic() - self.started, 1e-9)
+
+
+@dataclass
+class SchemaEvent:
+    table: TableName
+    diff: SchemaDiff
+    schema: TableSchema
+    lsn: int
+
+
+@dataclass
+class StreamTable:
+    """A table being streamed: where it lands and how far it is applied."""
+
+    source: CdcTable
+    target: SinkTable
+    checkpoint_key: str
+    applied_lsn: int  # end LSN of the last transaction applied to it
+    schema: TableSchema  # the schema in force (changes with Relation messages)
+    held: bool = False  # paused by `schema_changes: pause` until approved
+
+
+@dataclass
+class ChangeApplier:
+    """Consumes decoded messages and applies whole-transaction batches to the sink."""
+
+    tables: dict[TableName, StreamTable]
+    sink: Sink
+    lookup_types: Callable[[list[int]], dict[int, PgTypeInfo]]
+    on_schema_change: Callable[[SchemaEvent], str]  # returns "evolve", "pause" or raises
+    batch_max_rows: int = 50_000
+    batch_max_ms: int = 1_000
+    soft_delete: bool = False
+    stats: StreamStats = field(default_factory=StreamStats)
+
+    def __post_init__(self) -> None:
+        self._relations: dict[int, tuple[Relation, StreamTable]] = {}
+        self._types: dict[int, PgTypeInfo] = {}
+        self._batch: dict[TableName, TableChanges] = {}
+        self._batch_events = 0
+        self._batch_started: float | None = None
+        self._batch_end_lsn = 0  # end LSN of the last complete transaction in the batch
+        self._in_transaction = False
+        self._commit_lsn = 0  # commit LSN of the transaction being read
+
+    # -- message handling ------------------------------------------------------------------
+    @property
+    def in_transaction(self) -> bool:
+        return self._in_transaction
+
+    @property
+    def has_pending(self) -> bool:
+        return self._batch_end_lsn > 0
+
+    def handle(self, message: Message) -> None:
+        if isinstance(message, Begin):
+            self._in_transaction = True
+            self._commit_lsn = message.final_lsn
+            if self._batch_started is None:
+                self._batch_started = time.monotonic()
+        elif isinstance(message, Commit):
+            self._in_transaction = False
+            self._batch_end_lsn = message.end_lsn
+            self.stats.transactions += 1
+            self.stats.last_commit_time = message.commit_time
+        elif isinstance(message, Relation):
+            self._relation(message)
+        elif isinstance(message, Insert | Update | Delete):
+            self._row_change(message)
+        elif isinstance(message, Truncate):
+            for relation_id in message.relation_ids:
+                changes = self._changes_for(relation_id)
+                if changes is not None:
+                    changes.truncated()
+                    self._batch_events += 1
+
+    def batch_ready(self) -> bool:
+        """True at a transaction boundary once the batch is big or old enough."""
+        if self._in_transaction or not self.has_pending or self._batch_started is None:
+            return False
+        age_ms = (time.monotonic() - self._batch_started) * 1000
+        return self._batch_events >= self.batch_max_rows or age_ms >= self.batch_max_ms
+
+    def _relation(self, relation: Relation) -> None:
+        name = TableName(relation.namespace or "pg_catalog", relation.name)
+        table = self.tables.get(name)
+        if table is None:
+            return
+        unknown = [c.type_oid for c in relation.columns if c.type_oid not in self._types]
+        self._types.update(self.lookup_types(unknown))
+        from nilus_dagster.cdc.pgoutput import BUILTIN_TYPES
+
+        described = relation_schema(relation, {**BUILTIN_TYPES, **self._types})
+        schema = TableSchema(name, described.columns, table.source.schema.primary_key)
+        self._relations[relation.relation_id] = (relation, table)
+        diff = diff_schemas(table.schema, schema)
+        if diff.is_empty:
+            return
+        decision = self.on_schema_change(SchemaEvent(name, diff, schema, self._commit_lsn))
+        if decision == "pause":
+            table.held = True
+            self._batch.pop(name, None)
+            return
+        pending = self._batch.get(name)
+        if pending is not None:
+            pending.schema = schema
+        table.schema = schema
+
+    def _changes_for(self, relation_id: int) -> TableChanges | None:
+        relation_table = self._relations.get(relation_id)
+        if relation_table is None:
+            return None
+        _, table = relation_table
+        if table.held or self._commit_lsn < table.applied_lsn:
+            return None  # held for approval, or already applied before a restart
+        changes = self._batch.get(table.source.name)
+        if changes is None:
+            changes = self._batch[table.source.name] = TableChanges(table.schema)
+        return changes
+
+    def _row_change(self, message: Insert | Update | Delete) -> None:
+        changes = self._changes_for(message.relation_id)
+        if changes is None:
+            return
+        relation, _ = self._relations[message.relation_id]
+        names = [c.name for c in relation.columns]
+        self._batch_events += 1
+        lsn = self._commit_lsn
+        if isinstance(message, Insert):
+            values, unchanged = tuple_values(names, message.new)
+            changes.insert(values, unchanged, lsn)
+        elif isinstance(message, Update):
+            values, unchanged = tuple_values(names, message.new)
+            old = tuple_values(names, message.old)[0] if message.old is not None else None
+            if old is not None and not message.old_is_key_only:
+                for column in unchanged:  # REPLICA IDENTITY FULL sent the whole old row
+                    values[column] = old[column]
+                unchanged = set()
+            changes.update(values, unchanged, old, lsn)
+        else:
+            changes.delete(tuple_values(names, message.old)[0], lsn)
+
+    # -- applying --------------------------------------------------------------------------
+    def flush(self) -> int:
+        """Apply the batch (whole transactions only); returns the end LSN now durable (0: none)."""
+        if self._in_transaction:
+            raise RuntimeError("flush() inside a transaction would split it")
+        if not self.has_pending:
+            return 0
+        end_lsn = self._batch_end_lsn
+        checkpoint_value = format_lsn(end_lsn)
+        for name, changes in self._batch.items():
+            table = self.tables[name]
+            if changes.events == 0 and not changes.truncate:
+                continue
+            self.sink.apply_changes(
+                table.target,
+                changes.schema,
+                changes.to_change_set(),
+                Checkpoint(table.checkpoint_key, checkpoint_value),
+                soft_delete=self.soft_delete,
+            )
+            table.applied_lsn = end_lsn
+        self.stats.events_total += self._batch_events
+        self.stats.batches += 1
+        self.stats.applied_lsn = end_lsn
+        self._batch.clear()
+        self._batch_events = 0
+        self._batch_started = None
+        self._batch_end_lsn = 0
+        return end_lsn
+
+    def durable_lsn(self, position: int) -> int:
+        """The position the slot may be acknowledged to: never past a table held for approval."""
+        held = [t.applied_lsn for t in self.tables.values() if t.held]
+        return min([position, *held])
+
+
+@dataclass
+class StreamProgress:
+    applied_lsn: int
+    received_lsn: int
+    events_total: int
+    events_per_s: float
+    lag_seconds: float
+    transactions: int
+
+
+def run_stream(
+    stream: ReplicationStream,
+    applier: ChangeApplier,
+    *,
+    should_stop: Callable[[], bool],
+    stop_at_lsn: int | None = None,
+    on_progress: Callable[[StreamProgress], Any] = lambda progress: None,
+    on_durable: Callable[[int], Any] = lambda lsn: None,
+    progress_interval_s: float = 1.0,
+    finish_transaction_s: float = 10.0,
+) -> StreamStats:
+    """Stream until asked to stop (finishing the open transaction first, within a bound) or, with
+    `stop_at_lsn`, until everything up to that WAL position is applied."""
+    last_progress = 0.0
+    stop_requested_at: float | None = None
+    while True:
+        if stop_requested_at is None and should_stop():
+            stop_requested_at = time.monotonic()
+        timeout = 0.05 if stop_requested_at is not None else min(0.2, applier.batch_max_ms / 1000)
+        for _, message in stream.poll(timeout_s=timeout):
+            applier.handle(message)
+            if applier.batch_ready():
+                _flush(stream, applier, on_durable)
+        if applier.batch_ready() or (stop_requested_at is not None and not applier.in_transaction):
+            _flush(stream, applier, on_durable)
+        if not applier.has_pending and not applier.in_transaction and stream.caught_up_lsn:
+            # Nothing pending and the server has nothing newer: an idle slot may release its WAL.
+            stream.confirm_flushed(applier.durable_lsn(stream.caught_up_lsn))
+        now = time.monotonic()
+        if now - last_progress >= progress_interval_s:
+            last_progress = now
+            on_progress(_progress(stream, applier))
+        if stop_requested_at is not None and (
+            not applier.in_transaction or now - stop_requested_at > finish_transaction_s
+        ):
+            break  # an unfinished transaction is simply replayed by the next run
+        if stop_at_lsn is not None and _caught_up(stream, applier, stop_at_lsn):
+            break
+    stream.send_status()
+    on_progress(_progress(stream, applier))
+    return applier.stats
+
+
+def _flush(stream: ReplicationStream, applier: ChangeApplier, on_durable: Callable[[int], Any]) -> None:
+    end_lsn = applier.flush()
+    if end_lsn:
+        stream.confirm_flushed(applier.durable_lsn(end_lsn))
+        on_durable(end_lsn)
+
+
+def _caught_up(stream: ReplicationStream, applier: ChangeApplier, target: int) -> bool:
+    if applier.in_transaction or applier.has_pending:
+        return False
+    reached = max(applier.stats.applied_lsn, stream.caught_up_lsn or 0)
+    return reached >= target
+
+
+def _progress(stream: ReplicationStream, applier: ChangeApplier) -> StreamProgress:
+    stats = applier.stats
+    caught_up = not applier.has_pending and not applier.in_transaction and bool(stream.caught_up_lsn)
+    lag = 0.0
+    if stats.last_commit_time is not None and not caught_up:
+        lag = max(0.0, (datetime.now(UTC) - stats.last_commit_time).total_seconds())
+    return StreamProgress(
+        applied_lsn=stats.applied_lsn,
+        received_lsn=stream.received_lsn,
+        events_total=stats.events_total,
+        events_per_s=round(stats.events_per_s, 1),
+        lag_seconds=round(lag, 3),
+        transactions=stats.transactions,
+    )
