@@ -17,6 +17,7 @@ from typing import Any
 from nilus_dagster.cdc.changes import TableChanges, tuple_values
 from nilus_dagster.cdc.lsn import format_lsn
 from nilus_dagster.cdc.pgoutput import (
+    BUILTIN_TYPES,
     Begin,
     Commit,
     Delete,
@@ -24,6 +25,7 @@ from nilus_dagster.cdc.pgoutput import (
     Message,
     PgTypeInfo,
     Relation,
+    RelationColumn,
     Truncate,
     Update,
     relation_schema,
@@ -85,9 +87,11 @@ class ChangeApplier:
     batch_max_ms: int = 1_000
     soft_delete: bool = False
     stats: StreamStats = field(default_factory=StreamStats)
+    on_flushed: Callable[[int], Any] | None = None  # told of flushes the applier makes by itself
 
     def __post_init__(self) -> None:
-        self._relations: dict[int, tuple[Relation, StreamTable]] = {}
+        # relation id → the columns its tuples carry (as of the last Relation message) and the table
+        self._relations: dict[int, tuple[tuple[RelationColumn, ...], StreamTable]] = {}
         self._types: dict[int, PgTypeInfo] = {}
         self._batch: dict[TableName, TableChanges] = {}
         self._batch_events = 0
@@ -95,6 +99,7 @@ class ChangeApplier:
         self._batch_end_lsn = 0  # end LSN of the last complete transaction in the batch
         self._in_transaction = False
         self._commit_lsn = 0  # commit LSN of the transaction being read
+        self._transaction: list[Insert | Update | Delete | Truncate] = []  # its changes, until Commit
 
     # -- message handling ------------------------------------------------------------------
     @property
@@ -112,20 +117,11 @@ class ChangeApplier:
             if self._batch_started is None:
                 self._batch_started = time.monotonic()
         elif isinstance(message, Commit):
-            self._in_transaction = False
-            self._batch_end_lsn = message.end_lsn
-            self.stats.transactions += 1
-            self.stats.last_commit_time = message.commit_time
+            self._commit(message)
         elif isinstance(message, Relation):
             self._relation(message)
-        elif isinstance(message, Insert | Update | Delete):
-            self._row_change(message)
-        elif isinstance(message, Truncate):
-            for relation_id in message.relation_ids:
-                changes = self._changes_for(relation_id)
-                if changes is not None:
-                    changes.truncated()
-                    self._batch_events += 1
+        elif isinstance(message, Insert | Update | Delete | Truncate):
+            self._transaction.append(message)
 
     def batch_ready(self) -> bool:
         """True at a transaction boundary once the batch is big or old enough."""
@@ -134,6 +130,23 @@ class ChangeApplier:
         age_ms = (time.monotonic() - self._batch_started) * 1000
         return self._batch_events >= self.batch_max_rows or age_ms >= self.batch_max_ms
 
+    def _commit(self, commit: Commit) -> None:
+        """Fold the finished transaction into the batch (the batch only ever holds whole ones)."""
+        for message in self._transaction:
+            if isinstance(message, Truncate):
+                for relation_id in message.relation_ids:
+                    changes = self._changes_for(relation_id)
+                    if changes is not None:
+                        changes.truncated()
+                        self._batch_events += 1
+            else:
+                self._row_change(message)
+        self._transaction.clear()
+        self._in_transaction = False
+        self._batch_end_lsn = commit.end_lsn
+        self.stats.transactions += 1
+        self.stats.last_commit_time = commit.commit_time
+
     def _relation(self, relation: Relation) -> None:
         name = TableName(relation.namespace or "pg_catalog", relation.name)
         table = self.tables.get(name)
@@ -141,22 +154,19 @@ class ChangeApplier:
             return
         unknown = [c.type_oid for c in relation.columns if c.type_oid not in self._types]
         self._types.update(self.lookup_types(unknown))
-        from nilus_dagster.cdc.pgoutput import BUILTIN_TYPES
-
         described = relation_schema(relation, {**BUILTIN_TYPES, **self._types})
         schema = TableSchema(name, described.columns, table.source.schema.primary_key)
-        self._relations[relation.relation_id] = (relation, table)
         diff = diff_schemas(table.schema, schema)
         if diff.is_empty:
+            self._relations[relation.relation_id] = (relation.columns, table)
             return
+        # Changes committed before the schema change land first, under the schema they had.
+        self._flush_before_schema_change()
         decision = self.on_schema_change(SchemaEvent(name, diff, schema, self._commit_lsn))
+        self._relations[relation.relation_id] = (relation.columns, table)
         if decision == "pause":
             table.held = True
-            self._batch.pop(name, None)
             return
-        pending = self._batch.get(name)
-        if pending is not None:
-            pending.schema = schema
         table.schema = schema
 
     def _changes_for(self, relation_id: int) -> TableChanges | None:
@@ -169,14 +179,16 @@ class ChangeApplier:
         changes = self._batch.get(table.source.name)
         if changes is None:
             changes = self._batch[table.source.name] = TableChanges(table.schema)
+        elif changes.schema is not table.schema:
+            changes.schema = table.schema  # evolved: rows map onto the new columns by name
         return changes
 
     def _row_change(self, message: Insert | Update | Delete) -> None:
         changes = self._changes_for(message.relation_id)
         if changes is None:
             return
-        relation, _ = self._relations[message.relation_id]
-        names = [c.name for c in relation.columns]
+        columns, _ = self._relations[message.relation_id]
+        names = [c.name for c in columns]
         self._batch_events += 1
         lsn = self._commit_lsn
         if isinstance(message, Insert):
@@ -193,11 +205,15 @@ class ChangeApplier:
         else:
             changes.delete(tuple_values(names, message.old)[0], lsn)
 
+    def _flush_before_schema_change(self) -> None:
+        if self.has_pending:
+            end_lsn = self.flush()
+            if self.on_flushed is not None:
+                self.on_flushed(end_lsn)
+
     # -- applying --------------------------------------------------------------------------
     def flush(self) -> int:
         """Apply the batch (whole transactions only); returns the end LSN now durable (0: none)."""
-        if self._in_transaction:
-            raise RuntimeError("flush() inside a transaction would split it")
         if not self.has_pending:
             return 0
         end_lsn = self._batch_end_lsn
@@ -252,6 +268,7 @@ def run_stream(
 ) -> StreamStats:
     """Stream until asked to stop (finishing the open transaction first, within a bound) or, with
     `stop_at_lsn`, until everything up to that WAL position is applied."""
+    applier.on_flushed = lambda end_lsn: _confirm(stream, applier, end_lsn, on_durable)
     last_progress = 0.0
     stop_requested_at: float | None = None
     while True:
@@ -283,7 +300,11 @@ def run_stream(
 
 
 def _flush(stream: ReplicationStream, applier: ChangeApplier, on_durable: Callable[[int], Any]) -> None:
-    end_lsn = applier.flush()
+    _confirm(stream, applier, applier.flush(), on_durable)
+
+
+def _confirm(stream: ReplicationStream, applier: ChangeApplier, end_lsn: int, on_durable: Callable[[int], Any]) -> None:
+    """Tell the slot (and the state store) how far the sink is durable."""
     if end_lsn:
         stream.confirm_flushed(applier.durable_lsn(end_lsn))
         on_durable(end_lsn)

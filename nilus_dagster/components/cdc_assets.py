@@ -186,6 +186,7 @@ def keep_alive_decision(instance: dg.DagsterInstance, store, pipeline: Pipeline,
         if not _is_stale(store, pipeline, run):
             return dg.SkipReason(f"run {run.run_id} is live")
         instance.report_run_failed(run, message="CDC run stopped sending heartbeats (process died?); relaunching")
+        return dg.RunRequest(run_key=f"{job_name}:{run.run_id}", tags=run_tags(pipeline))  # a crash: no backoff
     latest = instance.get_runs(dg.RunsFilter(job_name=job_name, tags=tags_filter), limit=1)
     last = latest[0] if latest else None
     if last is not None and last.status == dg.DagsterRunStatus.FAILURE:

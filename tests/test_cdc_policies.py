@@ -1,0 +1,214 @@
+"""CDC behaviour under schema changes, lost slots, bad tables, and the keep-alive sensor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import dagster as dg
+import psycopg
+import pytest
+from batch_project import SinkTarget, failure_message, sink_target
+from cdc_project import cdc_pipeline, cdc_project, run_until_caught_up
+from table_compare import assert_same_rows, duckdb_rows, source_rows
+
+from nilus_dagster.state.store import StateStore
+
+
+@pytest.fixture
+def sink(duckdb_path: Path, sink_pg: str, monkeypatch: pytest.MonkeyPatch) -> SinkTarget:
+    return sink_target("duckdb", duckdb_path, sink_pg, monkeypatch)
+
+
+@pytest.fixture
+def env(source_db: str, state_dsn: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("SOURCE_DSN", source_db)
+    monkeypatch.setenv("NILUS_STATE_DSN", state_dsn)
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.people (id int PRIMARY KEY, name text)")
+        conn.execute("CREATE TABLE public.pets (id int PRIMARY KEY, kind text)")
+        conn.execute("INSERT INTO public.people VALUES (1, 'ann'), (2, 'bob')")
+        conn.execute("INSERT INTO public.pets VALUES (1, 'cat')")
+    return source_db
+
+
+@pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    with dg.instance_for_test() as test_instance:
+        yield test_instance
+
+
+@pytest.fixture
+def store(state_dsn: str) -> Iterator[StateStore]:
+    with StateStore(state_dsn).open() as opened:
+        yield opened
+
+
+def change_schema_and_rows(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.people VALUES (3, 'cy')")  # before the change
+        conn.execute("ALTER TABLE public.people ADD COLUMN email text")
+        conn.execute("INSERT INTO public.people VALUES (4, 'di', 'di@example.com')")
+        conn.execute("UPDATE public.people SET email = 'ann@example.com' WHERE id = 1")
+        conn.execute("INSERT INTO public.pets VALUES (2, 'dog')")  # another table keeps flowing
+
+
+def people(sink: SinkTarget, columns: list[str]) -> list[tuple]:
+    return duckdb_rows(sink.location, "replica.people", columns, "id")
+
+
+def test_evolve_adds_the_column_and_records_schema_history(
+    env: str, sink: SinkTarget, instance: dg.DagsterInstance, store: StateStore
+) -> None:
+    defs = cdc_project(sink, cdc_pipeline("crm", ["public.people", "public.pets"]))
+    assert run_until_caught_up(defs, "acme__crm", instance).success
+    change_schema_and_rows(env)
+    result = run_until_caught_up(defs, "acme__crm", instance)
+    assert result.success, failure_message(result)
+    columns = ["id", "name", "email"]
+    assert_same_rows(source_rows(env, "public.people", columns, "id"), people(sink, columns))
+    history = store.list_schema_history("acme", pipeline="crm").items
+    people_history = [h for h in history if h.table_name == "public.people"]
+    assert len(people_history) == 2
+    assert [c["name"] for c in people_history[0].table_schema["columns"]] == ["id", "name", "email"]
+    assert people_history[0].lsn is not None
+
+
+def test_pause_holds_the_table_until_approved(
+    env: str, sink: SinkTarget, instance: dg.DagsterInstance, store: StateStore
+) -> None:
+    defs = cdc_project(sink, cdc_pipeline("crm", ["public.people", "public.pets"], schema_changes="pause"))
+    assert run_until_caught_up(defs, "acme__crm", instance).success
+    change_schema_and_rows(env)
+    held = run_until_caught_up(defs, "acme__crm", instance)
+    assert held.success, failure_message(held)
+    state = store.get_pipeline_state("acme", "crm")
+    assert state is not None and state.state == "pending_schema_approval"
+    assert state.detail["table"] == "public.people"
+    assert state.detail["diff"] == "+email text"
+    assert [c["name"] for c in state.detail["proposed_schema"]["columns"]] == ["id", "name", "email"]
+    assert duckdb_rows(sink.location, "replica.pets", ["id", "kind"], "id") == [(1, "cat"), (2, "dog")]
+    assert people(sink, ["id", "name"]) == [(1, "ann"), (2, "bob"), (3, "cy")]  # held at the change
+
+    approval = defs.resolve_job_def("acme__crm__approve_schema").execute_in_process(instance=instance)
+    assert approval.success
+    state = store.get_pipeline_state("acme", "crm")
+    assert state is not None and state.state == "active"
+    assert "slot" in state.detail  # the pipeline's identity survives the approval
+    resumed = run_until_caught_up(defs, "acme__crm", instance)
+    assert resumed.success, failure_message(resumed)
+    columns = ["id", "name", "email"]
+    assert_same_rows(source_rows(env, "public.people", columns, "id"), people(sink, columns))
+
+
+def test_fail_stops_with_the_diff_and_applies_nothing_after_it(
+    env: str, sink: SinkTarget, instance: dg.DagsterInstance, store: StateStore
+) -> None:
+    defs = cdc_project(sink, cdc_pipeline("crm", ["public.people"], schema_changes="fail"))
+    assert run_until_caught_up(defs, "acme__crm", instance).success
+    change_schema_and_rows(env)
+    result = run_until_caught_up(defs, "acme__crm", instance)
+    assert not result.success
+    assert "public.people: the source schema changed (+email text) and schema_changes is 'fail'" in failure_message(
+        result
+    )
+    state = store.get_pipeline_state("acme", "crm")
+    assert state is not None and state.state == "failed"
+    assert people(sink, ["id", "name"]) == [(1, "ann"), (2, "bob"), (3, "cy")]
+
+
+def test_dropped_slot_fails_clearly_and_never_restarts_silently(
+    env: str, sink: SinkTarget, instance: dg.DagsterInstance, store: StateStore
+) -> None:
+    defs = cdc_project(sink, cdc_pipeline("crm", ["public.people"]))
+    assert run_until_caught_up(defs, "acme__crm", instance).success
+    with psycopg.connect(env, autocommit=True) as conn:
+        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'nilus_acme_crm%'")
+        conn.execute("INSERT INTO public.people VALUES (3, 'lost while no slot existed')")
+    result = run_until_caught_up(defs, "acme__crm", instance)
+    assert not result.success
+    assert "is gone (dropped or lost) although the pipeline has streamed before" in failure_message(result)
+    state = store.get_pipeline_state("acme", "crm")
+    assert state is not None and state.state == "failed"
+    again = run_until_caught_up(defs, "acme__crm", instance)  # a relaunch refuses too: no silent re-snapshot
+    assert not again.success
+    assert "reset it (re-snapshot) before it can run again" in failure_message(again)
+    with psycopg.connect(env, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'nilus_acme_crm%'").fetchone() == (0,)
+
+
+def test_table_without_key_or_full_identity_is_refused_before_anything_starts(
+    env: str, sink: SinkTarget, instance: dg.DagsterInstance
+) -> None:
+    with psycopg.connect(env, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.loose (a int, b text)")
+    defs = cdc_project(sink, cdc_pipeline("loose", ["public.loose"]))
+    result = run_until_caught_up(defs, "acme__loose", instance)
+    assert not result.success
+    assert (
+        "public.loose has no primary key and REPLICA IDENTITY DEFAULT, so its updates and deletes cannot be matched: "
+        "ALTER TABLE public.loose REPLICA IDENTITY FULL" in failure_message(result)
+    )
+    with psycopg.connect(env, autocommit=True) as conn:
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone() == (0,)
+
+
+def test_keep_alive_sensor_one_run_per_generation_and_stale_runs(
+    env: str, sink: SinkTarget, instance: dg.DagsterInstance, store: StateStore
+) -> None:
+    defs = cdc_project(sink, cdc_pipeline("crm", ["public.people"]))
+    sensor = defs.resolve_sensor_def("acme__crm__keep_alive")
+
+    def evaluate() -> dg.SensorResult | dg.RunRequest | dg.SkipReason:
+        with dg.build_sensor_context(instance=instance, resources={"nilus_state": defs.resources["nilus_state"]}) as context:
+            data = sensor.evaluate_tick(context)
+        if data.run_requests:
+            return data.run_requests[0]
+        return dg.SkipReason(data.skip_message)
+
+    first = evaluate()
+    assert isinstance(first, dg.RunRequest) and first.run_key == "acme__crm:initial"
+    assert first.tags["nilus/tenant"] == "acme"
+
+    finished = run_until_caught_up(defs, "acme__crm", instance)
+    after = evaluate()
+    assert isinstance(after, dg.RunRequest) and after.run_key == f"acme__crm:{finished.run_id}"
+
+    live = instance.create_run_for_job(
+        defs.resolve_job_def("acme__crm"), tags={"nilus/tenant": "acme", "nilus/pipeline": "crm"}
+    )
+    skipped = evaluate()
+    assert isinstance(skipped, dg.SkipReason) and f"run {live.run_id} is live" in (skipped.skip_message or "")
+
+    _report_started(instance, live)  # the run is created NOT_STARTED; now its process "starts"
+    store.beat(_key(), live.run_id)
+    _age_heartbeat(store, timedelta(minutes=10))
+    relaunch = evaluate()
+    assert isinstance(relaunch, dg.RunRequest)
+    assert instance.get_run_by_id(live.run_id).status == dg.DagsterRunStatus.FAILURE  # reported dead
+
+    store.set_pipeline_state(_key(), "failed", {"reason": "slot lost"})
+    blocked = evaluate()
+    assert isinstance(blocked, dg.SkipReason) and "pipeline is failed: slot lost" in (blocked.skip_message or "")
+
+
+def _key():  # noqa: ANN202
+    from nilus_dagster.state.records import PipelineKey
+
+    return PipelineKey("acme", "crm", "nilus:v1:crm:acme")
+
+
+def _report_started(instance: dg.DagsterInstance, run: dg.DagsterRun) -> None:
+    from dagster._core.events import DagsterEvent, DagsterEventType
+
+    instance.report_dagster_event(
+        DagsterEvent(event_type_value=DagsterEventType.RUN_START.value, job_name=run.job_name), run_id=run.run_id
+    )
+
+
+def _age_heartbeat(store: StateStore, age: timedelta) -> None:
+    with psycopg.connect(store._pool.conninfo, autocommit=True) as conn:  # noqa: SLF001 - test-only aging
+        conn.execute(
+            f"UPDATE {store.schema}.heartbeats SET beat_at = %s", (datetime.now(UTC) - age,)
+        )
