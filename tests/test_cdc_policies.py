@@ -151,7 +151,7 @@ def test_table_without_key_or_full_identity_is_refused_before_anything_starts(
         "ALTER TABLE public.loose REPLICA IDENTITY FULL" in failure_message(result)
     )
     with psycopg.connect(env, autocommit=True) as conn:
-        assert conn.execute("SELECT count(*) FROM pg_replication_slots").fetchone() == (0,)
+        assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()").fetchone() == (0,)
 
 
 def test_keep_alive_sensor_one_run_per_generation_and_stale_runs(

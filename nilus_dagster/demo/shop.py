@@ -99,7 +99,8 @@ def add_activity(dsn: str, *, orders: int = 20) -> None:
         conn.execute(
             """
             INSERT INTO acme.orders (id, customer_id, status, total, ordered_on, note)
-            SELECT coalesce((SELECT max(id) FROM acme.orders), 0) + g, 1 + g % 10, 'new', g * 9.99, current_date, 'fresh'
+            SELECT coalesce((SELECT max(id) FROM acme.orders), 0) + g, 1 + g % 10, 'new', g * 9.99,
+                   current_date, 'fresh'
             FROM generate_series(1, %s) g""",
             (orders,),
         )
