@@ -60,6 +60,7 @@ class EmbeddedPostgres:
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
         self._run_as = "pgserver" if os.geteuid() == 0 else None
+        self.started_here = False  # True when start() launched the server (not reused a running one)
 
     @property
     def pgdata(self) -> Path:
@@ -100,6 +101,7 @@ class EmbeddedPostgres:
             "".join(f"{key} = {value}\n" for key, value in settings.items())
         )
         self._run("pg_ctl", "-D", str(self.pgdata), "-w", "-t", "60", "-l", str(self.pgdata / "server.log"), "start")
+        self.started_here = True
         return self
 
     def is_running(self) -> bool:
