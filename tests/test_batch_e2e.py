@@ -179,20 +179,24 @@ def test_append_with_id_cursor_and_replace(env: str, sink: SinkTarget, instance:
     )
 
 
-def test_new_source_column_is_added_to_the_sink(env: str, sink: SinkTarget, instance: dg.DagsterInstance) -> None:
+def test_new_source_column_is_added_and_a_widened_type_follows(
+    env: str, sink: SinkTarget, instance: dg.DagsterInstance
+) -> None:
     with psycopg.connect(env, autocommit=True) as conn:
-        conn.execute("CREATE TABLE public.people (id int PRIMARY KEY, name text)")
-        conn.execute("INSERT INTO public.people VALUES (1, 'ann')")
+        conn.execute("CREATE TABLE public.people (id int PRIMARY KEY, name text, score smallint)")
+        conn.execute("INSERT INTO public.people VALUES (1, 'ann', 7)")
     defs = project(sink, pipeline("people", ["public.people"]))
     assert run_job(defs, "acme__people", instance).success
     with psycopg.connect(env, autocommit=True) as conn:
         conn.execute("ALTER TABLE public.people ADD COLUMN email text")
-        conn.execute("INSERT INTO public.people VALUES (2, 'bob', 'bob@example.com')")
+        conn.execute("ALTER TABLE public.people ALTER COLUMN score TYPE integer")
+        conn.execute("INSERT INTO public.people VALUES (2, 'bob', 100000, 'bob@example.com')")
     result = run_job(defs, "acme__people", instance)
     assert result.success, failure_message(result)
     metadata = result.asset_materializations_for_node("acme__people__public__people")[0].metadata
     assert metadata["added_columns"].value == "email"
-    columns = ["id", "name", "email"]
+    assert metadata["schema_change"].value == "+email text, ~score int16 -> int32"
+    columns = ["id", "name", "score", "email"]
     assert_same_rows(source_rows(env, "public.people", columns, "id"), sink_rows(sink, "analytics.people", columns))
 
 

@@ -75,6 +75,23 @@ def test_evolve_adds_the_column_and_records_schema_history(
     assert people_history[0].lsn is not None
 
 
+def test_evolve_widens_a_column_type(env: str, sink: SinkTarget, instance: dg.DagsterInstance) -> None:
+    with psycopg.connect(env, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.pets ADD COLUMN grams int")
+        conn.execute("UPDATE public.pets SET grams = 4000")
+    defs = cdc_project(sink, cdc_pipeline("crm", ["public.pets"]))
+    assert run_until_caught_up(defs, "acme__crm", instance).success
+    with psycopg.connect(env, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.pets ALTER COLUMN grams TYPE bigint")
+        conn.execute("INSERT INTO public.pets VALUES (2, 'whale', 150000000000)")
+    result = run_until_caught_up(defs, "acme__crm", instance)
+    assert result.success, failure_message(result)
+    columns = ["id", "kind", "grams"]
+    assert_same_rows(
+        source_rows(env, "public.pets", columns, "id"), duckdb_rows(sink.location, "replica.pets", columns, "id")
+    )
+
+
 def test_pause_holds_the_table_until_approved(
     env: str, sink: SinkTarget, instance: dg.DagsterInstance, store: StateStore
 ) -> None:

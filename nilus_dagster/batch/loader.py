@@ -138,6 +138,8 @@ def load_table(load: BatchTableLoad, sink: Sink, store: StateStore) -> BatchLoad
             previous = sink.read_checkpoint(load.checkpoint_key) or store.get_cursor(load.key, load.table.name)
         mark, where, params = _cursor_bounds(conn, load, schema, previous)
         added = sink.prepare_table(load.target, schema)
+        if diff is not None and diff.widened:
+            sink.widen_columns(load.target, [schema.column(name) for name, _, _ in diff.widened])
         batches = read_table(conn, schema, where=where.as_string(conn) if where else None, params=params)
         checkpoint = Checkpoint(load.checkpoint_key, mark) if mark is not None else None
         written = sink.write(load.target, schema, batches, load.strategy, checkpoint)

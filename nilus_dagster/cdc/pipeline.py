@@ -321,7 +321,7 @@ class CdcRun:
             recorded = latest.get(table.name.qualified)
             schema = TableSchema.from_json(recorded.table_schema) if recorded else table.schema
             schema = TableSchema(schema.table, schema.columns, table.schema.primary_key)
-            self.sink.prepare_table(target, schema, cdc=True)  # type: ignore[call-arg]
+            self.sink.prepare_table(target, schema, cdc=True)
             checkpoint = self.sink.read_checkpoint(config.table_checkpoint(table.name))
             stream_tables[table.name] = StreamTable(
                 source=table,
@@ -404,7 +404,9 @@ class CdcRun:
             )
             return "pause"
         target = next(t.target for t in config.tables if t.table == event.table)
-        self.sink.prepare_table(target, event.schema, cdc=True)  # type: ignore[call-arg]
+        self.sink.prepare_table(target, event.schema, cdc=True)
+        if event.diff.widened:
+            self.sink.widen_columns(target, [event.schema.column(name) for name, _, _ in event.diff.widened])
         self.store.append_schema(
             config.key,
             connector_name=config.key.pipeline,

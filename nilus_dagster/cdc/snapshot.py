@@ -131,7 +131,7 @@ class SnapshotRunner:
     def run(self, tables: list[tuple[CdcTable, SinkTable]]) -> int:
         """Snapshot the tables; returns the rows written. Raises SnapshotCancelled on stop."""
         for table, target in tables:
-            self.sink.prepare_table(target, table.schema, cdc=True)  # type: ignore[call-arg]
+            self.sink.prepare_table(target, table.schema, cdc=True)
         tasks = self.plan(tables)
         progress = SnapshotProgress(len(tables), len(tasks), 0, 0)
         rows = self._read_and_write(tasks, progress) if tasks else 0
@@ -141,7 +141,7 @@ class SnapshotRunner:
     def mark_streaming_start(self, tables: list[tuple[CdcTable, SinkTable]]) -> None:
         """Each table's stream checkpoint: its changes apply from the snapshot point on."""
         for table, target in tables:
-            self.sink.prepare_table(target, table.schema, cdc=True)  # type: ignore[call-arg]
+            self.sink.prepare_table(target, table.schema, cdc=True)
             self.sink.write(
                 target,
                 cdc_schema(table.schema),

@@ -106,11 +106,18 @@ class Sink(Protocol):
 
     name: str
 
-    def prepare_table(self, target: SinkTable, schema: TableSchema) -> list[str]:
+    def prepare_table(self, target: SinkTable, schema: TableSchema, *, cdc: bool = False) -> list[str]:
         """Create the table if missing, add new source columns; return the added column names.
+
+        `cdc=True` also creates the metadata columns `_nilus_lsn`, `_nilus_op`, `_nilus_synced_at`
+        and `_nilus_deleted`.
 
         Raises UnsupportedColumnType (naming the column) before any data moves.
         """
+        ...
+
+    def widen_columns(self, target: SinkTable, columns: list[Column]) -> None:
+        """Give existing columns their new, wider types (int32 → int64, more decimal digits...)."""
         ...
 
     def write(

@@ -43,6 +43,7 @@ from nilus_dagster.sinks.sql_dialect import (
     load_checkpoint,
     save_checkpoint,
     sink_columns,
+    widen_columns,
 )
 from nilus_dagster.sinks.streaming import CountingBatches
 
@@ -160,6 +161,10 @@ class DuckDBSink:
         column_ddls(DUCKDB_DIALECT, target, sink_columns(schema, cdc))  # reject before opening the file
         with self._transaction(target) as conn:
             return ensure_table(self._runner(conn), DUCKDB_DIALECT, target, schema, cdc=cdc)
+
+    def widen_columns(self, target: SinkTable, columns: list[Column]) -> None:
+        with self._transaction(target) as conn:
+            widen_columns(self._runner(conn), DUCKDB_DIALECT, target, columns)
 
     def write(
         self,

@@ -47,6 +47,7 @@ from nilus_dagster.sinks.sql_dialect import (
     save_checkpoint,
     sink_columns,
     table_ident,
+    widen_columns,
 )
 from nilus_dagster.sinks.streaming import CountingBatches
 
@@ -196,6 +197,10 @@ class PostgresSink:
         column_ddls(POSTGRES_DIALECT, target, sink_columns(schema, cdc))
         with self._transaction(target) as conn:
             return ensure_table(self._runner(conn), POSTGRES_DIALECT, target, schema, cdc=cdc)
+
+    def widen_columns(self, target: SinkTable, columns: list[Column]) -> None:
+        with self._transaction(target) as conn:
+            widen_columns(self._runner(conn), POSTGRES_DIALECT, target, columns)
 
     def write(
         self,

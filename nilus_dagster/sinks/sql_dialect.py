@@ -63,13 +63,16 @@ class SqlDialect:
             return self.list_type(self.type_ddl(column_type.element), column_type.element)
         return self.simple_types[column_type.kind]
 
-    def column_ddl(self, target: SinkTable, column: Column) -> sql.Composed:
-        """`"name" TYPE`, or UnsupportedColumnType naming the column."""
+    def column_type_ddl(self, target: SinkTable, column: Column) -> sql.SQL:
+        """The column's type, or UnsupportedColumnType naming the column."""
         try:
-            ddl = self.type_ddl(column.type)
+            return sql.SQL(self.type_ddl(column.type))  # type: ignore[arg-type]
         except TypeRejected as e:
             raise UnsupportedColumnType(self.sink_name, target.qualified, column, str(e)) from None
-        return sql.SQL("{} {}").format(sql.Identifier(column.name), sql.SQL(ddl))
+
+    def column_ddl(self, target: SinkTable, column: Column) -> sql.Composed:
+        """`"name" TYPE`, or UnsupportedColumnType naming the column."""
+        return sql.SQL("{} {}").format(sql.Identifier(column.name), self.column_type_ddl(target, column))
 
     def checkpoint_table(self) -> sql.Identifier:
         return sql.Identifier(self.default_schema, CHECKPOINT_TABLE)
@@ -133,6 +136,16 @@ def ensure_table(
             run(sql.SQL("ALTER TABLE {} ADD COLUMN {}").format(table_ident(target), ddl))
             added.append(column.name)
     return added
+
+
+def widen_columns(run: SqlRunner, dialect: SqlDialect, target: SinkTable, columns: Sequence[Column]) -> None:
+    """Give existing columns a wider type (every old value fits); the caller checked it widens."""
+    for column in columns:
+        run(
+            sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {}").format(
+                table_ident(target), sql.Identifier(column.name), dialect.column_type_ddl(target, column)
+            )
+        )
 
 
 def save_checkpoint(run: SqlRunner, dialect: SqlDialect, checkpoint: Checkpoint) -> None:
