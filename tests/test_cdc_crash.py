@@ -156,3 +156,29 @@ def test_sigkill_mid_snapshot_resumes_without_rereading(env: str, state_dsn: str
     assert after.partitions_done == after.partitions_total
     assert all(p.done for p in done)
     assert_exact(env, sink)
+
+
+def test_terminated_run_flushes_what_it_received_before_ending(env: str, state_dsn: str, sink: SinkTarget) -> None:
+    """A run terminated (SIGINT to the run worker, as Dagster does) commits its pending batch."""
+    create_items(env, 10)
+    spec = spec_json(sink, batch_max_ms=600_000, batch_max_rows=1_000_000)  # never flushes by size or time
+    worker = start_worker(spec, "dagster")
+    try:
+        with StateStore(state_dsn).open() as store:
+
+            def streaming() -> bool:
+                beat = store.last_heartbeat("acme", "crashy")
+                return beat is not None and beat.detail.get("phase") == "streaming"
+
+            wait_for(streaming, 120, "the run to stream")
+            with psycopg.connect(env, autocommit=True) as conn:
+                conn.execute("INSERT INTO public.items VALUES (777, 1, 'pending at termination', now())")
+            time.sleep(2.0)  # received, not yet flushed
+            assert 777 not in [row[0] for row in sink_rows(sink)]
+            worker.send_signal(signal.SIGINT)
+            _, stderr = worker.communicate(timeout=120)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert 777 in [row[0] for row in sink_rows(sink)], stderr.decode()[-2000:]
+    assert_exact(env, sink)

@@ -121,6 +121,7 @@ class CdcRun:
     should_stop: Callable[[], bool] = lambda: False
     on_progress: Callable[[CdcProgress], Any] = lambda progress: None
     stop_at_caught_up: bool = False
+    interrupts: tuple[type[BaseException], ...] = ()  # e.g. Dagster's run termination
     heartbeat_interval_s: float = 5.0
     offset_interval_s: float = 10.0
 
@@ -368,6 +369,7 @@ class CdcRun:
                         stop_at_lsn=stop_at,
                         on_progress=report,
                         on_durable=self._record_offset,
+                        interrupts=self.interrupts,
                     )
             except SlotLost as error:
                 raise self._fail(f"{error}; reset the pipeline to re-snapshot", slot=self.slot) from None
@@ -438,7 +440,8 @@ def run_cdc_pipeline(
     should_stop: Callable[[], bool] = lambda: False,
     on_progress: Callable[[CdcProgress], Any] = lambda progress: None,
     stop_at_caught_up: bool = False,
+    interrupts: tuple[type[BaseException], ...] = (),
 ) -> CdcRunResult:
     """Run the pipeline until `should_stop()` (or, with `stop_at_caught_up`, until the WAL position
-    seen at the start is applied)."""
-    return CdcRun(config, sink, store, run_id, should_stop, on_progress, stop_at_caught_up).run()
+    seen at the start is applied). `interrupts`: see `run_stream`."""
+    return CdcRun(config, sink, store, run_id, should_stop, on_progress, stop_at_caught_up, interrupts).run()

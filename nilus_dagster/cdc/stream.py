@@ -265,17 +265,30 @@ def run_stream(
     on_durable: Callable[[int], Any] = lambda lsn: None,
     progress_interval_s: float = 1.0,
     finish_transaction_s: float = 10.0,
+    interrupts: tuple[type[BaseException], ...] = (),
 ) -> StreamStats:
     """Stream until asked to stop (finishing the open transaction first, within a bound) or, with
-    `stop_at_lsn`, until everything up to that WAL position is applied."""
+    `stop_at_lsn`, until everything up to that WAL position is applied.
+
+    An exception of `interrupts` (a run being terminated) that arrives while waiting for the
+    server is treated as a stop request: the batch is flushed, then the exception is re-raised.
+    Anywhere else it propagates at once; nothing is half-committed and the next run replays.
+    """
     applier.on_flushed = lambda end_lsn: _confirm(stream, applier, end_lsn, on_durable)
     last_progress = 0.0
     stop_requested_at: float | None = None
+    interrupted: BaseException | None = None
     while True:
         if stop_requested_at is None and should_stop():
             stop_requested_at = time.monotonic()
         timeout = 0.05 if stop_requested_at is not None else min(0.2, applier.batch_max_ms / 1000)
-        for _, message in stream.poll(timeout_s=timeout):
+        try:
+            messages = stream.poll(timeout_s=timeout)
+        except interrupts as error:
+            if interrupted is not None:
+                raise
+            interrupted, stop_requested_at, messages = error, time.monotonic(), []
+        for _, message in messages:
             applier.handle(message)
             if applier.batch_ready():
                 _flush(stream, applier, on_durable)
@@ -296,6 +309,8 @@ def run_stream(
             break
     stream.send_status()
     on_progress(_progress(stream, applier))
+    if interrupted is not None:
+        raise interrupted
     return applier.stats
 
 

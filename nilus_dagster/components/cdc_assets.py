@@ -128,6 +128,7 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
                 should_stop=_approval_watch(store, pipeline),
                 on_progress=observe,
                 stop_at_caught_up=config.stop_at == "caught_up",
+                interrupts=(dg.DagsterExecutionInterruptedError,),
             )
         finally:
             sink.close()
