@@ -15,7 +15,7 @@ import pytest
 
 from nilus_dagster.embedded.postgres import EmbeddedPostgres
 
-pytest_plugins = ["bigquery_fixtures"]
+pytest_plugins = ["api_fixtures", "bigquery_fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -7,8 +7,9 @@ resource (`resource.py`) and the monitoring API both use this class.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -16,7 +17,7 @@ import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool
+from psycopg_pool import ConnectionPool, PoolTimeout
 
 from nilus_dagster.state.migrations import MIGRATIONS
 from nilus_dagster.state.records import (
@@ -40,8 +41,21 @@ class StateStoreError(Exception):
 class StateStore:
     """All persistent pipeline state, in one PostgreSQL schema that this class migrates."""
 
-    def __init__(self, dsn: str, *, schema: str = "nilus", max_connections: int = 4):
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = "nilus",
+        max_connections: int = 4,
+        wait_s: float = 30.0,
+        cooldown_s: float = 0.0,
+    ):
+        """`wait_s`: how long a call waits for a connection before StateStoreError. `cooldown_s`:
+        after such a failure, calls fail at once for that long (a server answers 503 quickly)."""
         self.schema = schema
+        self._wait_s = wait_s
+        self._cooldown_s = cooldown_s
+        self._down_until = 0.0
         self._schema_sql = sql.Identifier(schema)
         self._pool = ConnectionPool(
             dsn,
@@ -77,9 +91,16 @@ class StateStore:
 
     @contextmanager
     def _conn(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
+        if time.monotonic() < self._down_until:
+            raise StateStoreError("state store unreachable (failed moments ago)")
         if not self._opened:
             self.open(migrate=False)
-        with self._pool.connection(timeout=30) as conn:
+        with ExitStack() as stack:
+            try:
+                conn = stack.enter_context(self._pool.connection(timeout=self._wait_s))
+            except (PoolTimeout, psycopg.OperationalError) as exc:
+                self._down_until = time.monotonic() + self._cooldown_s
+                raise StateStoreError(f"state store unreachable: {exc}") from exc
             yield conn
 
     def _q(self, text: str) -> sql.Composed:

@@ -1,0 +1,1 @@
+"""One router per area: system (health, info), monitoring, cdc, runtime."""
