@@ -1,0 +1,72 @@
+"""dlt's `sql_database` source (pyarrow backend) into DuckDB, in its own cached venv and process.
+
+dlt is not a project dependency: the venv lives under `~/.cache/nilus-dagster/bench-dlt` and is
+created on first use. The script times `pipeline.run(...)` itself and prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import tempfile
+import venv
+from pathlib import Path
+
+from cdcbench.common import SOURCE_DB, Cluster, Measurement
+
+VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nilus-dagster" / "bench-dlt"
+REQUIREMENTS = ["dlt[duckdb,sql-database]>=1,<2", "psycopg2-binary", "pyarrow"]
+SIDE = "dlt pyarrow"
+
+SCRIPT = """
+import json, sys, time
+import dlt
+from dlt.sources.sql_database import sql_database
+
+url, table, db_path, pipelines_dir = sys.argv[1:5]
+source = sql_database(credentials=url, schema="public", table_names=[table], backend="pyarrow")
+pipeline = dlt.pipeline(
+    pipeline_name="bench_dlt", destination=dlt.destinations.duckdb(db_path), dataset_name="bench",
+    pipelines_dir=pipelines_dir,
+)
+start = time.perf_counter()
+pipeline.run(source)
+seconds = time.perf_counter() - start
+with pipeline.sql_client() as client:
+    rows = client.execute_sql(f"SELECT count(*) FROM {table}")[0][0]
+print(json.dumps({"seconds": seconds, "rows": rows, "dlt": dlt.__version__}))
+"""
+
+
+def python() -> Path:
+    """The venv's interpreter, creating the venv and installing dlt when missing."""
+    interpreter = VENV / "bin" / "python"
+    marker, wanted = VENV / ".nilus-bench-requirements", " ".join(REQUIREMENTS)
+    if not marker.exists() or marker.read_text() != wanted:
+        print(f"  preparing {VENV}: pip install {wanted} (once)...", flush=True)
+        if not interpreter.exists():
+            venv.create(VENV, with_pip=True)
+        subprocess.run([str(interpreter), "-m", "pip", "install", "-q", *REQUIREMENTS], check=True)
+        marker.write_text(wanted)
+    return interpreter
+
+
+def run_dlt(cluster: Cluster, table: str, rows: int) -> Measurement:
+    """Load `public.<table>` into a fresh DuckDB file; the time is dlt's `pipeline.run` alone."""
+    interpreter = python()
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:{cluster.port}/{SOURCE_DB}"
+    with tempfile.TemporaryDirectory(prefix="nilus-bench-dlt-") as tmp:
+        script = Path(tmp) / "dlt_load.py"
+        script.write_text(SCRIPT)
+        env = {**os.environ, "RUNTIME__DLTHUB_TELEMETRY": "false", "DLT_DATA_DIR": tmp}
+        done = subprocess.run(
+            [str(interpreter), str(script), url, table, str(Path(tmp) / "dlt.duckdb"), str(Path(tmp) / "pipelines")],
+            capture_output=True, text=True, cwd=tmp, env=env, timeout=3600,
+        )  # fmt: skip
+    if done.returncode != 0:
+        raise RuntimeError(f"the dlt load failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    if result["rows"] != rows:
+        raise AssertionError(f"dlt loaded {result['rows']} rows, expected {rows}")
+    return Measurement(SIDE, "snapshot", result["seconds"], rows, f"dlt {result['dlt']}, pipeline.run only")
