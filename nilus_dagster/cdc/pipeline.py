@@ -22,7 +22,7 @@ from nilus_dagster.cdc.replication import (
     system_identifier,
 )
 from nilus_dagster.cdc.setup import CdcTable, check_server, replication_name, resolve_tables, sync_publication
-from nilus_dagster.cdc.snapshot import SnapshotProgress, SnapshotRunner
+from nilus_dagster.cdc.snapshot import SnapshotProgress, SnapshotRunner, cdc_schema
 from nilus_dagster.cdc.stream import (
     ChangeApplier,
     SchemaChangeRefused,
@@ -33,7 +33,7 @@ from nilus_dagster.cdc.stream import (
     run_stream,
 )
 from nilus_dagster.schema import TableName, TableSchema
-from nilus_dagster.sinks.base import Sink, SinkTable
+from nilus_dagster.sinks.base import Sink, SinkTable, WriteStrategy
 from nilus_dagster.sources.postgres.connection import connect_source
 from nilus_dagster.state.records import PipelineKey
 from nilus_dagster.state.store import StateStore
@@ -287,9 +287,15 @@ class CdcRun:
                 runner.mark_streaming_start(self._targets(tables))
                 rows = 0
             else:
+                self._empty_targets(tables)  # a new snapshot is the whole truth: no older rows may stay
                 rows = runner.run(self._targets(tables))
         self._record_offset(slot.consistent_point, force=True)
         return rows
+
+    def _empty_targets(self, tables: list[CdcTable]) -> None:
+        for table, target in self._targets(tables):
+            self.sink.prepare_table(target, table.schema, cdc=True)
+            self.sink.write(target, cdc_schema(table.schema), [], WriteStrategy.REPLACE)
 
     def _finish_snapshots(self, tables: list[CdcTable], added: list[TableName], detail: dict[str, Any]) -> int:
         """Resume an interrupted snapshot and snapshot tables added to the pipeline since."""

@@ -12,7 +12,7 @@ import pwd
 import shutil
 import socket
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 # pgserver's import asks platformdirs for a private runtime dir; give it one instead of a warning.
@@ -56,6 +56,7 @@ class EmbeddedPostgres:
 
     data_dir: Path
     port: int = 0
+    settings: dict[str, str] = field(default_factory=dict)  # overrides of the server settings below
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -96,7 +97,7 @@ class EmbeddedPostgres:
             self.port = self._running_port()
             return self
         self.port = self.port or free_port()
-        settings = dict(_SERVER_SETTINGS, port=str(self.port))
+        settings = {**_SERVER_SETTINGS, **self.settings, "port": str(self.port)}
         (self.pgdata / "postgresql.auto.conf").write_text(
             "".join(f"{key} = {value}\n" for key, value in settings.items())
         )
