@@ -27,7 +27,7 @@ def main() -> None:
         run_dagster_job(spec, pipeline.job_name)
         return
     caught_up = mode == "caught_up"
-    sink = open_sink(pipeline.sink.connection, spec.connections[pipeline.sink.connection])
+    sink = open_sink(pipeline.sink.connection, spec.connections[pipeline.sink.connection], dataset=pipeline.sink.dataset)
     with StateStore(os.environ["NILUS_STATE_DSN"]).open() as store:
         run_cdc_pipeline(cdc_config(spec, pipeline), sink, store, run_id=f"worker-{os.getpid()}",
                          stop_at_caught_up=caught_up)

@@ -12,6 +12,7 @@ from typing import Any
 
 import duckdb
 import psycopg
+from google.cloud import bigquery
 from psycopg.types.json import set_json_loads
 
 Row = tuple[Any, ...]
@@ -61,6 +62,19 @@ def duckdb_rows(path: Path | str, table: str, columns: list[str], order_by: str)
     with duckdb.connect(str(path), read_only=True) as conn:
         conn.execute("SET TimeZone = 'UTC'")
         return _normalized(conn.execute(f"SELECT {cols} FROM {table} ORDER BY {order_by}").fetchall())
+
+
+def bigquery_rows(client: bigquery.Client, table: str, columns: list[str], order_by: str) -> list[Row]:
+    """Rows of a BigQuery table (`project.dataset.table`, or a parenthesized query), JSON as text."""
+    source = table if table.startswith("(") else f"`{table}`"
+    cols = ", ".join(f"`{c}`" for c in columns)
+    result = client.query(f"SELECT {cols} FROM {source} ORDER BY {order_by}").result()
+    json_columns = {i for i, field in enumerate(result.schema) if field.field_type == "JSON"}
+    rows = [
+        tuple(json.dumps(v) if i in json_columns and v is not None else v for i, v in enumerate(row.values()))
+        for row in result
+    ]
+    return _normalized(rows)
 
 
 def assert_same_rows(expected: list[Row], actual: list[Row]) -> None:

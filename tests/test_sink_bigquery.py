@@ -511,3 +511,15 @@ def test_live_round_trip_and_cdc(live_sink: BigQuerySink) -> None:
         target(live_sink, "wide"), wide, [batch(wide, [{"id": 1, "amount": value}])], WriteStrategy.APPEND
     )
     assert read_rows(live_sink, "wide") == [{"id": 1, "amount": value}]
+
+
+def test_widening_within_one_bigquery_type_leaves_the_table_alone(bigquery_sink: BigQuerySink) -> None:
+    """int16 → int32 is INT64 either way: no DDL. (NUMERIC precision changes need real BigQuery:
+    the emulator keeps every NUMERIC as DECIMAL(38,9) and refuses the ALTER.)"""
+    narrow = table_schema("widen", [col("id", "int64"), col("small", "int16")])
+    bigquery_sink.prepare_table(target(bigquery_sink, "widen"), narrow)
+    bigquery_sink.write(target(bigquery_sink, "widen"), narrow, [batch(narrow, [{"id": 1, "small": 7}])], WriteStrategy.APPEND)
+    bigquery_sink.widen_columns(target(bigquery_sink, "widen"), [col("small", "int32")])
+    wide = table_schema("widen", [col("id", "int64"), col("small", "int32")])
+    bigquery_sink.write(target(bigquery_sink, "widen"), wide, [batch(wide, [{"id": 2, "small": 100000}])], WriteStrategy.APPEND)
+    assert sorted((r["id"], r["small"]) for r in read_rows(bigquery_sink, "widen")) == [(1, 7), (2, 100000)]

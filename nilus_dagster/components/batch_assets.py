@@ -51,7 +51,12 @@ def batch_table_asset(spec: PipelinesSpec, pipeline: Pipeline, table: SourceTabl
             strategy=WriteStrategy(pipeline.sink.strategy),
             schema_changes=pipeline.schema_changes,
         )
-        sink = open_sink(pipeline.sink.connection, sink_connection, table_options=pipeline.sink.table_options)
+        sink = open_sink(
+            pipeline.sink.connection,
+            sink_connection,
+            dataset=pipeline.sink.dataset,
+            table_options=pipeline.sink.table_options,
+        )
         try:
             result = load_table(load, sink, nilus_state.get_store())
         finally:

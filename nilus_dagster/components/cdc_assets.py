@@ -118,7 +118,12 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
             for asset_spec in specs:
                 context.log_event(dg.AssetObservation(asset_key=asset_spec.key, metadata=_metadata(progress)))
 
-        sink = open_sink(pipeline.sink.connection, sink_connection, table_options=pipeline.sink.table_options)
+        sink = open_sink(
+            pipeline.sink.connection,
+            sink_connection,
+            dataset=pipeline.sink.dataset,
+            table_options=pipeline.sink.table_options,
+        )
         try:
             result = run_cdc_pipeline(
                 cdc_config(spec, pipeline),

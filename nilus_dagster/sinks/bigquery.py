@@ -47,7 +47,7 @@ from google.auth.credentials import AnonymousCredentials
 from google.cloud import bigquery
 from google.oauth2 import service_account
 
-from nilus_dagster.schema import TableSchema, arrow_schema
+from nilus_dagster.schema import Column, TableSchema, arrow_schema
 from nilus_dagster.sinks.base import (
     CHECKPOINT_TABLE,
     DELETED_COLUMN,
@@ -62,7 +62,7 @@ from nilus_dagster.sinks.base import (
     WriteResult,
     WriteStrategy,
 )
-from nilus_dagster.sinks.bigquery_types import TOASTABLE_KINDS, bigquery_fields, to_load_table
+from nilus_dagster.sinks.bigquery_types import TOASTABLE_KINDS, bigquery_field, bigquery_fields, to_load_table
 
 if TYPE_CHECKING:
     from nilus_dagster.spec.connections import BigQueryConnection
@@ -88,6 +88,7 @@ _CHECKPOINT_FIELDS = (
     bigquery.SchemaField("value", "STRING"),
     bigquery.SchemaField("updated_at", "TIMESTAMP"),
 )
+_CDC_KEY_FIX = "declare primary_key for the table in the pipeline"
 _STAGING_LIFETIME = dt.timedelta(days=1)  # a crashed run's staging table expires by itself
 _TRANSIENT_REASONS = frozenset(
     {"rateLimitExceeded", "quotaExceeded", "backendError", "internalError", "jobRateLimitExceeded"}
@@ -354,8 +355,28 @@ class BigQuerySink:
 
     # -- protocol --
 
-    def prepare_table(self, target: SinkTable, schema: TableSchema) -> list[str]:
-        return self._ensure_table(target, bigquery_fields(schema))[1]
+    def prepare_table(self, target: SinkTable, schema: TableSchema, *, cdc: bool = False) -> list[str]:
+        """Create/evolve the table; `cdc=True` adds the `_nilus_*` columns and needs a primary key."""
+        if not cdc:
+            return self._ensure_table(target, bigquery_fields(schema))[1]
+        self._require_primary_key(target, schema, "stream changes into", _CDC_KEY_FIX)
+        return self._ensure_table(target, [*bigquery_fields(schema), *CDC_FIELDS])[1]
+
+    def widen_columns(self, target: SinkTable, columns: list[Column]) -> None:
+        """`ALTER COLUMN ... SET DATA TYPE` where the BigQuery type really changes (int16 → int64
+        is INT64 either way; NUMERIC → BIGNUMERIC is not)."""
+        ref = f"{self.project}.{target.qualified}"
+        with _sink_errors("widening columns of", ref):
+            current = {f.name: f for f in self.client.get_table(ref, retry=self._retry).schema}
+        for column in columns:
+            wanted, have = bigquery_field(column, target.qualified), current.get(column.name)
+            if have is None or _type_spelling(have) == _type_spelling(wanted):
+                continue
+            self._query(
+                f"ALTER TABLE `{ref}` ALTER COLUMN `{column.name}` SET DATA TYPE {_type_spelling(wanted)}",
+                f"widening {column.name} of",
+            )
+        self._tables.pop(ref, None)
 
     def write(
         self,
@@ -369,7 +390,7 @@ class BigQuerySink:
         if strategy is WriteStrategy.MERGE:
             self._require_primary_key(target, schema, "merge")
         table, added = self._ensure_table(target, bigquery_fields(schema))
-        data = pa.Table.from_batches(list(batches), schema=arrow_schema(schema))
+        data = _batches_table(batches, schema)
         if strategy is WriteStrategy.APPEND:
             result = self._append(target, table, schema, data, checkpoint)
         elif data.num_rows == 0:
@@ -391,7 +412,7 @@ class BigQuerySink:
         *,
         soft_delete: bool = False,
     ) -> WriteResult:
-        self._require_primary_key(target, schema, "apply changes to")
+        self._require_primary_key(target, schema, "apply changes to", _CDC_KEY_FIX)
         table, added = self._ensure_table(target, [*bigquery_fields(schema), *CDC_FIELDS])
         if changes.is_empty:
             self._save_checkpoint(checkpoint)
@@ -503,11 +524,13 @@ class BigQuerySink:
         return _StagedLoad(table, file.rows, file.bytes)
 
     @staticmethod
-    def _require_primary_key(target: SinkTable, schema: TableSchema, action: str) -> None:
+    def _require_primary_key(
+        target: SinkTable, schema: TableSchema, action: str, fix: str = "use the append/replace strategy"
+    ) -> None:
         if not schema.primary_key:
             raise SinkError(
                 f"BigQuery sink cannot {action} {target.qualified}: source table {schema.table} has no "
-                "primary key (add one, or use the append/replace strategy)"
+                f"primary key (add one, or {fix})"
             )
 
     # -- writes --
@@ -626,16 +649,24 @@ class BigQuerySink:
 
 
 def open_bigquery_sink(
-    name: str, connection: BigQueryConnection, table_options: TableOptionsSpec | None = None
+    name: str,
+    connection: BigQueryConnection,
+    table_options: TableOptionsSpec | None = None,
+    *,
+    dataset: str | None = None,
 ) -> BigQuerySink:
-    """The sink for the `bigquery` connection `name` declared in YAML."""
+    """The sink for the `bigquery` connection `name` declared in YAML.
+
+    `dataset` (the pipeline's sink dataset) holds the checkpoint table next to the pipeline's
+    tables; without it the connection's `dataset`, else `nilus_state`.
+    """
     try:
         options = table_options_from_spec(table_options) if table_options else None
     except ValueError as exc:
         raise SinkError(f"BigQuery connection '{name}': {exc}") from exc
     return BigQuerySink(
         connection.project,
-        dataset=connection.dataset or DEFAULT_STATE_DATASET,
+        dataset=dataset or connection.dataset or DEFAULT_STATE_DATASET,
         location=connection.location,
         credentials_env=connection.credentials_env,
         api_endpoint=connection.api_endpoint,
@@ -687,6 +718,17 @@ def _ref(table: bigquery.Table) -> str:
     return f"`{table.project}.{table.dataset_id}.{table.table_id}`"
 
 
+_LEGACY_TYPE_NAMES = {"INTEGER": "INT64", "FLOAT": "FLOAT64", "BOOLEAN": "BOOL"}
+
+
+def _type_spelling(field: bigquery.SchemaField) -> str:
+    """`NUMERIC(20, 4)`, `INT64`...: a field's type as DDL, legacy names normalized."""
+    name = _LEGACY_TYPE_NAMES.get(field.field_type, field.field_type)
+    if field.precision is not None:
+        return f"{name}({field.precision}, {field.scale or 0})"
+    return name
+
+
 def _job_id(kind: str, table: bigquery.Table, checkpoint: Checkpoint, digest: str) -> str:
     identity = "\x1f".join(
         [kind, table.full_table_id or _ref(table), checkpoint.key, checkpoint.value, digest]
@@ -711,6 +753,16 @@ def _parquet_file(data: pa.Table) -> Iterator[_LoadFile]:
             for block in iter(lambda: stream.read(1 << 20), b""):
                 digest.update(block)
         yield _LoadFile(path, data.num_rows, path.stat().st_size, digest.hexdigest())
+
+
+def _batches_table(batches: Iterable[pa.RecordBatch], schema: TableSchema) -> pa.Table:
+    """The batches as one table laid out as `schema`, columns matched by name. Nullability is not
+    compared: a NOT NULL source column may arrive in a nullable field (e.g. CDC snapshot rows)."""
+    layout = pa.schema([f.with_nullable(True) for f in arrow_schema(schema)])
+    return pa.Table.from_batches(
+        [pa.RecordBatch.from_arrays(batch.select(layout.names).columns, schema=layout) for batch in batches],
+        schema=layout,
+    )
 
 
 def _change_rows(changes: ChangeSet, schema: TableSchema) -> pa.Table:

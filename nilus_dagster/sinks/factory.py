@@ -12,7 +12,16 @@ from nilus_dagster.spec.connections import (
 from nilus_dagster.spec.pipelines import BigQueryTableOptions
 
 
-def open_sink(name: str, connection: Connection, *, table_options: BigQueryTableOptions | None = None) -> Sink:
+def open_sink(
+    name: str,
+    connection: Connection,
+    *,
+    dataset: str | None = None,
+    table_options: BigQueryTableOptions | None = None,
+) -> Sink:
+    """The sink of connection `name`. `dataset` is the pipeline's sink dataset: BigQuery keeps the
+    checkpoint table there, next to the pipeline's tables (the SQL sinks keep theirs in a fixed
+    schema); `table_options` apply to the BigQuery tables the sink creates."""
     if isinstance(connection, DuckDBConnection):
         from nilus_dagster.sinks.duckdb import DuckDBSink
 
@@ -24,5 +33,5 @@ def open_sink(name: str, connection: Connection, *, table_options: BigQueryTable
     if isinstance(connection, BigQueryConnection):
         from nilus_dagster.sinks.bigquery import open_bigquery_sink
 
-        return open_bigquery_sink(name, connection, table_options)
+        return open_bigquery_sink(name, connection, table_options, dataset=dataset)
     raise TypeError(f"connection '{name}' of type {connection.type} cannot be a sink")

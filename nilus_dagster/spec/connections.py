@@ -81,7 +81,9 @@ class BigQueryConnection(SpecModel):
     type: Literal["bigquery"]
     project: str
     location: str | None = None
-    dataset: str | None = Field(default=None, description="Default dataset for sinks that name none.")
+    dataset: str | None = Field(
+        default=None, description="Where checkpoints go when no pipeline dataset applies (pipelines name theirs)."
+    )
     credentials_env: str | None = Field(
         default=None, description="Env var holding the path of a service-account key file."
     )
