@@ -10,6 +10,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import dagster as dg
 import psycopg
 import pytest
 
@@ -63,3 +64,33 @@ def _own_dagster_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     home = tmp_path / "dagster_home"
     home.mkdir()
     monkeypatch.setenv("DAGSTER_HOME", str(home))
+
+
+@pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    """A real Dagster instance (its own temporary storage) for running jobs."""
+    with dg.instance_for_test() as test_instance:
+        yield test_instance
+
+
+@pytest.fixture
+def pipeline_env(source_db: str, state_dsn: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Pipelines in tests read SOURCE_DSN and keep state in NILUS_STATE_DSN; returns the source DSN."""
+    monkeypatch.setenv("SOURCE_DSN", source_db)
+    monkeypatch.setenv("NILUS_STATE_DSN", state_dsn)
+    return source_db
+
+
+@pytest.fixture(params=["duckdb", "postgres"])
+def sql_sink(request: pytest.FixtureRequest, duckdb_path: Path, sink_pg: str, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    """Each test runs once per transactional sink."""
+    from batch_project import sink_target
+
+    return sink_target(request.param, duckdb_path, sink_pg, monkeypatch)
+
+
+@pytest.fixture
+def duckdb_sink(duckdb_path: Path, sink_pg: str, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN201
+    from batch_project import sink_target
+
+    return sink_target("duckdb", duckdb_path, sink_pg, monkeypatch)

@@ -5,13 +5,10 @@ Every test compares the sink with the source row by row.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import dagster as dg
 import psycopg
 import pytest
-from batch_project import SinkTarget, failure_message, pipeline, project, run_job, sink_target
+from batch_project import SinkTarget, failure_message, pipeline, project, run_job
 from table_compare import assert_same_rows, duckdb_rows, postgres_sink_rows, source_rows
 
 ALL_TYPES_DDL = """
@@ -64,24 +61,14 @@ COLUMNS = [
 ]
 
 
-@pytest.fixture(params=["duckdb", "postgres"])
-def sink(
-    request: pytest.FixtureRequest, duckdb_path: Path, sink_pg: str, monkeypatch: pytest.MonkeyPatch
-) -> SinkTarget:
-    return sink_target(request.param, duckdb_path, sink_pg, monkeypatch)
+@pytest.fixture
+def sink(sql_sink: SinkTarget) -> SinkTarget:
+    return sql_sink
 
 
 @pytest.fixture
-def env(source_db: str, state_dsn: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("SOURCE_DSN", source_db)
-    monkeypatch.setenv("NILUS_STATE_DSN", state_dsn)
-    return source_db
-
-
-@pytest.fixture
-def instance() -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test() as test_instance:
-        yield test_instance
+def env(pipeline_env: str) -> str:
+    return pipeline_env
 
 
 def sink_rows(sink: SinkTarget, table: str, columns: list[str], order_by: str = "id") -> list[tuple]:
@@ -201,9 +188,9 @@ def test_new_source_column_is_added_and_a_widened_type_follows(
 
 
 def test_schema_change_with_policy_fail_loads_nothing(
-    env: str, duckdb_path: Path, sink_pg: str, monkeypatch: pytest.MonkeyPatch, instance: dg.DagsterInstance
+    env: str, duckdb_sink: SinkTarget, instance: dg.DagsterInstance
 ) -> None:
-    sink = sink_target("duckdb", duckdb_path, sink_pg, monkeypatch)
+    sink = duckdb_sink
     with psycopg.connect(env, autocommit=True) as conn:
         conn.execute("CREATE TABLE public.strict (id int PRIMARY KEY, v text)")
         conn.execute("INSERT INTO public.strict VALUES (1, 'a')")
@@ -239,11 +226,11 @@ def test_every_run_carries_the_pipeline_tags(env: str, sink: SinkTarget, instanc
 
 
 def test_unreachable_source_names_the_connection(
-    state_dsn: str, duckdb_path: Path, sink_pg: str, monkeypatch: pytest.MonkeyPatch, instance: dg.DagsterInstance
+    state_dsn: str, duckdb_sink: SinkTarget, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SOURCE_DSN", "postgresql://nobody:secret-pw@127.0.0.1:1/none")
     monkeypatch.setenv("NILUS_STATE_DSN", state_dsn)
-    sink = sink_target("duckdb", duckdb_path, sink_pg, monkeypatch)
+    sink = duckdb_sink
     result = run_job(project(sink, pipeline("down", ["public.t"])), "acme__down", instance)
     assert not result.success
     message = failure_message(result)
@@ -264,9 +251,9 @@ def test_missing_table_fails_before_data_moves(env: str, sink: SinkTarget, insta
 
 
 def test_type_the_sink_cannot_hold_names_the_column(
-    env: str, duckdb_path: Path, sink_pg: str, monkeypatch: pytest.MonkeyPatch, instance: dg.DagsterInstance
+    env: str, duckdb_sink: SinkTarget, instance: dg.DagsterInstance
 ) -> None:
-    sink = sink_target("duckdb", duckdb_path, sink_pg, monkeypatch)
+    sink = duckdb_sink
     with psycopg.connect(env, autocommit=True) as conn:
         conn.execute("CREATE TABLE public.wide (id int PRIMARY KEY, huge numeric(60, 2))")
         conn.execute("INSERT INTO public.wide VALUES (1, 1.5)")

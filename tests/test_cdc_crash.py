@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from batch_project import SinkTarget, sink_target
+from batch_project import SinkTarget
 from cdc_project import cdc_pipeline
 from table_compare import assert_same_rows, duckdb_rows, postgres_sink_rows, source_rows
 
@@ -28,16 +28,14 @@ WORKER = Path(__file__).with_name("cdc_worker.py")
 COLUMNS = ["id", "counter", "label", "updated_at"]
 
 
-@pytest.fixture(params=["duckdb", "postgres"])
-def sink(request: pytest.FixtureRequest, duckdb_path: Path, sink_pg: str, monkeypatch: pytest.MonkeyPatch) -> SinkTarget:
-    return sink_target(request.param, duckdb_path, sink_pg, monkeypatch)
+@pytest.fixture
+def sink(sql_sink: SinkTarget) -> SinkTarget:
+    return sql_sink
 
 
 @pytest.fixture
-def env(source_db: str, state_dsn: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("SOURCE_DSN", source_db)
-    monkeypatch.setenv("NILUS_STATE_DSN", state_dsn)
-    return source_db
+def env(pipeline_env: str) -> str:
+    return pipeline_env
 
 
 def spec_json(sink: SinkTarget, **cdc: object) -> str:

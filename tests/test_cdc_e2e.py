@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import dagster as dg
 import psycopg
 import pytest
-from batch_project import SinkTarget, failure_message, sink_target
+from batch_project import SinkTarget, failure_message
 from cdc_project import cdc_pipeline, cdc_project, run_until_caught_up
 from table_compare import assert_same_rows, duckdb_rows, postgres_sink_rows, source_rows
 
@@ -34,24 +31,16 @@ ORDER_COLUMNS = ["id", "status", "amount", "placed_at", "attrs", "tags", "notes"
 EVENT_COLUMNS = ["kind", "happened_at", "payload"]
 
 
-@pytest.fixture(params=["duckdb", "postgres"])
-def sink(request: pytest.FixtureRequest, duckdb_path: Path, sink_pg: str, monkeypatch: pytest.MonkeyPatch) -> SinkTarget:
-    return sink_target(request.param, duckdb_path, sink_pg, monkeypatch)
+@pytest.fixture
+def sink(sql_sink: SinkTarget) -> SinkTarget:
+    return sql_sink
 
 
 @pytest.fixture
-def env(source_db: str, state_dsn: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("SOURCE_DSN", source_db)
-    monkeypatch.setenv("NILUS_STATE_DSN", state_dsn)
-    with psycopg.connect(source_db, autocommit=True) as conn:
+def env(pipeline_env: str) -> str:
+    with psycopg.connect(pipeline_env, autocommit=True) as conn:
         conn.execute(SOURCE_DDL)
-    return source_db
-
-
-@pytest.fixture
-def instance() -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test() as test_instance:
-        yield test_instance
+    return pipeline_env
 
 
 def sink_rows(sink: SinkTarget, table: str, columns: list[str], order_by: str) -> list[tuple]:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import dagster as dg
 import psycopg
 import pytest
-from batch_project import SinkTarget, failure_message, sink_target
+from batch_project import SinkTarget, failure_message
 from cdc_project import cdc_pipeline, cdc_project, run_until_caught_up
 from table_compare import assert_same_rows, duckdb_rows, source_rows
 
@@ -17,26 +16,18 @@ from nilus_dagster.state.store import StateStore
 
 
 @pytest.fixture
-def sink(duckdb_path: Path, sink_pg: str, monkeypatch: pytest.MonkeyPatch) -> SinkTarget:
-    return sink_target("duckdb", duckdb_path, sink_pg, monkeypatch)
+def sink(duckdb_sink: SinkTarget) -> SinkTarget:
+    return duckdb_sink
 
 
 @pytest.fixture
-def env(source_db: str, state_dsn: str, monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setenv("SOURCE_DSN", source_db)
-    monkeypatch.setenv("NILUS_STATE_DSN", state_dsn)
-    with psycopg.connect(source_db, autocommit=True) as conn:
+def env(pipeline_env: str) -> str:
+    with psycopg.connect(pipeline_env, autocommit=True) as conn:
         conn.execute("CREATE TABLE public.people (id int PRIMARY KEY, name text)")
         conn.execute("CREATE TABLE public.pets (id int PRIMARY KEY, kind text)")
         conn.execute("INSERT INTO public.people VALUES (1, 'ann'), (2, 'bob')")
         conn.execute("INSERT INTO public.pets VALUES (1, 'cat')")
-    return source_db
-
-
-@pytest.fixture
-def instance() -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test() as test_instance:
-        yield test_instance
+    return pipeline_env
 
 
 @pytest.fixture

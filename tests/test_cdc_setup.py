@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import dagster as dg
 import psycopg
 import pytest
-from batch_project import SinkTarget, failure_message, sink_target
+from batch_project import SinkTarget, failure_message
 from cdc_project import cdc_pipeline, cdc_project, run_until_caught_up
 from table_compare import assert_same_rows, duckdb_rows, source_rows
 
@@ -16,14 +15,8 @@ from nilus_dagster.embedded.postgres import EmbeddedPostgres
 
 
 @pytest.fixture
-def sink(duckdb_path: Path, sink_pg: str, monkeypatch: pytest.MonkeyPatch) -> SinkTarget:
-    return sink_target("duckdb", duckdb_path, sink_pg, monkeypatch)
-
-
-@pytest.fixture
-def instance() -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test() as test_instance:
-        yield test_instance
+def sink(duckdb_sink: SinkTarget) -> SinkTarget:
+    return duckdb_sink
 
 
 @pytest.fixture(scope="module")
