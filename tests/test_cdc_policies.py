@@ -146,6 +146,22 @@ def test_dropped_slot_fails_clearly_and_never_restarts_silently(
         assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'nilus_acme_crm%'").fetchone() == (0,)
 
 
+def test_offsets_from_another_postgres_system_are_refused(
+    env: str, sink: SinkTarget, instance: dg.DagsterInstance, store: StateStore
+) -> None:
+    """A source re-created (or failed over to a new cluster) has other LSNs: never apply old offsets."""
+    defs = cdc_project(sink, cdc_pipeline("crm", ["public.people"]))
+    assert run_until_caught_up(defs, "acme__crm", instance).success
+    state = store.get_pipeline_state("acme", "crm")
+    assert state is not None
+    store.set_pipeline_state(_key(), state.state, {**state.detail, "system_identifier": "1234567890"})
+    result = run_until_caught_up(defs, "acme__crm", instance)
+    assert not result.success
+    assert "belongs to system 1234567890: the LSNs would be meaningless there" in failure_message(result)
+    failed = store.get_pipeline_state("acme", "crm")
+    assert failed is not None and failed.state == "failed"
+
+
 def test_table_without_key_or_full_identity_is_refused_before_anything_starts(
     env: str, sink: SinkTarget, instance: dg.DagsterInstance
 ) -> None:

@@ -22,6 +22,21 @@ from nilus_dagster.embedded.postgres import EmbeddedPostgres
 
 DEMO_DATABASES = ("shop", "nilus_state")
 
+# The demo's Dagster instance: local storage, and (as in deploy/dagster.yaml) a run queue that
+# admits one CDC run per pipeline, a second guard besides the keep-alive sensor.
+DEMO_INSTANCE_CONFIG = """\
+telemetry:
+  enabled: false
+run_coordinator:
+  module: dagster.core.run_coordinator
+  class: QueuedRunCoordinator
+  config:
+    tag_concurrency_limits:
+      - key: nilus/cdc_pipeline
+        value: {applyLimitPerUniqueValue: true}
+        limit: 1
+"""
+
 
 def _ensure_databases(admin_dsn: str) -> None:
     with psycopg.connect(admin_dsn, autocommit=True) as conn:
@@ -38,7 +53,7 @@ def demo_environment(home: Path) -> dict[str, str]:
     dagster_home.mkdir(parents=True, exist_ok=True)
     config = dagster_home / "dagster.yaml"
     if not config.exists():
-        config.write_text("telemetry:\n  enabled: false\n")
+        config.write_text(DEMO_INSTANCE_CONFIG)
     env["DAGSTER_HOME"] = str(dagster_home)
     return env
 
