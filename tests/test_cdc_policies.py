@@ -66,6 +66,21 @@ def test_evolve_adds_the_column_and_records_schema_history(
     assert people_history[0].lsn is not None
 
 
+def test_ddl_inside_a_transaction_between_its_rows(env: str, sink: SinkTarget, instance: dg.DagsterInstance) -> None:
+    defs = cdc_project(sink, cdc_pipeline("crm", ["public.people"]))
+    assert run_until_caught_up(defs, "acme__crm", instance).success
+    with psycopg.connect(env, autocommit=True) as conn, conn.transaction():
+        conn.execute("INSERT INTO public.people VALUES (10, 'before the change')")
+        conn.execute("UPDATE public.people SET name = 'ann b' WHERE id = 1")
+        conn.execute("ALTER TABLE public.people ADD COLUMN email text")
+        conn.execute("INSERT INTO public.people VALUES (11, 'after the change', 'x@example.com')")
+        conn.execute("UPDATE public.people SET email = 'bob@example.com' WHERE id = 2")
+    result = run_until_caught_up(defs, "acme__crm", instance)
+    assert result.success, failure_message(result)
+    columns = ["id", "name", "email"]
+    assert_same_rows(source_rows(env, "public.people", columns, "id"), people(sink, columns))
+
+
 def test_evolve_widens_a_column_type(env: str, sink: SinkTarget, instance: dg.DagsterInstance) -> None:
     with psycopg.connect(env, autocommit=True) as conn:
         conn.execute("ALTER TABLE public.pets ADD COLUMN grams int")

@@ -3,12 +3,18 @@
 Changes are collapsed per key (last one wins, in WAL order); an update that changed the key
 deletes the old key; an unchanged TOASTed value is taken from an earlier change of the same key
 in the batch, else left to the sink (`_nilus_unchanged`); a truncate discards what came before it.
+
+This is the hot path of CDC. A row is kept as the positional tuple pgoutput sent (its text values
+in the order of the Relation's columns, the row's *layout*), keyed by its key values (the value
+itself for a one-column key, else a tuple); columns are only built, with `zip(*rows)`, when the
+batch becomes a ChangeSet. TOAST handling runs only for tuples that carry an unchanged value.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from operator import itemgetter
+from typing import Any
 
 import pyarrow as pa
 
@@ -18,99 +24,255 @@ from nilus_dagster.sinks.base import LSN_COLUMN, OP_COLUMN, UNCHANGED_COLUMN, Ch
 from nilus_dagster.sources.postgres.text_codec import text_to_arrow
 
 Values = dict[str, str | None]  # column → PostgreSQL text value (or None for NULL)
+Layout = tuple[str, ...]  # the column names of a positional row, in order
+Row = tuple[str | None, ...]
+
+# Row change kinds, as pgoutput spells them (`decode_row_change` in pgoutput.py returns these).
+INSERT, UPDATE, DELETE = b"I"[0], b"U"[0], b"D"[0]
+# A collapsed entry: (op, lsn, values or key, unchanged columns or None, layout). op "D": a delete,
+# whose third item is the key.
+_DELETE_OP = "D"
+Entry = tuple[str, int, Any, frozenset[str] | None, Layout]
 
 
-@dataclass
-class _Upsert:
-    values: Values
-    unchanged: set[str]
-    op: str
-    lsn: int
+def _key_getter(layout: Layout, key_columns: tuple[str, ...]) -> Callable[[Row], Any]:
+    """Key values of a row in `layout`: the value for a one-column key, else a tuple (None for a
+    key column the layout lacks)."""
+    positions = [layout.index(c) if c in layout else None for c in key_columns]
+    if None not in positions:
+        if len(positions) == 1:
+            return itemgetter(positions[0])  # type: ignore[arg-type]
+        return itemgetter(*positions)  # type: ignore[arg-type]
+
+    def key(row: Row) -> Any:
+        values = tuple(row[p] if p is not None else None for p in positions)
+        return values[0] if len(values) == 1 else values
+
+    return key
 
 
-@dataclass
-class _Delete:
-    key: tuple[str | None, ...]
-    lsn: int
-
-
-@dataclass
 class TableChanges:
     """The collapsed state of one table's changes within a batch."""
 
-    schema: TableSchema
-    truncate: bool = False
-    rows: dict[tuple[str | None, ...], _Upsert | _Delete] = field(default_factory=dict)
-    events: int = 0
+    def __init__(self, schema: TableSchema, truncate: bool = False) -> None:
+        self.truncate = truncate
+        self.rows: dict[Any, Entry] = {}
+        self.events = 0
+        self._layouts: dict[Layout, Layout] = {}  # interned layouts
+        self._key_getters: dict[Layout, Callable[[Row], Any]] = {}
+        self.schema = schema
+
+    @property
+    def schema(self) -> TableSchema:
+        return self._schema
+
+    @schema.setter
+    def schema(self, schema: TableSchema) -> None:
+        """A new schema (evolution): rows map onto its columns by name."""
+        self._schema = schema
+        self._key_columns = schema.primary_key or tuple(schema.column_names)
+        self._key_getters.clear()
 
     @property
     def key_columns(self) -> tuple[str, ...]:
         """The primary key, or every column for a table without one."""
-        return self.schema.primary_key or tuple(self.schema.column_names)
+        return self._key_columns
 
-    def _key(self, values: Values) -> tuple[str | None, ...]:
-        return tuple(values.get(column) for column in self.key_columns)
+    def _layout(self, names: Iterable[str]) -> Layout:
+        layout = tuple(names)
+        return self._layouts.setdefault(layout, layout)
 
+    def _key_getter(self, layout: Layout) -> Callable[[Row], Any]:
+        getter = self._key_getters.get(layout)
+        if getter is None:
+            getter = self._key_getters[layout] = _key_getter(layout, self._key_columns)
+        return getter
+
+    # -- the by-name interface ------------------------------------------------------------------
     def insert(self, values: Values, unchanged: set[str], lsn: int, op: str = "I") -> None:
+        layout = self._layout(values)
         self.events += 1
-        key = self._key(values)
-        previous = self.rows.get(key)
-        if unchanged and isinstance(previous, _Upsert):
-            carried = unchanged - previous.unchanged
-            for column in carried:
-                values[column] = previous.values.get(column)
-            unchanged = unchanged & previous.unchanged
-        self.rows[key] = _Upsert(values, unchanged, op, lsn)
+        self._upsert(layout, tuple(values.values()), frozenset(unchanged) or None, lsn, op)
 
     def update(self, new: Values, unchanged: set[str], old: Values | None, lsn: int) -> None:
-        if old is not None:
-            old_key = self._key(old)
-            if old_key != self._key(new):
-                previous = self.rows.get(old_key)
-                self.rows[old_key] = _Delete(old_key, lsn)
-                if unchanged and isinstance(previous, _Upsert):  # the key moved: carry the TOAST along
-                    for column in unchanged - previous.unchanged:
-                        new[column] = previous.values.get(column)
-                    unchanged = unchanged & previous.unchanged
-        self.insert(new, unchanged, lsn, op="U")
+        layout = self._layout(new)
+        old_layout = self._layout(old) if old is not None else layout
+        old_row = tuple(old.values()) if old is not None else None
+        self.events += 1
+        self._update(layout, tuple(new.values()), frozenset(unchanged) or None, old_layout, old_row, lsn)
 
     def delete(self, old: Values, lsn: int) -> None:
+        layout = self._layout(old)
         self.events += 1
-        key = self._key(old)
-        self.rows[key] = _Delete(key, lsn)
+        key = self._key_getter(layout)(tuple(old.values()))
+        self.rows[key] = (_DELETE_OP, lsn, key, None, layout)
 
     def truncated(self) -> None:
         self.events += 1
         self.truncate = True
         self.rows.clear()
 
+    # -- the positional interface (the stream) --------------------------------------------------
+    def add_rows(self, names: Sequence[str], changes: Sequence[tuple[Any, ...]], lsn: int) -> None:
+        """Fold pgoutput row changes of one relation, in WAL order: each is `(kind, relation_id,
+        new, old, old_is_key_only, special)` with tuples in the column order `names`; `special`
+        says a tuple holds unchanged-TOAST or binary values."""
+        layout = self._layout(names)
+        key_of = self._key_getter(layout)
+        rows = self.rows
+        self.events += len(changes)
+        for kind, _, new, old, key_only, special in changes:
+            if special:
+                self._special_change(layout, kind, new, old, key_only, lsn)
+            elif kind == INSERT:
+                rows[key_of(new)] = ("I", lsn, new, None, layout)
+            elif kind == UPDATE:
+                if old is None:
+                    rows[key_of(new)] = ("U", lsn, new, None, layout)
+                else:
+                    self._update(layout, new, None, layout, old, lsn)
+            else:
+                key = key_of(old)
+                rows[key] = (_DELETE_OP, lsn, key, None, layout)
+
+    def _special_change(
+        self, layout: Layout, kind: int, new: TupleData | None, old: TupleData | None, key_only: bool, lsn: int
+    ) -> None:
+        """A change whose tuples hold unchanged-TOAST markers or binary values."""
+        old_row = _text_row(old, layout)[0] if old is not None else None
+        if kind == DELETE:
+            key = self._key_getter(layout)(old_row)
+            self.rows[key] = (_DELETE_OP, lsn, key, None, layout)
+            return
+        assert new is not None
+        row, unchanged = _text_row(new, layout)
+        if kind == INSERT:
+            self._upsert(layout, row, unchanged, lsn, "I")
+            return
+        if old_row is not None and not key_only and unchanged:
+            # REPLICA IDENTITY FULL sent the whole old row: take the unchanged values from it.
+            values = list(row)
+            for column in unchanged:
+                position = layout.index(column)
+                values[position] = old_row[position]
+            row, unchanged = tuple(values), None
+        self._update(layout, row, unchanged, layout, old_row, lsn)
+
+    # -- collapsing -----------------------------------------------------------------------------
+    def _update(
+        self,
+        layout: Layout,
+        new: Row,
+        unchanged: frozenset[str] | None,
+        old_layout: Layout,
+        old: Row | None,
+        lsn: int,
+    ) -> None:
+        if old is not None:
+            old_key = self._key_getter(old_layout)(old)
+            if old_key != self._key_getter(layout)(new):
+                previous = self.rows.get(old_key)
+                self.rows[old_key] = (_DELETE_OP, lsn, old_key, None, old_layout)
+                if unchanged and previous is not None and previous[0] != _DELETE_OP:
+                    new, unchanged = _carry(layout, new, unchanged, previous)  # the key moved: TOAST too
+        self._upsert(layout, new, unchanged, lsn, "U")
+
+    def _upsert(self, layout: Layout, row: Row, unchanged: frozenset[str] | None, lsn: int, op: str) -> None:
+        key = self._key_getter(layout)(row)
+        if unchanged:
+            previous = self.rows.get(key)
+            if previous is not None and previous[0] != _DELETE_OP:
+                row, unchanged = _carry(layout, row, unchanged, previous)
+        self.rows[key] = (op, lsn, row, unchanged, layout)
+
+    # -- output ---------------------------------------------------------------------------------
     def to_change_set(self) -> ChangeSet:
-        upserts = [r for r in self.rows.values() if isinstance(r, _Upsert)]
-        deletes = [r for r in self.rows.values() if isinstance(r, _Delete)]
+        entries = self.rows.values()
+        upserts = [entry for entry in entries if entry[0] != _DELETE_OP]
+        deletes = [entry for entry in entries if entry[0] == _DELETE_OP] if len(upserts) < len(entries) else []
         return ChangeSet(
             upserts=_upsert_table(self.schema, upserts),
-            deletes=_delete_table(self.schema, self.key_columns, deletes),
+            deletes=_delete_table(self.schema, self._key_columns, deletes),
             truncate=self.truncate,
         )
 
 
-def _text_column(schema: TableSchema, name: str, texts: list[str | None]) -> pa.Array:
+def _carry(
+    layout: Layout, row: Row, unchanged: frozenset[str], previous: Entry
+) -> tuple[Row, frozenset[str] | None]:
+    """Take unchanged TOASTed values from an earlier upsert of the same key in the batch."""
+    _, _, previous_row, previous_unchanged, previous_layout = previous
+    previous_unchanged = previous_unchanged or frozenset()
+    carried = unchanged - previous_unchanged
+    if carried:
+        values = list(row)
+        for column in carried:
+            if column in layout:
+                values[layout.index(column)] = (
+                    previous_row[previous_layout.index(column)] if column in previous_layout else None
+                )
+        row = tuple(values)
+    return row, (unchanged & previous_unchanged) or None
+
+
+def _text_row(data: TupleData, layout: Layout) -> tuple[Row, frozenset[str] | None]:
+    """A tuple with unchanged-TOAST markers (→ None, and named) or binary values (→ text)."""
+    values: list[str | None] = []
+    unchanged: list[str] = []
+    for name, value in zip(layout, data, strict=True):
+        if value is UNCHANGED_TOAST:
+            unchanged.append(name)
+            values.append(None)
+        elif isinstance(value, bytes):  # binary format is never requested; keep it honest anyway
+            values.append(value.decode())
+        else:
+            values.append(value)  # type: ignore[arg-type]
+    return tuple(values), frozenset(unchanged) or None
+
+
+def _text_column(schema: TableSchema, name: str, texts: Sequence[str | None]) -> pa.Array:
     column = schema.column(name)
     return text_to_arrow(pa.array(texts, type=pa.string()), column.type, column=f"{schema.table}.{name}")
 
 
-def _upsert_table(schema: TableSchema, rows: list[_Upsert]) -> pa.Table:
-    arrays = [_text_column(schema, c.name, [r.values.get(c.name) for r in rows]) for c in schema.columns]
-    arrays.append(pa.array([r.lsn for r in rows], type=pa.int64()))
-    arrays.append(pa.array([r.op for r in rows], type=pa.string()))
-    arrays.append(pa.array([sorted(r.unchanged) if r.unchanged else None for r in rows], type=pa.list_(pa.string())))
-    names = [*schema.column_names, LSN_COLUMN, OP_COLUMN, UNCHANGED_COLUMN]
-    return pa.Table.from_arrays(arrays, names=names)
+def _columns(names: Sequence[str], entries: list[Entry], item: int) -> list[Sequence[Any]]:
+    """The values of `entries[i][item]` (positional rows) as one sequence per column of `names`."""
+    if not entries:
+        return [() for _ in names]
+    names = tuple(names)
+    first = entries[0][4]  # layouts are interned per TableChanges: compare by identity
+    if first == names and all(entry[4] is first for entry in entries):
+        rows = list(map(itemgetter(item), entries))
+        return [list(map(itemgetter(i), rows)) for i in range(len(names))]
+    columns: list[list[Any]] = [[] for _ in names]
+    for entry in entries:
+        layout, row = entry[4], entry[item]
+        for column, name in zip(columns, names, strict=True):
+            column.append(row[layout.index(name)] if name in layout else None)
+    return columns  # type: ignore[return-value]
 
 
-def _delete_table(schema: TableSchema, key_columns: tuple[str, ...], rows: list[_Delete]) -> pa.Table:
-    arrays = [_text_column(schema, name, [r.key[i] for r in rows]) for i, name in enumerate(key_columns)]
-    arrays.append(pa.array([r.lsn for r in rows], type=pa.int64()))
+def _upsert_table(schema: TableSchema, rows: list[Entry]) -> pa.Table:
+    names = schema.column_names
+    arrays = [_text_column(schema, name, texts) for name, texts in zip(names, _columns(names, rows, 2), strict=True)]
+    arrays.append(pa.array(list(map(itemgetter(1), rows)), type=pa.int64()))
+    arrays.append(pa.array(list(map(itemgetter(0), rows)), type=pa.string()))
+    unchanged_type = pa.list_(pa.string())
+    if any(map(itemgetter(3), rows)):
+        arrays.append(pa.array([sorted(r[3]) if r[3] else None for r in rows], type=unchanged_type))
+    else:
+        arrays.append(pa.nulls(len(rows), type=unchanged_type))
+    return pa.Table.from_arrays(arrays, names=[*names, LSN_COLUMN, OP_COLUMN, UNCHANGED_COLUMN])
+
+
+def _delete_table(schema: TableSchema, key_columns: tuple[str, ...], rows: list[Entry]) -> pa.Table:
+    keys = list(map(itemgetter(2), rows))
+    if len(key_columns) == 1:
+        key_values: list[Sequence[Any]] = [keys]
+    else:
+        key_values = [list(map(itemgetter(i), keys)) for i in range(len(key_columns))]
+    arrays = [_text_column(schema, name, values) for name, values in zip(key_columns, key_values, strict=True)]
+    arrays.append(pa.array(list(map(itemgetter(1), rows)), type=pa.int64()))
     return pa.Table.from_arrays(arrays, names=[*key_columns, LSN_COLUMN])
 
 

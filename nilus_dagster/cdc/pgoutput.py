@@ -178,11 +178,13 @@ def _cstring(buf: bytes, pos: int) -> tuple[str, int]:
     return buf[pos:end].decode(), end + 1
 
 
-def _tuple(buf: bytes, pos: int) -> tuple[TupleData, int]:
+def _tuple_flagged(buf: bytes, pos: int) -> tuple[TupleData, int, bool]:
+    """A tuple's values, the position past it, and whether any value is unchanged TOAST or binary."""
     (count,) = _UINT16(buf, pos)
     pos += 2
     values: list[TupleValue] = []
     append = values.append
+    special = False
     for _ in range(count):
         kind = buf[pos]
         if kind == _TEXT:
@@ -196,16 +198,23 @@ def _tuple(buf: bytes, pos: int) -> tuple[TupleData, int]:
         elif kind == _UNCHANGED:
             append(UNCHANGED_TOAST)
             pos += 1
+            special = True
         elif kind == _BINARY:
             (length,) = _INT32(buf, pos + 1)
             start = pos + 5
             pos = start + length
             append(buf[start:pos])
+            special = True
         else:
             raise PgOutputError(f"unknown tuple value kind {chr(kind)!r} at offset {pos}")
     if pos > len(buf):
         raise PgOutputError("tuple data runs past the end of the message")
-    return tuple(values), pos
+    return tuple(values), pos, special
+
+
+def _tuple(buf: bytes, pos: int) -> tuple[TupleData, int]:
+    values, pos, _ = _tuple_flagged(buf, pos)
+    return values, pos
 
 
 def _expect(buf: bytes, pos: int, marker: int, what: str) -> None:
@@ -328,6 +337,87 @@ def decode(payload: bytes | bytearray | memoryview, offset: int = 0) -> Message:
         raise PgOutputError(f"truncated pgoutput {chr(buf[offset])!r} message") from None
     except (struct.error, ValueError) as error:  # UnicodeDecodeError is a ValueError
         raise PgOutputError(f"malformed pgoutput {chr(buf[offset])!r} message: {error}") from error
+
+
+# --- row changes as plain tuples (the stream's hot path) ----------------------------------------
+
+# `decode_row_change` returns Insert, Update and Delete as `(kind, relation_id, new, old,
+# old_is_key_only, special)`: kind is the message type byte (b"I"[0], b"U"[0], b"D"[0]), `new` is
+# None for a Delete, `old` None unless sent, `special` True when a tuple holds an UNCHANGED_TOAST
+# or a binary value. Same checks as `decode`, without an object per message.
+RowChange = tuple[int, int, TupleData | None, TupleData | None, bool, bool]
+_INSERT_KIND, _UPDATE_KIND, _DELETE_KIND = b"I"[0], b"U"[0], b"D"[0]
+
+
+def _insert_row(buf: bytes, pos: int) -> RowChange:
+    (relation_id,) = _UINT32(buf, pos)
+    if buf[pos + 4] != _NEW:
+        _expect(buf, pos + 4, _NEW, "Insert")
+    new, _, special = _tuple_flagged(buf, pos + 5)
+    return (_INSERT_KIND, relation_id, new, None, False, special)
+
+
+def _update_row(buf: bytes, pos: int) -> RowChange:
+    (relation_id,) = _UINT32(buf, pos)
+    pos += 4
+    marker = buf[pos]
+    if marker == _NEW:
+        new, _, special = _tuple_flagged(buf, pos + 1)
+        return (_UPDATE_KIND, relation_id, new, None, False, special)
+    if marker not in (_KEY, _OLD):
+        raise PgOutputError(f"Update: expected 'K', 'O' or 'N' at offset {pos}, got {chr(marker)!r}")
+    old, pos, old_special = _tuple_flagged(buf, pos + 1)
+    _expect(buf, pos, _NEW, "Update")
+    new, _, special = _tuple_flagged(buf, pos + 1)
+    return (_UPDATE_KIND, relation_id, new, old, marker == _KEY, special or old_special)
+
+
+def _delete_row(buf: bytes, pos: int) -> RowChange:
+    (relation_id,) = _UINT32(buf, pos)
+    marker = buf[pos + 4]
+    if marker not in (_KEY, _OLD):
+        raise PgOutputError(f"Delete: expected 'K' or 'O' at offset {pos + 4}, got {chr(marker)!r}")
+    old, _, special = _tuple_flagged(buf, pos + 5)
+    return (_DELETE_KIND, relation_id, None, old, marker == _KEY, special)
+
+
+_ROW_DECODERS: dict[int, Callable[[bytes, int], RowChange]] = {
+    _INSERT_KIND: _insert_row,
+    _UPDATE_KIND: _update_row,
+    _DELETE_KIND: _delete_row,
+}
+
+
+def decode_row_change(payload: bytes | bytearray | memoryview, offset: int = 0) -> Message | RowChange:
+    """Like `decode`, but Insert, Update and Delete come as `RowChange` tuples (see above)."""
+    buf = payload if type(payload) is bytes else bytes(payload)
+    try:
+        row_decoder = _ROW_DECODERS.get(buf[offset])
+    except IndexError:
+        raise PgOutputError("empty pgoutput message") from None
+    if row_decoder is None:
+        return decode(buf, offset)
+    try:
+        return row_decoder(buf, offset + 1)
+    except PgOutputError:
+        raise
+    except IndexError:
+        raise PgOutputError(f"truncated pgoutput {chr(buf[offset])!r} message") from None
+    except (struct.error, ValueError) as error:  # UnicodeDecodeError is a ValueError
+        raise PgOutputError(f"malformed pgoutput {chr(buf[offset])!r} message: {error}") from error
+
+
+def row_change_message(change: RowChange) -> Insert | Update | Delete:
+    """The message object `decode` would have returned for a RowChange."""
+    kind, relation_id, new, old, key_only, _ = change
+    if kind == _INSERT_KIND:
+        assert new is not None
+        return Insert(relation_id, new)
+    if kind == _UPDATE_KIND:
+        assert new is not None
+        return Update(relation_id, new, old, key_only)
+    assert old is not None
+    return Delete(relation_id, old, key_only)
 
 
 # --- types ------------------------------------------------------------------------------------

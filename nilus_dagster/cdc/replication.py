@@ -16,7 +16,7 @@ import select
 import selectors
 import struct
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -25,7 +25,7 @@ import psycopg
 from psycopg import pq
 
 from nilus_dagster.cdc.lsn import INVALID_LSN, Lsn, format_lsn, parse_lsn
-from nilus_dagster.cdc.pgoutput import Message, PgTypeInfo, decode
+from nilus_dagster.cdc.pgoutput import Message, PgTypeInfo, RowChange, decode
 
 
 class ReplicationError(RuntimeError):
@@ -244,19 +244,27 @@ class ReplicationStream:
             self._raise_lost(str(error))
         self._last_status = time.monotonic()
 
-    def poll(self, timeout_s: float, max_messages: int = 10_000) -> list[tuple[Lsn, Message]]:
+    def poll(
+        self,
+        timeout_s: float,
+        max_messages: int = 10_000,
+        *,
+        decoder: Callable[[bytes, int], Message | RowChange] = decode,
+    ) -> list[tuple[Lsn, Message]]:
         """Return the messages already received, or wait up to `timeout_s` for some.
 
         Each message comes with the WAL start position of its XLogData (0 for Relation and Type
         messages, which describe rather than change). Keepalives are answered and periodic status
         updates sent here, so call it at least every few seconds while the stream is open.
+        `decoder` turns a payload (and the offset of the pgoutput message in it) into a message,
+        e.g. `pgoutput.decode_row_change` for row changes as plain tuples.
         """
         if self._stopped:
             raise ReplicationError(f"the stream of slot '{self.slot}' is stopped")
         messages: list[tuple[Lsn, Message]] = []
         deadline = time.monotonic() + timeout_s
         while True:
-            self._drain(messages, max_messages)
+            self._drain(messages, max_messages, decoder)
             now = time.monotonic()
             if now - self._last_status >= self._status_interval_s:
                 self.send_status()
@@ -279,7 +287,12 @@ class ReplicationStream:
             except psycopg.OperationalError:
                 pass
 
-    def _drain(self, messages: list[tuple[Lsn, Message]], max_messages: int) -> None:
+    def _drain(
+        self,
+        messages: list[tuple[Lsn, Message]],
+        max_messages: int,
+        decoder: Callable[[bytes, int], Message | RowChange] = decode,
+    ) -> None:
         """Decode every complete message libpq holds, reading the socket without blocking."""
         get_copy_data = self._pgconn.get_copy_data
         append = messages.append
@@ -295,7 +308,7 @@ class ReplicationStream:
                     tag = buf[0]
                     if tag == _XLOG_DATA:
                         (start,) = _XLOG_START(buf, 1)
-                        append((start, decode(buf, _PAYLOAD_OFFSET)))
+                        append((start, decoder(buf, _PAYLOAD_OFFSET)))  # type: ignore[arg-type]
                         room -= 1
                         caught_up = None
                         if start > received:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import queue
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -51,11 +52,11 @@ def cdc_schema(schema: TableSchema) -> TableSchema:
 
 def with_snapshot_metadata(batch: pa.RecordBatch, lsn: int, synced_at: datetime) -> pa.RecordBatch:
     rows = batch.num_rows
-    extra = [
-        pa.array([lsn] * rows, type=pa.int64()),
-        pa.array([SNAPSHOT_OP] * rows, type=pa.string()),
-        pa.array([synced_at] * rows, type=pa.timestamp("us", tz="UTC")),
-        pa.array([False] * rows, type=pa.bool_()),
+    extra = [  # constant columns, built by Arrow rather than from Python lists
+        pa.repeat(pa.scalar(lsn, type=pa.int64()), rows),
+        pa.repeat(pa.scalar(SNAPSHOT_OP, type=pa.string()), rows),
+        pa.repeat(pa.scalar(synced_at, type=pa.timestamp("us", tz="UTC")), rows),
+        pa.repeat(pa.scalar(False, type=pa.bool_()), rows),
     ]
     names = [*batch.schema.names, LSN_COLUMN, OP_COLUMN, SYNCED_AT_COLUMN, DELETED_COLUMN]
     return pa.RecordBatch.from_arrays([*batch.columns, *extra], names=names)
@@ -79,6 +80,10 @@ class SnapshotProgress:
     partitions_total: int
     partitions_done: int
     rows_done: int
+
+
+# A partition's batches as its worker reads them: None ends them, an exception fails them.
+_Batches = queue.Queue[pa.RecordBatch | BaseException | None]
 
 
 class SnapshotCancelled(Exception):
@@ -129,7 +134,15 @@ class SnapshotRunner:
         return tasks
 
     def run(self, tables: list[tuple[CdcTable, SinkTable]]) -> int:
-        """Snapshot the tables; returns the rows written. Raises SnapshotCancelled on stop."""
+        """Snapshot the tables; returns the rows written. Raises SnapshotCancelled on stop.
+
+        A sink with a `bulk_session()` (DuckDB) keeps its file open for the whole snapshot.
+        """
+        bulk_session = getattr(self.sink, "bulk_session", None)
+        with bulk_session() if callable(bulk_session) else nullcontext():
+            return self._run(tables)
+
+    def _run(self, tables: list[tuple[CdcTable, SinkTable]]) -> int:
         for table, target in tables:
             self.sink.prepare_table(target, table.schema, cdc=True)
         tasks = self.plan(tables)
@@ -151,12 +164,12 @@ class SnapshotRunner:
             )
 
     def _read_and_write(self, tasks: list[SnapshotTask], progress: SnapshotProgress) -> int:
+        """Workers read partitions; this thread writes each one as its batches arrive (one sink
+        transaction per partition, with its checkpoint), so reading and writing overlap."""
         pending: queue.Queue[SnapshotTask] = queue.Queue()
         for task in tasks:
             pending.put(task)
-        results: queue.Queue[tuple[SnapshotTask, list[pa.RecordBatch]] | BaseException] = queue.Queue(
-            maxsize=self.workers * 2
-        )
+        results: queue.Queue[tuple[SnapshotTask, _Batches] | BaseException] = queue.Queue(maxsize=self.workers * 2)
         stop = threading.Event()
         threads = [
             threading.Thread(target=self._worker, args=(pending, results, stop), daemon=True, name=f"snapshot-{i}")
@@ -174,7 +187,7 @@ class SnapshotRunner:
                 written = self.sink.write(
                     task.target,
                     cdc_schema(task.table.schema),
-                    batches,
+                    self._arriving(batches),
                     strategy,
                     Checkpoint(self.partition_checkpoint(task.table.name, task.partition.partition_no), "done"),
                 )
@@ -194,8 +207,8 @@ class SnapshotRunner:
         return progress.rows_done
 
     def _next_result(
-        self, results: queue.Queue[tuple[SnapshotTask, list[pa.RecordBatch]] | BaseException]
-    ) -> tuple[SnapshotTask, list[pa.RecordBatch]] | BaseException:
+        self, results: queue.Queue[tuple[SnapshotTask, _Batches] | BaseException]
+    ) -> tuple[SnapshotTask, _Batches] | BaseException:
         """Wait on the main thread in short steps, so a stop request is seen promptly."""
         while True:
             if self.should_stop():
@@ -205,12 +218,29 @@ class SnapshotRunner:
             except queue.Empty:
                 continue
 
+    def _arriving(self, batches: _Batches) -> Iterator[pa.RecordBatch]:
+        """A partition's batches as its worker reads them; its error (or a stop request) raises here,
+        so the sink's transaction for the partition rolls back."""
+        while True:
+            try:
+                item = batches.get(timeout=0.2)
+            except queue.Empty:
+                if self.should_stop():
+                    raise SnapshotCancelled("snapshot stopped; finished partitions are kept") from None
+                continue
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
     def _worker(
         self,
         pending: queue.Queue[SnapshotTask],
-        results: queue.Queue[tuple[SnapshotTask, list[pa.RecordBatch]] | BaseException],
+        results: queue.Queue[tuple[SnapshotTask, _Batches] | BaseException],
         stop: threading.Event,
     ) -> None:
+        batches: _Batches | None = None  # those of the partition being read
         try:
             with connect_source(self.source_connection, self.source_dsn, autocommit=True) as conn:
                 conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -219,20 +249,25 @@ class SnapshotRunner:
                 for task in _drain(pending, stop):
                     partition = task.partition
                     synced_at = datetime.now(UTC)
-                    batches = [
-                        with_snapshot_metadata(batch, self.consistent_lsn, synced_at)
-                        for batch in read_table(
-                            conn, task.table.schema, ctid_range=(partition.start_block, partition.end_block)
-                        )
-                    ]
+                    batches = queue.Queue()  # unbounded: at most one partition, as when read whole
                     while not stop.is_set():
                         try:
                             results.put((task, batches), timeout=0.2)
                             break
                         except queue.Full:
                             continue
+                    for batch in read_table(
+                        conn, task.table.schema, ctid_range=(partition.start_block, partition.end_block)
+                    ):
+                        if stop.is_set():
+                            raise SnapshotCancelled("snapshot stopped while reading a partition")
+                        batches.put(with_snapshot_metadata(batch, self.consistent_lsn, synced_at))
+                    batches.put(None)
+                    batches = None
                 conn.execute("COMMIT")
         except BaseException as error:  # noqa: BLE001 - handed to the main thread, which raises it
+            if batches is not None:
+                batches.put(error)  # the partition being written fails with it
             if not stop.is_set():
                 results.put(error)
 

@@ -12,12 +12,15 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from itertools import groupby
+from operator import itemgetter
 from typing import Any
 
-from nilus_dagster.cdc.changes import TableChanges, tuple_values
+from nilus_dagster.cdc.changes import TableChanges
 from nilus_dagster.cdc.lsn import format_lsn
 from nilus_dagster.cdc.pgoutput import (
     BUILTIN_TYPES,
+    UNCHANGED_TOAST,
     Begin,
     Commit,
     Delete,
@@ -26,8 +29,11 @@ from nilus_dagster.cdc.pgoutput import (
     PgTypeInfo,
     Relation,
     RelationColumn,
+    RowChange,
     Truncate,
+    TupleData,
     Update,
+    decode_row_change,
     relation_schema,
 )
 from nilus_dagster.cdc.replication import ReplicationStream
@@ -75,6 +81,25 @@ class StreamTable:
     held: bool = False  # paused by `schema_changes: pause` until approved
 
 
+_TRUNCATE = b"T"[0]
+_NO_RELATION = -1  # the relation id a buffered truncate is grouped under
+_RELATION_ID = itemgetter(1)
+
+
+def _special(data: TupleData | None) -> bool:
+    return data is not None and any(v is UNCHANGED_TOAST or isinstance(v, bytes) for v in data)
+
+
+def _row_change(message: Insert | Update | Delete) -> RowChange:
+    """A decoded message object as the RowChange tuple `decode_row_change` gives."""
+    if isinstance(message, Insert):
+        return (b"I"[0], message.relation_id, message.new, None, False, _special(message.new))
+    if isinstance(message, Update):
+        special = _special(message.new) or _special(message.old)
+        return (b"U"[0], message.relation_id, message.new, message.old, message.old_is_key_only, special)
+    return (b"D"[0], message.relation_id, None, message.old, message.old_is_key_only, _special(message.old))
+
+
 @dataclass
 class ChangeApplier:
     """Consumes decoded messages and applies whole-transaction batches to the sink."""
@@ -90,8 +115,9 @@ class ChangeApplier:
     on_flushed: Callable[[int], Any] | None = None  # told of flushes the applier makes by itself
 
     def __post_init__(self) -> None:
-        # relation id → the columns its tuples carry (as of the last Relation message) and the table
-        self._relations: dict[int, tuple[tuple[RelationColumn, ...], StreamTable]] = {}
+        # relation id → the columns its tuples carry (as of the last Relation message), the table
+        # and the column names
+        self._relations: dict[int, tuple[tuple[RelationColumn, ...], StreamTable, tuple[str, ...]]] = {}
         self._types: dict[int, PgTypeInfo] = {}
         self._batch: dict[TableName, TableChanges] = {}
         self._batch_events = 0
@@ -99,7 +125,8 @@ class ChangeApplier:
         self._batch_end_lsn = 0  # end LSN of the last complete transaction in the batch
         self._in_transaction = False
         self._commit_lsn = 0  # commit LSN of the transaction being read
-        self._transaction: list[Insert | Update | Delete | Truncate] = []  # its changes, until Commit
+        # its changes, until Commit: RowChange tuples (see pgoutput.decode_row_change) and truncates
+        self._transaction: list[RowChange | tuple[int, int, Truncate]] = []
 
     # -- message handling ------------------------------------------------------------------
     @property
@@ -110,8 +137,10 @@ class ChangeApplier:
     def has_pending(self) -> bool:
         return self._batch_end_lsn > 0
 
-    def handle(self, message: Message) -> None:
-        if isinstance(message, Begin):
+    def handle(self, message: Message | RowChange) -> None:
+        if type(message) is tuple:  # a row change from decode_row_change: the hot path
+            self._transaction.append(message)
+        elif isinstance(message, Begin):
             self._in_transaction = True
             self._commit_lsn = message.final_lsn
             if self._batch_started is None:
@@ -120,8 +149,10 @@ class ChangeApplier:
             self._commit(message)
         elif isinstance(message, Relation):
             self._relation(message)
-        elif isinstance(message, Insert | Update | Delete | Truncate):
-            self._transaction.append(message)
+        elif isinstance(message, Insert | Update | Delete):
+            self._transaction.append(_row_change(message))
+        elif isinstance(message, Truncate):
+            self._transaction.append((_TRUNCATE, _NO_RELATION, message))
 
     def batch_ready(self) -> bool:
         """True at a transaction boundary once the batch is big or old enough."""
@@ -132,15 +163,23 @@ class ChangeApplier:
 
     def _commit(self, commit: Commit) -> None:
         """Fold the finished transaction into the batch (the batch only ever holds whole ones)."""
-        for message in self._transaction:
-            if isinstance(message, Truncate):
-                for relation_id in message.relation_ids:
-                    changes = self._changes_for(relation_id)
-                    if changes is not None:
-                        changes.truncated()
-                        self._batch_events += 1
-            else:
-                self._row_change(message)
+        lsn = self._commit_lsn
+        # Runs of changes to one relation are folded at once, in WAL order.
+        for relation_id, group in groupby(self._transaction, key=_RELATION_ID):
+            if relation_id == _NO_RELATION:
+                for _, _, truncate in group:
+                    for truncated_id in truncate.relation_ids:  # type: ignore[union-attr]
+                        changes = self._changes_for(truncated_id)
+                        if changes is not None:
+                            changes.truncated()
+                            self._batch_events += 1
+                continue
+            changes = self._changes_for(relation_id)
+            if changes is None:
+                continue
+            rows = list(group)
+            changes.add_rows(self._relations[relation_id][2], rows, lsn)  # type: ignore[arg-type]
+            self._batch_events += len(rows)
         self._transaction.clear()
         self._in_transaction = False
         self._batch_end_lsn = commit.end_lsn
@@ -157,23 +196,45 @@ class ChangeApplier:
         described = relation_schema(relation, {**BUILTIN_TYPES, **self._types})
         schema = TableSchema(name, described.columns, table.source.schema.primary_key)
         diff = diff_schemas(table.schema, schema)
+        names = tuple(c.name for c in relation.columns)
+        known = self._relations.get(relation.relation_id)
+        if known is not None and known[2] != names:
+            self._remap_buffered_rows(relation.relation_id, known[2], names)
         if diff.is_empty:
-            self._relations[relation.relation_id] = (relation.columns, table)
+            self._relations[relation.relation_id] = (relation.columns, table, names)
             return
         # Changes committed before the schema change land first, under the schema they had.
         self._flush_before_schema_change()
         decision = self.on_schema_change(SchemaEvent(name, diff, schema, self._commit_lsn))
-        self._relations[relation.relation_id] = (relation.columns, table)
+        self._relations[relation.relation_id] = (relation.columns, table, names)
         if decision == "pause":
             table.held = True
             return
         table.schema = schema
 
+    def _remap_buffered_rows(self, relation_id: int, old: tuple[str, ...], new: tuple[str, ...]) -> None:
+        """DDL inside the open transaction: rows buffered before it carry the old column layout.
+        Re-map them by name (a dropped column goes, an added one is NULL) so that one layout is
+        folded at Commit."""
+        position = {name: i for i, name in enumerate(old)}
+        picks = [position.get(name) for name in new]
+
+        def remap(data: TupleData | None) -> TupleData | None:
+            return None if data is None else tuple(None if i is None else data[i] for i in picks)
+
+        remapped = []
+        for change in self._transaction:
+            if change[1] == relation_id:
+                kind, rid, new_row, old_row, key_only, special = change  # type: ignore[misc]
+                change = (kind, rid, remap(new_row), remap(old_row), key_only, special)
+            remapped.append(change)
+        self._transaction[:] = remapped  # in place: run_stream appends through a bound method
+
     def _changes_for(self, relation_id: int) -> TableChanges | None:
         relation_table = self._relations.get(relation_id)
         if relation_table is None:
             return None
-        _, table = relation_table
+        table = relation_table[1]
         if table.held or self._commit_lsn < table.applied_lsn:
             return None  # held for approval, or already applied before a restart
         changes = self._batch.get(table.source.name)
@@ -182,28 +243,6 @@ class ChangeApplier:
         elif changes.schema is not table.schema:
             changes.schema = table.schema  # evolved: rows map onto the new columns by name
         return changes
-
-    def _row_change(self, message: Insert | Update | Delete) -> None:
-        changes = self._changes_for(message.relation_id)
-        if changes is None:
-            return
-        columns, _ = self._relations[message.relation_id]
-        names = [c.name for c in columns]
-        self._batch_events += 1
-        lsn = self._commit_lsn
-        if isinstance(message, Insert):
-            values, unchanged = tuple_values(names, message.new)
-            changes.insert(values, unchanged, lsn)
-        elif isinstance(message, Update):
-            values, unchanged = tuple_values(names, message.new)
-            old = tuple_values(names, message.old)[0] if message.old is not None else None
-            if old is not None and not message.old_is_key_only:
-                for column in unchanged:  # REPLICA IDENTITY FULL sent the whole old row
-                    values[column] = old[column]
-                unchanged = set()
-            changes.update(values, unchanged, old, lsn)
-        else:
-            changes.delete(tuple_values(names, message.old)[0], lsn)
 
     def _flush_before_schema_change(self) -> None:
         if self.has_pending:
@@ -275,6 +314,9 @@ def run_stream(
     Anywhere else it propagates at once; nothing is half-committed and the next run replays.
     """
     applier.on_flushed = lambda end_lsn: _confirm(stream, applier, end_lsn, on_durable)
+    append_row = applier._transaction.append  # what `handle` does with a row change, minus the call
+    if stop_at_lsn is not None:
+        stream.send_status(reply_requested=True)  # a keepalive tells at once whether anything is newer
     last_progress = 0.0
     stop_requested_at: float | None = None
     interrupted: BaseException | None = None
@@ -283,16 +325,22 @@ def run_stream(
             stop_requested_at = time.monotonic()
         timeout = 0.05 if stop_requested_at is not None else min(0.2, applier.batch_max_ms / 1000)
         try:
-            messages = stream.poll(timeout_s=timeout)
+            messages = stream.poll(timeout_s=timeout, decoder=decode_row_change)
         except interrupts as error:
             if interrupted is not None:
                 raise
             interrupted, stop_requested_at, messages = error, time.monotonic(), []
         for _, message in messages:
+            if type(message) is tuple:  # a row change: buffered until its transaction commits
+                append_row(message)
+                continue
             applier.handle(message)
             if applier.batch_ready():
                 _flush(stream, applier, on_durable)
-        if applier.batch_ready() or (stop_requested_at is not None and not applier.in_transaction):
+        target_reached = stop_at_lsn is not None and applier._batch_end_lsn >= stop_at_lsn
+        if applier.batch_ready() or (
+            (stop_requested_at is not None or target_reached) and not applier.in_transaction
+        ):
             _flush(stream, applier, on_durable)
         if not applier.has_pending and not applier.in_transaction and stream.caught_up_lsn:
             # Nothing pending and the server has nothing newer: an idle slot may release its WAL.

@@ -4,14 +4,22 @@ DuckDB lets one process at a time open a file for writing. The sink therefore op
 for the length of one transaction (connect → work → close) and, when another process holds the
 lock, waits and retries with backoff for up to `lock_timeout_s`: two runs writing one file both
 succeed, one after the other, transaction by transaction.
+
+A bounded bulk phase (the initial snapshot) may instead run inside `with sink.bulk_session():`,
+which keeps one connection (and the file) for the whole phase and releases it at the end: calls
+inside it are still one transaction each, but skip reopening the file and re-checking tables the
+session already created or checked. Those facts are cached only for the session, while no other
+process can write the file.
 """
 
 from __future__ import annotations
 
 import random
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +51,7 @@ from nilus_dagster.sinks.sql_dialect import (
     load_checkpoint,
     save_checkpoint,
     sink_columns,
+    upsert_checkpoint,
     widen_columns,
 )
 from nilus_dagster.sinks.streaming import CountingBatches
@@ -86,6 +95,27 @@ DUCKDB_DIALECT = SqlDialect(
 _BATCHES_VIEW = "_nilus_batches"
 
 
+@dataclass
+class _Session:
+    """One connection held for a bulk session, and what its committed transactions established."""
+
+    conn: duckdb.DuckDBPyConnection
+    thread: int
+    ensured: set[tuple[Any, ...]] = field(default_factory=set)  # tables ensured with these columns
+    checkpoint_table: bool = False  # the checkpoint table exists
+    pending: set[tuple[Any, ...]] = field(default_factory=set)  # ... by the open transaction
+    pending_checkpoint_table: bool = False
+
+    def committed(self) -> None:
+        self.ensured |= self.pending
+        self.checkpoint_table = self.checkpoint_table or self.pending_checkpoint_table
+        self.forget()
+
+    def forget(self) -> None:
+        self.pending.clear()
+        self.pending_checkpoint_table = False
+
+
 def _is_lock_conflict(error: duckdb.Error) -> bool:
     return "lock" in str(error).lower()
 
@@ -98,6 +128,8 @@ class DuckDBSink:
     def __init__(self, path: str | Path, *, lock_timeout_s: float = 300) -> None:
         self.path = Path(path)
         self.lock_timeout_s = lock_timeout_s
+        self._session: _Session | None = None
+        self._session_lock = threading.Lock()
 
     def __repr__(self) -> str:
         return f"DuckDBSink({str(self.path)!r})"
@@ -129,22 +161,78 @@ class DuckDBSink:
             return conn
 
     @contextmanager
+    def bulk_session(self) -> Iterator[None]:
+        """Keep the file open (one connection) until the block ends, for a bounded bulk phase.
+
+        Every call in the block is still its own transaction; other processes wait for the file
+        until the block ends. A nested block shares the outer session. Calls from other threads
+        use their own connections, as outside a session.
+        """
+        current = self._session
+        if current is not None:
+            if current.thread != threading.get_ident():
+                raise SinkError(f"duckdb sink {self.path}: a bulk session is already open in another thread")
+            yield
+            return
+        session = _Session(self._connect(), threading.get_ident())
+        self._session = session
+        try:
+            yield
+        finally:
+            self._session = None
+            session.conn.close()
+
+    def _current_session(self) -> _Session | None:
+        session = self._session
+        if session is not None and session.thread == threading.get_ident():
+            return session
+        return None
+
+    @contextmanager
     def _transaction(self, target: SinkTable | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """One connection and one transaction; DuckDB errors become SinkError naming the table."""
-        conn = self._connect()
+        session = self._current_session()
+        conn = session.conn if session is not None else self._connect()
         try:
             conn.execute("BEGIN TRANSACTION")
             try:
                 yield conn
                 conn.execute("COMMIT")
+                if session is not None:
+                    session.committed()
             except BaseException:
                 conn.execute("ROLLBACK")
+                if session is not None:
+                    session.forget()  # what the rolled-back transaction created is gone
                 raise
         except duckdb.Error as e:
             where = f" writing {target.qualified}" if target else ""
             raise SinkError(f"duckdb sink {self.path}{where} failed: {e}") from e
         finally:
-            conn.close()
+            if session is None:
+                conn.close()
+
+    def _ensure_table(
+        self, conn: duckdb.DuckDBPyConnection, target: SinkTable, schema: TableSchema, *, cdc: bool
+    ) -> list[str]:
+        """`ensure_table`, skipped when this session already ensured the same table and columns."""
+        session = self._current_session()
+        fact = (target, tuple((c.name, c.type) for c in schema.columns), schema.primary_key, cdc)
+        if session is not None and fact in session.ensured:
+            return []
+        added = ensure_table(self._runner(conn), DUCKDB_DIALECT, target, schema, cdc=cdc)
+        if session is not None:
+            session.pending.add(fact)
+        return added
+
+    def _save_checkpoint(self, conn: duckdb.DuckDBPyConnection, checkpoint: Checkpoint) -> None:
+        session = self._current_session()
+        if session is not None and session.checkpoint_table:
+            upsert_checkpoint(self._runner(conn), DUCKDB_DIALECT, checkpoint)
+            return
+        save_checkpoint(self._runner(conn), DUCKDB_DIALECT, checkpoint)
+        if session is not None:
+            session.pending_checkpoint_table = True
 
     @staticmethod
     def _runner(conn: duckdb.DuckDBPyConnection) -> SqlRunner:
@@ -160,7 +248,7 @@ class DuckDBSink:
         """Create/evolve the table. `cdc=True` adds the `_nilus_*` metadata columns apply_changes sets."""
         column_ddls(DUCKDB_DIALECT, target, sink_columns(schema, cdc))  # reject before opening the file
         with self._transaction(target) as conn:
-            return ensure_table(self._runner(conn), DUCKDB_DIALECT, target, schema, cdc=cdc)
+            return self._ensure_table(conn, target, schema, cdc=cdc)
 
     def widen_columns(self, target: SinkTable, columns: list[Column]) -> None:
         with self._transaction(target) as conn:
@@ -183,7 +271,7 @@ class DuckDBSink:
         try:
             with self._transaction(target) as conn:
                 run = self._runner(conn)
-                added = ensure_table(run, DUCKDB_DIALECT, target, schema, cdc=False)
+                added = self._ensure_table(conn, target, schema, cdc=False)
                 if strategy is WriteStrategy.REPLACE:
                     run(delete_all_statement(target))
                 conn.register(_BATCHES_VIEW, pa.RecordBatchReader.from_batches(arrow_schema(schema), counted))
@@ -194,7 +282,7 @@ class DuckDBSink:
                     run(insert_statement(target, schema.column_names, source))
                 conn.unregister(_BATCHES_VIEW)
                 if checkpoint is not None:
-                    save_checkpoint(run, DUCKDB_DIALECT, checkpoint)
+                    self._save_checkpoint(conn, checkpoint)
         except SinkError:
             counted.reraise_source_error()
             raise
@@ -213,7 +301,7 @@ class DuckDBSink:
         column_ddls(DUCKDB_DIALECT, target, sink_columns(schema, True))
         with self._transaction(target) as conn:
             run = self._runner(conn)
-            added = ensure_table(run, DUCKDB_DIALECT, target, schema, cdc=True)
+            added = self._ensure_table(conn, target, schema, cdc=True)
 
             def stage(name: str, table: pa.Table, columns: Sequence[Column]) -> sql.Composable:
                 conn.register(name, table.select([c.name for c in columns]))
@@ -221,12 +309,12 @@ class DuckDBSink:
 
             result = apply_change_set(run, stage, target, schema, changes, soft_delete=soft_delete)
             if checkpoint is not None:
-                save_checkpoint(run, DUCKDB_DIALECT, checkpoint)
+                self._save_checkpoint(conn, checkpoint)
         result.added_columns = added
         return result
 
     def read_checkpoint(self, key: str) -> str | None:
-        if not self.path.exists():
+        if self._current_session() is None and not self.path.exists():
             return None
         with self._transaction() as conn:
             return load_checkpoint(self._runner(conn), DUCKDB_DIALECT, key)

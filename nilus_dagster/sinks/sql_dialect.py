@@ -149,14 +149,19 @@ def widen_columns(run: SqlRunner, dialect: SqlDialect, target: SinkTable, column
 
 
 def save_checkpoint(run: SqlRunner, dialect: SqlDialect, checkpoint: Checkpoint) -> None:
-    """Upsert the checkpoint row; call inside the data's transaction."""
-    table = dialect.checkpoint_table()
+    """Upsert the checkpoint row (creating the table if missing); call inside the data's transaction."""
     run(
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS {} (key VARCHAR PRIMARY KEY, value VARCHAR NOT NULL, "
             "updated_at TIMESTAMPTZ NOT NULL)"
-        ).format(table)
+        ).format(dialect.checkpoint_table())
     )
+    upsert_checkpoint(run, dialect, checkpoint)
+
+
+def upsert_checkpoint(run: SqlRunner, dialect: SqlDialect, checkpoint: Checkpoint) -> None:
+    """Upsert the checkpoint row into the existing checkpoint table."""
+    table = dialect.checkpoint_table()
     run(
         sql.SQL(
             "INSERT INTO {} (key, value, updated_at) VALUES ({p}, {p}, now()) "
