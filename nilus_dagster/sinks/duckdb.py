@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,11 +34,9 @@ from nilus_dagster.sinks.base import (
     SinkError,
     SinkTable,
     WriteResult,
-    WriteStrategy,
 )
 from nilus_dagster.sinks.sql_changes import (
     apply_change_set,
-    delete_all_statement,
     insert_statement,
     merge_statement,
 )
@@ -52,8 +50,8 @@ from nilus_dagster.sinks.sql_dialect import (
     save_checkpoint,
     sink_columns,
     upsert_checkpoint,
-    widen_columns,
 )
+from nilus_dagster.sinks.sql_sink import SqlSink
 from nilus_dagster.sinks.streaming import CountingBatches
 
 MAX_DECIMAL_PRECISION = 38
@@ -120,10 +118,11 @@ def _is_lock_conflict(error: duckdb.Error) -> bool:
     return "lock" in str(error).lower()
 
 
-class DuckDBSink:
+class DuckDBSink(SqlSink):
     """Writes into the DuckDB database file at `path` (created with its folder if missing)."""
 
     name = "duckdb"
+    dialect = DUCKDB_DIALECT
 
     def __init__(self, path: str | Path, *, lock_timeout_s: float = 300) -> None:
         self.path = Path(path)
@@ -244,49 +243,24 @@ class DuckDBSink:
 
     # -- Sink protocol --------------------------------------------------------------------------
 
-    def prepare_table(self, target: SinkTable, schema: TableSchema, *, cdc: bool = False) -> list[str]:
-        """Create/evolve the table. `cdc=True` adds the `_nilus_*` metadata columns apply_changes sets."""
-        column_ddls(DUCKDB_DIALECT, target, sink_columns(schema, cdc))  # reject before opening the file
-        with self._transaction(target) as conn:
-            return self._ensure_table(conn, target, schema, cdc=cdc)
-
-    def widen_columns(self, target: SinkTable, columns: list[Column]) -> None:
-        with self._transaction(target) as conn:
-            widen_columns(self._runner(conn), DUCKDB_DIALECT, target, columns)
-
-    def write(
+    def _load_rows(
         self,
+        conn: duckdb.DuckDBPyConnection,
         target: SinkTable,
         schema: TableSchema,
-        batches: Iterable[pa.RecordBatch],
-        strategy: WriteStrategy,
-        checkpoint: Checkpoint | None = None,
-    ) -> WriteResult:
-        """Stream all batches through one INSERT ... SELECT over an Arrow reader, in one transaction."""
-        strategy = WriteStrategy(strategy)
-        if strategy is WriteStrategy.MERGE and not schema.primary_key:
-            raise SinkError(f"duckdb sink cannot merge into {target.qualified}: it has no primary key")
-        column_ddls(DUCKDB_DIALECT, target, schema.columns)
-        counted = CountingBatches(batches)
-        try:
-            with self._transaction(target) as conn:
-                run = self._runner(conn)
-                added = self._ensure_table(conn, target, schema, cdc=False)
-                if strategy is WriteStrategy.REPLACE:
-                    run(delete_all_statement(target))
-                conn.register(_BATCHES_VIEW, pa.RecordBatchReader.from_batches(arrow_schema(schema), counted))
-                source = sql.Identifier(_BATCHES_VIEW)
-                if strategy is WriteStrategy.MERGE:
-                    run(merge_statement(target, schema, source))
-                else:
-                    run(insert_statement(target, schema.column_names, source))
-                conn.unregister(_BATCHES_VIEW)
-                if checkpoint is not None:
-                    self._save_checkpoint(conn, checkpoint)
-        except SinkError:
-            counted.reraise_source_error()
-            raise
-        return WriteResult(rows=counted.rows, bytes=counted.bytes, added_columns=added)
+        rows: CountingBatches,
+        *,
+        merge: bool,
+    ) -> None:
+        """One INSERT ... SELECT (or upsert) over an Arrow stream of the batches."""
+        run = self._runner(conn)
+        conn.register(_BATCHES_VIEW, pa.RecordBatchReader.from_batches(arrow_schema(schema), rows))
+        source = sql.Identifier(_BATCHES_VIEW)
+        if merge:
+            run(merge_statement(target, schema, source))
+        else:
+            run(insert_statement(target, schema.column_names, source))
+        conn.unregister(_BATCHES_VIEW)
 
     def apply_changes(
         self,

@@ -28,12 +28,10 @@ from nilus_dagster.sinks.base import (
     SinkError,
     SinkTable,
     WriteResult,
-    WriteStrategy,
 )
 from nilus_dagster.sinks.pg_copy import encode_csv
 from nilus_dagster.sinks.sql_changes import (
     apply_change_set,
-    delete_all_statement,
     merge_statement,
 )
 from nilus_dagster.sinks.sql_dialect import (
@@ -47,8 +45,8 @@ from nilus_dagster.sinks.sql_dialect import (
     save_checkpoint,
     sink_columns,
     table_ident,
-    widen_columns,
 )
+from nilus_dagster.sinks.sql_sink import SqlSink
 from nilus_dagster.sinks.streaming import CountingBatches
 
 MAX_NUMERIC_PRECISION = 1000
@@ -116,10 +114,11 @@ def _password_of(dsn: str) -> str | None:
         return None
 
 
-class PostgresSink:
+class PostgresSink(SqlSink):
     """Writes into the PostgreSQL database at `dsn` (a URL or key=value conninfo)."""
 
     name = "postgres"
+    dialect = POSTGRES_DIALECT
 
     def __init__(self, dsn: str) -> None:
         self._dsn = dsn
@@ -184,52 +183,22 @@ class PostgresSink:
     ) -> sql.Identifier:
         ddls = column_ddls(POSTGRES_DIALECT, target, columns)
         conn.execute(
-            sql.SQL("CREATE TEMP TABLE {} ({}) ON COMMIT DROP").format(
-                sql.Identifier(name), sql.SQL(", ").join(ddls)
-            )
+            sql.SQL("CREATE TEMP TABLE {} ({}) ON COMMIT DROP").format(sql.Identifier(name), sql.SQL(", ").join(ddls))
         )
         return sql.Identifier(name)
 
     # -- Sink protocol --------------------------------------------------------------------------
 
-    def prepare_table(self, target: SinkTable, schema: TableSchema, *, cdc: bool = False) -> list[str]:
-        """Create/evolve the table. `cdc=True` adds the `_nilus_*` metadata columns apply_changes sets."""
-        column_ddls(POSTGRES_DIALECT, target, sink_columns(schema, cdc))
-        with self._transaction(target) as conn:
-            return ensure_table(self._runner(conn), POSTGRES_DIALECT, target, schema, cdc=cdc)
-
-    def widen_columns(self, target: SinkTable, columns: list[Column]) -> None:
-        with self._transaction(target) as conn:
-            widen_columns(self._runner(conn), POSTGRES_DIALECT, target, columns)
-
-    def write(
-        self,
-        target: SinkTable,
-        schema: TableSchema,
-        batches: Iterable[pa.RecordBatch],
-        strategy: WriteStrategy,
-        checkpoint: Checkpoint | None = None,
-    ) -> WriteResult:
-        """COPY every batch as it arrives (one COPY per call), then the checkpoint, in one transaction."""
-        strategy = WriteStrategy(strategy)
-        if strategy is WriteStrategy.MERGE and not schema.primary_key:
-            raise SinkError(f"postgres sink cannot merge into {target.qualified}: it has no primary key")
-        column_ddls(POSTGRES_DIALECT, target, schema.columns)
-        counted = CountingBatches(batches)
-        with self._transaction(target) as conn:
-            run = self._runner(conn)
-            added = ensure_table(run, POSTGRES_DIALECT, target, schema, cdc=False)
-            if strategy is WriteStrategy.REPLACE:
-                run(delete_all_statement(target))
-            if strategy is WriteStrategy.MERGE:
-                stage = self._create_stage(conn, "_nilus_stage", target, schema.columns)
-                self._copy(conn, stage, schema.column_names, counted)
-                run(merge_statement(target, schema, stage))
-            else:
-                self._copy(conn, table_ident(target), schema.column_names, counted)
-            if checkpoint is not None:
-                save_checkpoint(run, POSTGRES_DIALECT, checkpoint)
-        return WriteResult(rows=counted.rows, bytes=counted.bytes, added_columns=added)
+    def _load_rows(
+        self, conn: psycopg.Connection, target: SinkTable, schema: TableSchema, rows: CountingBatches, *, merge: bool
+    ) -> None:
+        """COPY every batch as it arrives: into the table, or into a stage that is then merged."""
+        if merge:
+            stage = self._create_stage(conn, "_nilus_stage", target, schema.columns)
+            self._copy(conn, stage, schema.column_names, rows)
+            self._runner(conn)(merge_statement(target, schema, stage))
+        else:
+            self._copy(conn, table_ident(target), schema.column_names, rows)
 
     def apply_changes(
         self,

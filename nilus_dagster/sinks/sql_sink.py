@@ -1,0 +1,91 @@
+"""What the DuckDB and PostgreSQL sinks share: table preparation and the batch write algorithm.
+
+A subclass says how to open a transaction and run statements, and how rows get into a table
+(`_load_rows`): DuckDB scans an Arrow stream, PostgreSQL COPYs CSV.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from typing import Any
+
+import pyarrow as pa
+
+from nilus_dagster.schema import Column, TableSchema
+from nilus_dagster.sinks.base import Checkpoint, SinkError, SinkTable, WriteResult, WriteStrategy
+from nilus_dagster.sinks.sql_changes import delete_all_statement
+from nilus_dagster.sinks.sql_dialect import (
+    SqlDialect,
+    SqlRunner,
+    column_ddls,
+    ensure_table,
+    save_checkpoint,
+    sink_columns,
+    widen_columns,
+)
+from nilus_dagster.sinks.streaming import CountingBatches
+
+
+class SqlSink(ABC):
+    """A sink over a SQL database with transactions; see the module docstring."""
+
+    name: str
+    dialect: SqlDialect
+
+    @abstractmethod
+    def _transaction(self, target: SinkTable | None = None) -> AbstractContextManager[Any]: ...
+
+    @staticmethod
+    @abstractmethod
+    def _runner(conn: Any) -> SqlRunner: ...
+
+    @abstractmethod
+    def _load_rows(
+        self, conn: Any, target: SinkTable, schema: TableSchema, rows: CountingBatches, *, merge: bool
+    ) -> None:
+        """Insert (or, with `merge`, upsert by primary key) every batch, inside `conn`'s transaction."""
+
+    def _ensure_table(self, conn: Any, target: SinkTable, schema: TableSchema, *, cdc: bool) -> list[str]:
+        return ensure_table(self._runner(conn), self.dialect, target, schema, cdc=cdc)
+
+    def _save_checkpoint(self, conn: Any, checkpoint: Checkpoint) -> None:
+        save_checkpoint(self._runner(conn), self.dialect, checkpoint)
+
+    def prepare_table(self, target: SinkTable, schema: TableSchema, *, cdc: bool = False) -> list[str]:
+        """Create/evolve the table. `cdc=True` adds the `_nilus_*` metadata columns apply_changes sets."""
+        column_ddls(self.dialect, target, sink_columns(schema, cdc))  # reject before touching the database
+        with self._transaction(target) as conn:
+            return self._ensure_table(conn, target, schema, cdc=cdc)
+
+    def widen_columns(self, target: SinkTable, columns: list[Column]) -> None:
+        with self._transaction(target) as conn:
+            widen_columns(self._runner(conn), self.dialect, target, columns)
+
+    def write(
+        self,
+        target: SinkTable,
+        schema: TableSchema,
+        batches: Iterable[pa.RecordBatch],
+        strategy: WriteStrategy,
+        checkpoint: Checkpoint | None = None,
+    ) -> WriteResult:
+        """All batches with the strategy, then the checkpoint, in one transaction."""
+        strategy = WriteStrategy(strategy)
+        if strategy is WriteStrategy.MERGE and not schema.primary_key:
+            raise SinkError(f"{self.name} sink cannot merge into {target.qualified}: it has no primary key")
+        column_ddls(self.dialect, target, schema.columns)
+        counted = CountingBatches(batches)
+        try:
+            with self._transaction(target) as conn:
+                added = self._ensure_table(conn, target, schema, cdc=False)
+                if strategy is WriteStrategy.REPLACE:
+                    self._runner(conn)(delete_all_statement(target))
+                self._load_rows(conn, target, schema, counted, merge=strategy is WriteStrategy.MERGE)
+                if checkpoint is not None:
+                    self._save_checkpoint(conn, checkpoint)
+        except SinkError:
+            counted.reraise_source_error()
+            raise
+        return WriteResult(rows=counted.rows, bytes=counted.bytes, added_columns=added)
