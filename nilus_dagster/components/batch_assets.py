@@ -2,7 +2,7 @@
 
 import dagster as dg
 
-from nilus_dagster.components.naming import asset_key, asset_tags, kinds
+from nilus_dagster.components.naming import table_asset_attributes
 from nilus_dagster.components.tags import run_tags
 from nilus_dagster.sinks.base import SinkTable, WriteStrategy
 from nilus_dagster.spec.pipelines import Pipeline, SourceTable
@@ -21,25 +21,20 @@ def ensure_run_tags(context: dg.OpExecutionContext, pipeline: Pipeline) -> None:
 
 def batch_table_asset(spec: PipelinesSpec, pipeline: Pipeline, table: SourceTable) -> dg.AssetsDefinition:
     source = spec.connections[pipeline.source.connection]
-    sink_connection = spec.connections[pipeline.sink.connection]
 
     @dg.asset(
-        key=asset_key(pipeline, table),
-        group_name=pipeline.job_name,
-        kinds=kinds(pipeline, spec),
-        tags=asset_tags(pipeline),
-        description=pipeline.description or f"{table.name} loaded by batch pipeline {pipeline.name}",
-        metadata={
-            "nilus/source_table": table.name,
-            "nilus/sink": f"{pipeline.sink.connection}:{pipeline.sink.dataset}.{table.target_name}",
-            "nilus/strategy": pipeline.sink.strategy,
-            "nilus/cursor": table.cursor or "(full load)",
-        },
+        **table_asset_attributes(  # type: ignore[arg-type]
+            spec,
+            pipeline,
+            table,
+            verb="loaded",
+            **{"nilus/strategy": pipeline.sink.strategy, "nilus/cursor": table.cursor or "(full load)"},
+        ),
         op_tags=run_tags(pipeline),
     )
     def _load(context: dg.AssetExecutionContext, nilus_state: NilusStateStore) -> dg.MaterializeResult:
         from nilus_dagster.batch import BatchTableLoad, load_table
-        from nilus_dagster.sinks.factory import open_sink
+        from nilus_dagster.sinks.factory import open_pipeline_sink
 
         ensure_run_tags(context.op_execution_context, pipeline)
         load = BatchTableLoad(
@@ -51,12 +46,7 @@ def batch_table_asset(spec: PipelinesSpec, pipeline: Pipeline, table: SourceTabl
             strategy=WriteStrategy(pipeline.sink.strategy),
             schema_changes=pipeline.schema_changes,
         )
-        sink = open_sink(
-            pipeline.sink.connection,
-            sink_connection,
-            dataset=pipeline.sink.dataset,
-            table_options=pipeline.sink.table_options,
-        )
+        sink = open_pipeline_sink(spec, pipeline)
         try:
             result = load_table(load, sink, nilus_state.get_store())
         finally:

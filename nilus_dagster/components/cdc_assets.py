@@ -8,7 +8,7 @@ from typing import Literal
 import dagster as dg
 
 from nilus_dagster.components.batch_assets import STATE_RESOURCE_KEY, ensure_run_tags
-from nilus_dagster.components.naming import asset_key, asset_tags, kinds
+from nilus_dagster.components.naming import table_asset_attributes
 from nilus_dagster.components.tags import PIPELINE_TAG, TENANT_TAG, run_tags
 from nilus_dagster.spec.pipelines import Pipeline
 from nilus_dagster.spec.project import PipelinesSpec
@@ -85,26 +85,14 @@ def _approval_watch(store, pipeline: Pipeline) -> Callable[[], bool]:  # noqa: A
 
 def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
     specs = [
-        dg.AssetSpec(
-            key=asset_key(pipeline, table),
-            group_name=pipeline.job_name,
-            kinds=kinds(pipeline, spec),
-            tags=asset_tags(pipeline),
-            description=pipeline.description or f"{table.name} streamed by CDC pipeline {pipeline.name}",
-            metadata={
-                "nilus/source_table": table.name,
-                "nilus/sink": f"{pipeline.sink.connection}:{pipeline.sink.dataset}.{table.target_name}",
-                "nilus/mode": "cdc",
-            },
-        )
+        dg.AssetSpec(**table_asset_attributes(spec, pipeline, table, verb="streamed", **{"nilus/mode": "cdc"}))  # type: ignore[arg-type]
         for table in pipeline.source.tables
     ]
-    sink_connection = spec.connections[pipeline.sink.connection]
 
     @dg.multi_asset(specs=specs, name=f"{pipeline.job_name}__cdc", op_tags=run_tags(pipeline))
     def _stream(context: dg.AssetExecutionContext, config: CdcRunConfig, nilus_state: NilusStateStore):
         from nilus_dagster.cdc.pipeline import CdcProgress, run_cdc_pipeline
-        from nilus_dagster.sinks.factory import open_sink
+        from nilus_dagster.sinks.factory import open_pipeline_sink
 
         ensure_run_tags(context.op_execution_context, pipeline)
         store = nilus_state.get_store()
@@ -118,12 +106,7 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
             for asset_spec in specs:
                 context.log_event(dg.AssetObservation(asset_key=asset_spec.key, metadata=_metadata(progress)))
 
-        sink = open_sink(
-            pipeline.sink.connection,
-            sink_connection,
-            dataset=pipeline.sink.dataset,
-            table_options=pipeline.sink.table_options,
-        )
+        sink = open_pipeline_sink(spec, pipeline)
         try:
             result = run_cdc_pipeline(
                 cdc_config(spec, pipeline),
@@ -184,9 +167,7 @@ def keep_alive_decision(instance: dg.DagsterInstance, store, pipeline: Pipeline,
     if state is not None and state.state in ("failed", "stopped"):
         return dg.SkipReason(f"pipeline is {state.state}: {state.detail.get('reason', 'see its state')}")
     tags_filter = {TENANT_TAG: pipeline.tenant, PIPELINE_TAG: pipeline.name}
-    live = instance.get_runs(
-        dg.RunsFilter(job_name=job_name, tags=tags_filter, statuses=list(_LIVE_STATUSES)), limit=1
-    )
+    live = instance.get_runs(dg.RunsFilter(job_name=job_name, tags=tags_filter, statuses=list(_LIVE_STATUSES)), limit=1)
     if live:
         run = live[0]
         if not _is_stale(store, pipeline, run):

@@ -25,3 +25,21 @@ def asset_tags(pipeline: Pipeline) -> dict[str, str]:
     tags = {"nilus/tenant": pipeline.tenant, "nilus/type": pipeline.type}
     tags.update({k: v for k, v in pipeline.labels.items() if _TAG_VALUE.match(k) and _TAG_VALUE.match(v)})
     return tags
+
+
+def table_asset_attributes(
+    spec: PipelinesSpec, pipeline: Pipeline, table: SourceTable, *, verb: str, **metadata: str
+) -> dict[str, object]:
+    """What every table asset carries: key, group, kinds, tags, description and where it lands."""
+    return {
+        "key": asset_key(pipeline, table),
+        "group_name": pipeline.job_name,
+        "kinds": kinds(pipeline, spec),
+        "tags": asset_tags(pipeline),
+        "description": pipeline.description or f"{table.name} {verb} by {pipeline.type} pipeline {pipeline.name}",
+        "metadata": {
+            "nilus/source_table": table.name,
+            "nilus/sink": f"{pipeline.sink.connection}:{pipeline.sink.dataset}.{table.target_name}",
+            **metadata,
+        },
+    }

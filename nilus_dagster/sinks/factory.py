@@ -9,7 +9,8 @@ from nilus_dagster.spec.connections import (
     DuckDBConnection,
     PostgresConnection,
 )
-from nilus_dagster.spec.pipelines import BigQueryTableOptions
+from nilus_dagster.spec.pipelines import BigQueryTableOptions, Pipeline
+from nilus_dagster.spec.project import PipelinesSpec
 
 
 def open_sink(
@@ -35,3 +36,13 @@ def open_sink(
 
         return open_bigquery_sink(name, connection, table_options, dataset=dataset)
     raise TypeError(f"connection '{name}' of type {connection.type} cannot be a sink")
+
+
+def open_pipeline_sink(spec: PipelinesSpec, pipeline: Pipeline) -> Sink:
+    """The sink a pipeline writes to, its dataset and table options applied."""
+    return open_sink(
+        pipeline.sink.connection,
+        spec.connections[pipeline.sink.connection],
+        dataset=pipeline.sink.dataset,
+        table_options=pipeline.sink.table_options,
+    )
