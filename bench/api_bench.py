@@ -1,17 +1,24 @@
 """Load-test the monitoring API on PostgreSQL run storage: 100k runs, 50 pipelines, 5 tenants.
 
-    python bench/api_bench.py [--runs 100000] [--requests 400] [--concurrency 8] [--pg-dsn DSN]
+    python bench/api_bench.py [--runs 100000] [--requests 400] [--concurrency 1,4] [--pg-dsn DSN]
+                              [--cache-dir DIR] [--only SUBSTRING]
 
 Fills a fresh Dagster PostgreSQL storage (bulk insert of serialized runs and their tags; the
 same rows Dagster writes), a state store with CDC offsets, a defs folder declaring the 50
 pipelines; starts the real `nilus-api` process; drives it with an asyncio httpx load generator
-and prints p50/p99 per endpoint. Goals: p99 < 50 ms for lists, < 100 ms for stats.
+and prints p50/p99 per endpoint and concurrency. Goals: p99 < 50 ms for lists, < 100 ms for stats.
+
+With `--cache-dir DIR` (embedded cluster only) the cluster, the filled databases and the defs
+folder are kept in DIR and reused by the next run with the same `--runs`: the fill (a few
+minutes) happens once; on reuse the runs' timestamps are shifted so that the newest run is as
+recent as right after a fill (the 24h/7d/30d windows see the same runs).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import random
 import signal
@@ -113,10 +120,32 @@ def fill_state(dsn: str) -> None:
                 )
 
 
+def write_home(home: Path, dagster_dsn: str) -> Path:
+    home.mkdir(parents=True, exist_ok=True)
+    url = dagster_dsn.replace("postgresql://", "postgresql+psycopg2://")
+    (home / "dagster.yaml").write_text(
+        f"telemetry:\n  enabled: false\nstorage:\n  postgres:\n    postgres_url: {url}\n"
+    )
+    return home
+
+
 def new_db(cluster: EmbeddedPostgres | None, base_dsn: str, name: str) -> str:
     with psycopg.connect(base_dsn, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     return base_dsn.rsplit("/", 1)[0] + f"/{name}"
+
+
+def shift_runs(dagster_dsn: str, filled_at: float) -> None:
+    """Move every run forward by the time elapsed since the fill (a reused cache looks fresh)."""
+    delta = time.time() - filled_at
+    with psycopg.connect(dagster_dsn, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE runs SET create_timestamp = create_timestamp + make_interval(secs => %(d)s),"
+            " update_timestamp = update_timestamp + make_interval(secs => %(d)s),"
+            " start_time = start_time + %(d)s, end_time = end_time + %(d)s",
+            {"d": delta},
+        )
+        conn.execute("VACUUM ANALYZE runs")
 
 
 def endpoints(rng: random.Random) -> dict[str, callable]:
@@ -143,8 +172,13 @@ async def drive(url: str, make_path, requests: int, concurrency: int) -> list[fl
     latencies: list[float] = []
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with httpx.AsyncClient(base_url=url, headers=headers, timeout=30) as client:
-        for _ in range(10):  # warm-up
-            (await client.get(make_path())).raise_for_status()
+
+        async def warm(count: int) -> None:
+            for _ in range(count):
+                (await client.get(make_path())).raise_for_status()
+
+        # Warm-up at the measured concurrency: connection pools reach their steady size first.
+        await asyncio.gather(*(warm(5) for _ in range(max(2, concurrency))))
 
         async def worker(count: int) -> None:
             for _ in range(count):
@@ -167,38 +201,65 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=100_000)
     parser.add_argument("--requests", type=int, default=400, help="per endpoint")
-    parser.add_argument("--concurrency", type=int, default=4)
+    parser.add_argument(
+        "--concurrency", default="1,4", help="comma-separated concurrencies, each measured in turn (default 1,4)"
+    )
     parser.add_argument("--pg-dsn", help="an existing PostgreSQL (superuser) DSN; default: an embedded cluster")
+    parser.add_argument("--cache-dir", help="keep the embedded cluster and filled storage here and reuse it")
+    parser.add_argument("--only", help="measure only endpoints whose name contains this")
     args = parser.parse_args()
 
-    work = Path(tempfile.mkdtemp(prefix="nilus-api-bench-"))
+    cache = Path(args.cache_dir).resolve() if args.cache_dir else None
+    if cache is not None and args.pg_dsn:
+        raise SystemExit("--cache-dir keeps an embedded cluster; it cannot be used with --pg-dsn")
+    work = cache or Path(tempfile.mkdtemp(prefix="nilus-api-bench-"))
+    marker = work / f"filled-{args.runs}.json"
     cluster = None
     if args.pg_dsn:
         base = args.pg_dsn
     else:
+        work.mkdir(parents=True, exist_ok=True)
         cluster = EmbeddedPostgres(work / "pg").start()
         base = cluster.dsn()
     proc = None
     try:
-        suffix = uuid.uuid4().hex[:6]
-        dagster_dsn = new_db(cluster, base, f"bench_dagster_{suffix}")
-        state_dsn = new_db(cluster, base, f"bench_state_{suffix}")
         home = work / "dagster_home"
-        home.mkdir()
-        url = dagster_dsn.replace("postgresql://", "postgresql+psycopg2://")
-        (home / "dagster.yaml").write_text(
-            f"telemetry:\n  enabled: false\nstorage:\n  postgres:\n    postgres_url: {url}\n"
-        )
+        if cache is not None and marker.exists():
+            info = json.loads(marker.read_text())
+            dagster_dsn, state_dsn = (
+                info[k].replace(":PORT/", f":{cluster.port}/") for k in ("dagster_dsn", "state_dsn")
+            )
+            t0 = time.perf_counter()
+            shift_runs(dagster_dsn, info["filled_at"])
+            info["filled_at"] = time.time()
+            marker.write_text(json.dumps(info))
+            print(f"reused {args.runs} runs from {work} (timestamps shifted in {time.perf_counter() - t0:.1f}s)")
+        else:
+            suffix = uuid.uuid4().hex[:6]
+            dagster_dsn = new_db(cluster, base, f"bench_dagster_{suffix}")
+            state_dsn = new_db(cluster, base, f"bench_state_{suffix}")
+            t0 = time.perf_counter()
+            instance = DagsterInstance.from_config(str(write_home(home, dagster_dsn)))
+            fill_runs(instance, args.runs)
+            fill_state(state_dsn)
+            instance.dispose()
+            print(
+                f"filled {args.runs} runs over {len(pipelines())} pipelines / {len(TENANTS)} tenants "
+                f"in {time.perf_counter() - t0:.1f}s"
+            )
+            if cache is not None:
+                port = f":{cluster.port}/"
+                marker.write_text(
+                    json.dumps(
+                        {
+                            "dagster_dsn": dagster_dsn.replace(port, ":PORT/"),
+                            "state_dsn": state_dsn.replace(port, ":PORT/"),
+                            "filled_at": time.time(),
+                        }
+                    )
+                )
+        write_home(home, dagster_dsn)  # the port of a reused cluster may have changed
         write_defs(work / "defs")
-        t0 = time.perf_counter()
-        instance = DagsterInstance.from_config(str(home))
-        fill_runs(instance, args.runs)
-        fill_state(state_dsn)
-        instance.dispose()
-        print(
-            f"filled {args.runs} runs over {len(pipelines())} pipelines / {len(TENANTS)} tenants "
-            f"in {time.perf_counter() - t0:.1f}s"
-        )
 
         port, metrics_port = free_port(), free_port()
         env = dict(
@@ -230,13 +291,19 @@ def main() -> None:
                 time.sleep(0.2)
 
         rng = random.Random(1)
-        print(f"\n{'endpoint':<22}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'goal':>8}")
-        for name, make_path in endpoints(rng).items():
-            latencies = asyncio.run(drive(api, make_path, args.requests, args.concurrency))
-            goal = 100 if name.startswith("stats") else 50
-            p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
-            verdict = "ok" if p99 < goal else "MISS"
-            print(f"{name:<22}{len(latencies):>9}{p50:>9.1f}{p99:>9.1f}{goal:>6} {verdict}")
+        print(f"\n{'endpoint':<22}{'c':>3}{'requests':>9}{'p50 ms':>9}{'p99 ms':>9}{'goal':>8}")
+        for concurrency in [int(c) for c in str(args.concurrency).split(",")]:
+            for name, make_path in endpoints(rng).items():
+                if args.only and args.only not in name:
+                    continue
+                latencies = asyncio.run(drive(api, make_path, args.requests, concurrency))
+                goal = 100 if name.startswith("stats") else 50
+                p50, p99 = percentile(latencies, 50), percentile(latencies, 99)
+                verdict = "ok" if p99 < goal else "MISS"
+                print(
+                    f"{name:<22}{concurrency:>3}{len(latencies):>9}{p50:>9.1f}{p99:>9.1f}{goal:>6} {verdict}",
+                    flush=True,
+                )
         scrape = time.perf_counter()
         httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=60).raise_for_status()
         print(f"\nmetrics scrape (all pipelines, uncached): {(time.perf_counter() - scrape) * 1000:.0f} ms")
@@ -245,7 +312,10 @@ def main() -> None:
             proc.send_signal(signal.SIGTERM)
             proc.wait(timeout=30)
         if cluster is not None:
-            cluster.destroy()
+            if cache is not None:
+                cluster.stop()
+            else:
+                cluster.destroy()
 
 
 if __name__ == "__main__":

@@ -77,11 +77,11 @@ class ReadModel:
             and (q.run_as_user is None or p.run_as_user == q.run_as_user)
         ]
         if q.filters_on_runs:
-            latest = {p.name: self._latest(tenant, p) for p in declared}
+            latest = self._latest(tenant, declared)
             declared = [p for p in declared if self._matches(latest[p.name], q)]
         page = declared[q.offset : q.offset + q.limit]
         if not q.filters_on_runs:
-            latest = {p.name: self._latest(tenant, p) for p in page}
+            latest = self._latest(tenant, page)
         states = self._states(tenant) if page else {}
         rows = [
             models.Pipeline(
@@ -101,9 +101,10 @@ class ReadModel:
         ]
         return models.PipelinesPage(pipelines=rows, limit=q.limit, offset=q.offset, total=len(declared))
 
-    def _latest(self, tenant: str, pipeline: Pipeline) -> models.Run | None:
-        record = self.runs.latest(tenant, pipeline.effective_resource_id, pipeline.job_name)
-        return self.run(record) if record else None
+    def _latest(self, tenant: str, pipelines: list[Pipeline]) -> dict[str, models.Run | None]:
+        """Each pipeline's latest run, by name (one run-storage read for the whole list)."""
+        records = self.runs.latest_many([(tenant, p.effective_resource_id, p.job_name) for p in pipelines])
+        return {p.name: (self.run(r) if r else None) for p, r in zip(pipelines, records, strict=True)}
 
     @staticmethod
     def _matches(run: models.Run | None, q: PipelineFilters) -> bool:
@@ -132,8 +133,7 @@ class ReadModel:
     def runs_page(self, tenant: str, resource_id: str, q: RunFilters) -> models.RunsPage:
         statuses = None if q.is_success is None else ([SUCCESS] if q.is_success else NOT_SUCCESS)
         filters = pipeline_filter(tenant, resource_id, statuses=statuses, run_as_user=q.run_as_user)
-        total = self.runs.count(filters)
-        records = self.runs.page(filters, q.limit, q.offset) if q.offset < total else []
+        records, total = self.runs.page_and_total(filters, q.limit, q.offset)
         return models.RunsPage(
             resource_id=resource_id,
             runs=[self.run(r) for r in records],

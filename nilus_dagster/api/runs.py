@@ -1,21 +1,27 @@
 """Dagster run storage queries for one pipeline (tenant + resource_id tags), all server-side.
 
-Counts use `get_runs_count`; pages and stats use narrow SQL built from Dagster's own run query
-(`SqlRunStorage._runs_query`, the same tag joins as `get_runs_count`) so offsets, sums and
-maxima are computed by the database instead of by decoding every run. Non-SQL storages fall
-back to the public cursor API.
+Counts, pages and stats use narrow SQL built from Dagster's own run filters
+(`SqlRunStorage._add_filters_to_table/_query`, the same tag joins as `get_runs_count`) so offsets, sums and
+maxima are computed by the database instead of by decoding every run. Each is one statement:
+a runs page and its total come from one window query (the tag join is the expensive part, ~2
+index probes per matching run, so it runs once per request); the latest runs of a page of
+pipelines come from one UNION of "newest runs of job X" reads on Dagster's (job, id) index, and
+only the run bodies actually looked at are decoded. Non-SQL storages fall back to the public
+cursor API.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from dagster import DagsterInstance, DagsterRunStatus, RunRecord, RunsFilter
 from dagster._core.storage.runs.schema import RunsTable, RunTagsTable
 from dagster._core.storage.runs.sql_run_storage import SqlRunStorage
+from dagster._time import utc_datetime_from_naive
 
 from nilus_dagster.components.tags import PIPELINE_TAG, RESOURCE_ID_TAG, RUN_AS_USER_TAG, TENANT_TAG
 
@@ -23,6 +29,11 @@ SUCCESS = DagsterRunStatus.SUCCESS
 FAILED = (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
 FINISHED = (SUCCESS, *FAILED)
 NOT_SUCCESS = tuple(s for s in DagsterRunStatus if s is not SUCCESS)
+
+# How many of a job's newest runs `latest` looks at before falling back to the tag query, and how
+# many jobs one UNION statement reads at most.
+LATEST_BY_JOB = 5
+LATEST_JOBS_PER_QUERY = 50
 
 
 @dataclass(frozen=True)
@@ -71,32 +82,128 @@ class RunReader:
         self.instance.get_runs_count(RunsFilter(tags={TENANT_TAG: "__health__"}))
 
     def latest(self, tenant: str, resource_id: str, job_name: str | None = None) -> RunRecord | None:
-        """The newest run with the pipeline's tenant and resource_id tags.
+        """The newest run with the pipeline's tenant and resource_id tags (see `latest_many`)."""
+        return self.latest_many([(tenant, resource_id, job_name)])[0]
 
-        With the pipeline's job name (tenant-prefixed), the newest runs of the job are read by
-        Dagster's (job, id) index and the first whose tags match is taken: ~1 ms instead of a tag
-        join that grows with the pipeline's history. Otherwise, or if none match, the tag query.
+    def latest_many(self, pipelines: Sequence[tuple[str, str, str | None]]) -> list[RunRecord | None]:
+        """The newest run of each (tenant, resource_id, job_name), in order.
+
+        With the pipeline's job name (tenant-prefixed), the job's newest runs are read by Dagster's
+        (job, id) index and the first whose tags match is taken: ~1 ms instead of a tag join that
+        grows with the pipeline's history. On SQL storages the jobs of a whole page are read in
+        one statement and run bodies are decoded only until one matches. Without a job name, or
+        if none of the newest runs match, the tag query.
         """
-        if job_name is not None:
-            for record in self.instance.get_run_records(RunsFilter(job_name=job_name), limit=5):
-                tags = record.dagster_run.tags
-                if tags.get(TENANT_TAG) == tenant and tags.get(RESOURCE_ID_TAG) == resource_id:
-                    return record
-        records = self.instance.get_run_records(pipeline_filter(tenant, resource_id), limit=1)
-        return records[0] if records else None
+        found: list[RunRecord | None] = [None] * len(pipelines)
+        resolved = [False] * len(pipelines)
+        with_job = [i for i, (_, _, job) in enumerate(pipelines) if job is not None]
+        if self._sql is not None:
+            jobs = sorted({pipelines[i][2] for i in with_job})
+            newest: dict[str, list[dict[str, Any]]] = {}
+            for chunk in _chunks(jobs, LATEST_JOBS_PER_QUERY):
+                for row in self._sql.fetchall(self._newest_of_jobs(chunk)):
+                    newest.setdefault(row["pipeline_name"], []).append(row)
+            for i in with_job:
+                tenant, resource_id, job = pipelines[i]
+                for row in sorted(newest.get(job, ()), key=lambda r: r["id"], reverse=True):
+                    record = self._record(row)
+                    tags = record.dagster_run.tags
+                    if tags.get(TENANT_TAG) == tenant and tags.get(RESOURCE_ID_TAG) == resource_id:
+                        found[i], resolved[i] = record, True
+                        break
+        else:
+            for i in with_job:
+                tenant, resource_id, job = pipelines[i]
+                for record in self.instance.get_run_records(RunsFilter(job_name=job), limit=LATEST_BY_JOB):
+                    tags = record.dagster_run.tags
+                    if tags.get(TENANT_TAG) == tenant and tags.get(RESOURCE_ID_TAG) == resource_id:
+                        found[i], resolved[i] = record, True
+                        break
+        for i, (tenant, resource_id, _) in enumerate(pipelines):
+            if not resolved[i]:
+                records = self.instance.get_run_records(pipeline_filter(tenant, resource_id), limit=1)
+                found[i] = records[0] if records else None
+        return found
+
+    def _newest_of_jobs(self, jobs: Sequence[str]) -> sa.Select | sa.CompoundSelect:
+        """The `LATEST_BY_JOB` newest runs of each job (record columns + job name), one statement."""
+        columns = [*self._record_columns(), RunsTable.c.pipeline_name]
+        selects = [
+            sa.select(*columns)
+            .where(RunsTable.c.pipeline_name == job)
+            .order_by(RunsTable.c.id.desc())
+            .limit(LATEST_BY_JOB)
+            .subquery()
+            for job in jobs
+        ]
+        parts = [sa.select(*sub.c) for sub in selects]  # a subquery each: SQLite allows no LIMIT in UNION arms
+        return parts[0] if len(parts) == 1 else sa.union_all(*parts)
+
+    def _record_columns(self) -> list[sa.ColumnElement]:
+        """The columns Dagster's `get_run_records` reads to build a `RunRecord`."""
+        names = ["id", "run_body", "status", "create_timestamp", "update_timestamp"]
+        if self._sql is not None and self._sql.has_run_stats_index_cols():
+            names += ["start_time", "end_time"]
+        return [getattr(RunsTable.c, name) for name in names]
+
+    def _record(self, row: Any) -> RunRecord:
+        """A `RunRecord` from a row of `_record_columns`, exactly as `get_run_records` builds it."""
+        assert self._sql is not None
+        return RunRecord(
+            storage_id=row["id"],
+            dagster_run=self._sql._row_to_run(row),
+            create_timestamp=utc_datetime_from_naive(row["create_timestamp"]),
+            update_timestamp=utc_datetime_from_naive(row["update_timestamp"]),
+            start_time=row.get("start_time"),
+            end_time=row.get("end_time"),
+        )
+
+    def _matching(self, filters: RunsFilter, *columns: sa.ColumnElement) -> sa.Select:
+        """`columns` of the runs matching `filters`: Dagster's tag joins and filters, no ORDER BY."""
+        assert self._sql is not None
+        table = self._sql._add_filters_to_table(RunsTable, filters)
+        return self._sql._add_filters_to_query(sa.select(*columns).select_from(table), filters)
 
     def count(self, filters: RunsFilter) -> int:
-        return self.instance.get_runs_count(filters)
+        if self._sql is None:
+            return self.instance.get_runs_count(filters)
+        # Same joins as get_runs_count, without its run_body column and ORDER BY: the runs table
+        # is only joined on run_id (its unique index), nothing is sorted.
+        query = sa.select(sa.func.count().label("count")).select_from(
+            self._matching(filters, RunsTable.c.run_id).subquery()
+        )
+        rows = self._sql.fetchall(query)
+        return rows[0]["count"] if rows else 0
+
+    def page_and_total(self, filters: RunsFilter, limit: int, offset: int) -> tuple[list[RunRecord], int]:
+        """One page (newest first, `offset` applied by the database) and the number of matching runs."""
+        if self._sql is None:
+            total = self.count(filters)
+            return (self.page(filters, limit, offset) if offset < total else []), total
+        # The tag join runs once: the window count is taken over every match before LIMIT/OFFSET,
+        # then only the page's rows are read back from runs by primary key.
+        ids = (
+            self._matching(filters, RunsTable.c.id, sa.func.count().over().label("total"))
+            .order_by(RunsTable.c.id.desc())
+            .limit(limit)
+            .offset(offset)
+            .subquery()
+        )
+        query = (
+            sa.select(*self._record_columns(), ids.c.total)
+            .select_from(ids.join(RunsTable, RunsTable.c.id == ids.c.id))
+            .order_by(RunsTable.c.id.desc())
+        )
+        rows = self._sql.fetchall(query)
+        if rows:
+            return [self._record(row) for row in rows], rows[0]["total"]
+        # An empty page says nothing about the total: at offset 0 there is none, else count.
+        return [], (self.count(filters) if offset else 0)
 
     def page(self, filters: RunsFilter, limit: int, offset: int) -> list[RunRecord]:
         """Newest first; `offset` is applied by the database."""
         if self._sql is not None:
-            query = self._sql._runs_query(filters=filters, limit=limit, columns=["run_id"]).offset(offset)
-            run_ids = [row["run_id"] for row in self._sql.fetchall(query)]
-            if not run_ids:
-                return []
-            records = self.instance.get_run_records(RunsFilter(run_ids=run_ids))
-            return sorted(records, key=lambda r: r.storage_id, reverse=True)
+            return self.page_and_total(filters, limit, offset)[0]
         cursor = None
         if offset:
             skipped = self.instance.get_run_ids(filters, limit=offset)
@@ -109,7 +216,7 @@ class RunReader:
         """Counts by outcome and durations of finished runs matching `filters`."""
         if self._sql is None:
             return self._stats_by_paging(filters)
-        runs = self._sql._runs_query(filters=filters, columns=["status", "start_time", "end_time"]).subquery()
+        runs = self._matching(filters, RunsTable.c.status, RunsTable.c.start_time, RunsTable.c.end_time).subquery()
         finished = sa.and_(
             runs.c.status.in_([s.value for s in FINISHED]),
             runs.c.start_time.isnot(None),
@@ -209,3 +316,8 @@ class RunReader:
                 duration = float(r["end_time"]) - float(r["start_time"])
             result.append(LastRun(r["tenant"], r["pipeline"], r["status"], duration))
         return result
+
+
+def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from dagster import DagsterInstance
+from sqlalchemy import event
+from sqlalchemy.pool import QueuePool
 
 from nilus_dagster.api.auth import TokenRegistry
 from nilus_dagster.api.declarations import Declarations
@@ -17,14 +20,61 @@ from nilus_dagster.state.store import StateStore, StateStoreError
 log = logging.getLogger(__name__)
 
 
+STATEMENT_TIMEOUT_MS = 15_000
+POOL_RECYCLE_S = 3600
+MAX_OVERFLOW = 20
+# Connections the API keeps open to Dagster's PostgreSQL run storage. dagster-webserver keeps one
+# (`optimize_for_webserver` hard-codes pool_size=1): with concurrent requests every connection
+# beyond it is opened and closed again per query, a new PostgreSQL backend each time.
+RUN_STORAGE_POOL_SIZE = 8
+
+
 def open_instance(settings: Settings) -> DagsterInstance:
-    """The Dagster instance of DAGSTER_HOME, tuned like dagster-webserver's (one pooled connection)."""
+    """The Dagster instance of DAGSTER_HOME, tuned like dagster-webserver's, with a wider pool."""
     if settings.dagster_home is not None:
         instance = DagsterInstance.from_config(str(settings.dagster_home))
     else:
         instance = DagsterInstance.get()
-    instance.optimize_for_webserver(statement_timeout=15_000, pool_recycle=3600, max_overflow=20)
+    instance.optimize_for_webserver(
+        statement_timeout=STATEMENT_TIMEOUT_MS, pool_recycle=POOL_RECYCLE_S, max_overflow=MAX_OVERFLOW
+    )
+    widen_run_storage_pool(instance, RUN_STORAGE_POOL_SIZE)
     return instance
+
+
+def widen_run_storage_pool(instance: DagsterInstance, pool_size: int) -> bool:
+    """Give a PostgreSQL run storage a pool of `pool_size` kept connections; True if replaced.
+
+    Builds the engine exactly as dagster-postgres' `optimize_for_webserver` does (same URL, token
+    provider, AUTOCOMMIT, recycle, overflow, `options`, statement timeout on connect) except for
+    the pool size, and swaps it in. Other storages (SQLite, or a future dagster-postgres whose
+    storage looks different) are left as they are.
+    """
+    try:
+        from dagster_postgres.run_storage import PostgresRunStorage
+        from dagster_postgres.utils import create_pg_engine, set_pg_statement_timeout
+    except ImportError:
+        return False
+    storage = instance.run_storage
+    old = getattr(storage, "_engine", None)
+    if not isinstance(storage, PostgresRunStorage) or not isinstance(getattr(old, "pool", None), QueuePool):
+        return False
+    if old.pool.size() >= pool_size:
+        return False
+    kwargs: dict[str, Any] = {
+        "isolation_level": "AUTOCOMMIT",
+        "pool_size": pool_size,
+        "pool_recycle": POOL_RECYCLE_S,
+        "max_overflow": MAX_OVERFLOW,
+    }
+    options = old.url.query.get("options")
+    if options:
+        kwargs["connect_args"] = {"options": options}
+    engine = create_pg_engine(storage.postgres_url, getattr(storage, "_token_provider", None), **kwargs)
+    event.listen(engine, "connect", lambda conn, _: set_pg_statement_timeout(conn, STATEMENT_TIMEOUT_MS))
+    storage._engine = engine
+    old.dispose()
+    return True
 
 
 def open_store(settings: Settings) -> StateStore | None:
