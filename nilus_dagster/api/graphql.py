@@ -237,7 +237,7 @@ def _is_internal(error: GraphQLError) -> bool:
 schema = strawberry.Schema(
     query=Query,
     # Anything but our own errors is masked: no internals (or other tenants' data) in messages.
-    extensions=[MaskErrors(should_mask_error=lambda error: _is_internal(error))],
+    extensions=[lambda: MaskErrors(should_mask_error=_is_internal)],  # a fresh extension per request
 )
 
 
