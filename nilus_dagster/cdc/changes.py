@@ -197,9 +197,7 @@ class TableChanges:
         )
 
 
-def _carry(
-    layout: Layout, row: Row, unchanged: frozenset[str], previous: Entry
-) -> tuple[Row, frozenset[str] | None]:
+def _carry(layout: Layout, row: Row, unchanged: frozenset[str], previous: Entry) -> tuple[Row, frozenset[str] | None]:
     """Take unchanged TOASTed values from an earlier upsert of the same key in the batch."""
     _, _, previous_row, previous_unchanged, previous_layout = previous
     previous_unchanged = previous_unchanged or frozenset()
@@ -274,22 +272,3 @@ def _delete_table(schema: TableSchema, key_columns: tuple[str, ...], rows: list[
     arrays = [_text_column(schema, name, values) for name, values in zip(key_columns, key_values, strict=True)]
     arrays.append(pa.array(list(map(itemgetter(1), rows)), type=pa.int64()))
     return pa.Table.from_arrays(arrays, names=[*key_columns, LSN_COLUMN])
-
-
-def empty_change_set(schema: TableSchema) -> ChangeSet:
-    return TableChanges(schema).to_change_set()
-
-
-def tuple_values(column_names: Iterable[str], data: TupleData) -> tuple[Values, set[str]]:
-    """A pgoutput tuple as text values by column name, and the columns left unchanged (TOAST)."""
-    values: Values = {}
-    unchanged: set[str] = set()
-    for name, value in zip(column_names, data, strict=True):
-        if value is UNCHANGED_TOAST:
-            unchanged.add(name)
-            values[name] = None
-        elif isinstance(value, bytes):  # binary format is never requested; keep it honest anyway
-            values[name] = value.decode()
-        else:
-            values[name] = value  # type: ignore[assignment]
-    return values, unchanged

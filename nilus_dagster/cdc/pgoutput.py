@@ -146,9 +146,7 @@ class LogicalMessage:
     content: bytes
 
 
-Message = (
-    Begin | Commit | Origin | Relation | TypeMessage | Insert | Update | Delete | Truncate | LogicalMessage
-)
+Message = Begin | Commit | Origin | Relation | TypeMessage | Insert | Update | Delete | Truncate | LogicalMessage
 
 # --- decoding ---------------------------------------------------------------------------------
 
@@ -296,9 +294,7 @@ def _delete(buf: bytes, pos: int) -> Delete:
 def _truncate(buf: bytes, pos: int) -> Truncate:
     count, options = _TRUNCATE_HEAD(buf, pos)
     relation_ids = struct.unpack_from(f">{count}I", buf, pos + 5)
-    return Truncate(
-        relation_ids, bool(options & _TRUNCATE_CASCADE), bool(options & _TRUNCATE_RESTART_IDENTITY)
-    )
+    return Truncate(relation_ids, bool(options & _TRUNCATE_CASCADE), bool(options & _TRUNCATE_RESTART_IDENTITY))
 
 
 def _logical_message(buf: bytes, pos: int) -> LogicalMessage:
@@ -407,19 +403,6 @@ def decode_row_change(payload: bytes | bytearray | memoryview, offset: int = 0) 
         raise PgOutputError(f"malformed pgoutput {chr(buf[offset])!r} message: {error}") from error
 
 
-def row_change_message(change: RowChange) -> Insert | Update | Delete:
-    """The message object `decode` would have returned for a RowChange."""
-    kind, relation_id, new, old, key_only, _ = change
-    if kind == _INSERT_KIND:
-        assert new is not None
-        return Insert(relation_id, new)
-    if kind == _UPDATE_KIND:
-        assert new is not None
-        return Update(relation_id, new, old, key_only)
-    assert old is not None
-    return Delete(relation_id, old, key_only)
-
-
 # --- types ------------------------------------------------------------------------------------
 
 
@@ -476,9 +459,7 @@ def relation_schema(relation: Relation, types: Mapping[int, PgTypeInfo] = BUILTI
                 f"column '{c.name}' of {relation.namespace}.{relation.name} has type OID {c.type_oid}, "
                 "which is not in the type map: look it up in pg_type first"
             )
-        logical = column_type(
-            info.name, c.type_modifier, element_type_name=info.element_name, is_enum=info.is_enum
-        )
+        logical = column_type(info.name, c.type_modifier, element_type_name=info.element_name, is_enum=info.is_enum)
         columns.append(Column(c.name, logical, source_type=info.name))
     keyed = relation.replica_identity in (ReplicaIdentity.DEFAULT, ReplicaIdentity.INDEX)
     return TableSchema(
