@@ -147,7 +147,9 @@ def test_dropped_slot_fails_clearly_and_never_restarts_silently(
     defs = cdc_project(sink, cdc_pipeline("crm", ["public.people"]))
     assert run_until_caught_up(defs, "acme__crm", instance).success
     with psycopg.connect(env, autocommit=True) as conn:
-        conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'nilus_acme_crm%'")
+        conn.execute(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'nilus_acme_crm%'"
+        )
         conn.execute("INSERT INTO public.people VALUES (3, 'lost while no slot existed')")
     result = run_until_caught_up(defs, "acme__crm", instance)
     assert not result.success
@@ -156,9 +158,22 @@ def test_dropped_slot_fails_clearly_and_never_restarts_silently(
     assert state is not None and state.state == "failed"
     again = run_until_caught_up(defs, "acme__crm", instance)  # a relaunch refuses too: no silent re-snapshot
     assert not again.success
-    assert "reset it (re-snapshot) before it can run again" in failure_message(again)
+    assert "reset it (re-snapshot) before it can run again: run the job <tenant>__<pipeline>__reset" in failure_message(
+        again
+    )
     with psycopg.connect(env, autocommit=True) as conn:
-        assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'nilus_acme_crm%'").fetchone() == (0,)
+        assert conn.execute(
+            "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'nilus_acme_crm%'"
+        ).fetchone() == (0,)
+
+    reset = defs.resolve_job_def("acme__crm__reset").execute_in_process(instance=instance)
+    assert reset.success, failure_message(reset)
+    run_tags = instance.get_run_by_id(reset.run_id).tags  # an operation, not a pipeline run
+    assert "nilus/resource_id" not in run_tags and "nilus/cdc_pipeline" not in run_tags
+    assert run_tags["nilus/operation"] == "crm:reset"
+    recovered = run_until_caught_up(defs, "acme__crm", instance)
+    assert recovered.success, failure_message(recovered)
+    assert_same_rows(source_rows(env, "public.people", ["id", "name"], "id"), people(sink, ["id", "name"]))
 
 
 def test_offsets_from_another_postgres_system_are_refused(
@@ -190,7 +205,9 @@ def test_table_without_key_or_full_identity_is_refused_before_anything_starts(
         "ALTER TABLE public.loose REPLICA IDENTITY FULL" in failure_message(result)
     )
     with psycopg.connect(env, autocommit=True) as conn:
-        assert conn.execute("SELECT count(*) FROM pg_replication_slots WHERE database = current_database()").fetchone() == (0,)
+        assert conn.execute(
+            "SELECT count(*) FROM pg_replication_slots WHERE database = current_database()"
+        ).fetchone() == (0,)
 
 
 def test_keep_alive_sensor_one_run_per_generation_and_stale_runs(
@@ -200,7 +217,9 @@ def test_keep_alive_sensor_one_run_per_generation_and_stale_runs(
     sensor = defs.resolve_sensor_def("acme__crm__keep_alive")
 
     def evaluate() -> dg.SensorResult | dg.RunRequest | dg.SkipReason:
-        with dg.build_sensor_context(instance=instance, resources={"nilus_state": defs.resources["nilus_state"]}) as context:
+        with dg.build_sensor_context(
+            instance=instance, resources={"nilus_state": defs.resources["nilus_state"]}
+        ) as context:
             data = sensor.evaluate_tick(context)
         if data.run_requests:
             return data.run_requests[0]
@@ -248,6 +267,4 @@ def _report_started(instance: dg.DagsterInstance, run: dg.DagsterRun) -> None:
 
 def _age_heartbeat(store: StateStore, age: timedelta) -> None:
     with psycopg.connect(store._pool.conninfo, autocommit=True) as conn:  # noqa: SLF001 - test-only aging
-        conn.execute(
-            f"UPDATE {store.schema}.heartbeats SET beat_at = %s", (datetime.now(UTC) - age,)
-        )
+        conn.execute(f"UPDATE {store.schema}.heartbeats SET beat_at = %s", (datetime.now(UTC) - age,))

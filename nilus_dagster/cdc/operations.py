@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from nilus_dagster.cdc.pipeline import CdcPipelineConfig, current_database
 from nilus_dagster.cdc.replication import drop_slot
 from nilus_dagster.schema import TableSchema
-from nilus_dagster.sinks.base import Sink, WriteStrategy
 from nilus_dagster.sources.postgres.connection import connect_source
 from nilus_dagster.state.records import PipelineKey
 from nilus_dagster.state.store import StateStore
@@ -49,21 +49,13 @@ def approve_schema_change(store: StateStore, key: PipelineKey) -> str:
     return pending["table"]
 
 
-def reset_pipeline(
-    store: StateStore,
-    key: PipelineKey,
-    *,
-    source_connection: str,
-    source_dsn: str,
-    slot: str,
-    sink: Sink,
-    targets: list[tuple[Any, Any]],
-) -> None:
-    """Start over: drop the slot, empty the sink tables, forget snapshot progress. The next run
-    creates a new slot and snapshots every table again."""
-    with connect_source(source_connection, source_dsn, autocommit=True) as conn:
+def reset_pipeline(config: CdcPipelineConfig, store: StateStore) -> str:
+    """Start over after a lost slot: drop the slot (if any) and forget the snapshot progress. The
+    next run creates a new slot, empties the sink tables and snapshots every table again.
+    Returns the slot's name."""
+    with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
+        slot = config.slot(current_database(conn))
         drop_slot(conn, slot)
-    for schema, target in targets:
-        sink.write(target, schema, [], WriteStrategy.REPLACE)
-    store.clear_snapshot(key.tenant, key.pipeline)
-    store.set_pipeline_state(key, "active", {"reset": True})
+    store.clear_snapshot(config.key.tenant, config.key.pipeline)
+    store.set_pipeline_state(config.key, "active", {"reset": True})
+    return slot

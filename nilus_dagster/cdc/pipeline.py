@@ -41,6 +41,9 @@ from nilus_dagster.state.store import StateStore
 Phase = Literal["setup", "snapshot", "streaming", "stopped"]
 
 
+RESET_HINT = "run the job <tenant>__<pipeline>__reset to re-snapshot the pipeline"
+
+
 class CdcPipelineFailed(Exception):
     """The pipeline cannot continue without an operator (its state is set to `failed`)."""
 
@@ -171,24 +174,23 @@ class CdcRun:
         if state is not None and state.state == "failed":
             raise CdcPipelineFailed(
                 f"pipeline {config.key.pipeline} is failed ({state.detail.get('reason', 'see its state')}); "
-                "reset it (re-snapshot) before it can run again"
+                f"reset it (re-snapshot) before it can run again: {RESET_HINT}"
             )
         self._report(CdcProgress("setup"), force=True)
         with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
-            self.slot = config.slot(_current_database(conn))
+            self.slot = config.slot(current_database(conn))
             tables = self._prepare_source(conn, state.detail if state else {})
             status = slot_status(conn, self.slot)
             if status.exists and status.wal_status == "lost":
                 raise self._fail(
                     f"replication slot {self.slot} has lost WAL it needed (wal_status = lost): changes were "
-                    "removed before they were read; reset the pipeline to re-snapshot",
+                    f"removed before they were read; {RESET_HINT}",
                     slot=self.slot,
                 )
             if not status.exists and state is not None and "slot" in state.detail:
                 raise self._fail(
                     f"replication slot {self.slot} is gone (dropped or lost) although the pipeline has "
-                    "streamed before: changes since the last offset cannot be read; reset the pipeline to "
-                    "re-snapshot",
+                    f"streamed before: changes since the last offset cannot be read; {RESET_HINT}",
                     slot=self.slot,
                 )
             identifier = system_identifier(conn)
@@ -378,7 +380,7 @@ class CdcRun:
                         interrupts=self.interrupts,
                     )
             except SlotLost as error:
-                raise self._fail(f"{error}; reset the pipeline to re-snapshot", slot=self.slot) from None
+                raise self._fail(f"{error}; {RESET_HINT}", slot=self.slot) from None
         if self._pending_offset is not None:
             self._record_offset(self._pending_offset, force=True)
         progress.phase = "stopped"
@@ -425,7 +427,7 @@ class CdcRun:
         return "evolve"
 
 
-def _current_database(conn: psycopg.Connection[Any]) -> str:
+def current_database(conn: psycopg.Connection[Any]) -> str:
     row = conn.execute("SELECT current_database()").fetchone()
     assert row is not None
     return str(row[0])

@@ -9,10 +9,10 @@ import dagster as dg
 
 from nilus_dagster.components.batch_assets import STATE_RESOURCE_KEY, ensure_run_tags
 from nilus_dagster.components.naming import table_asset_attributes
-from nilus_dagster.components.tags import PIPELINE_TAG, TENANT_TAG, run_tags
+from nilus_dagster.components.tags import PIPELINE_TAG, TENANT_TAG, operation_tags, run_tags
 from nilus_dagster.spec.pipelines import Pipeline
 from nilus_dagster.spec.project import PipelinesSpec
-from nilus_dagster.state import NilusStateStore, PipelineKey
+from nilus_dagster.state import NilusStateStore, PipelineKey, StateStore
 
 OBSERVATION_INTERVAL_S = 30.0  # thousands of observations per run would make the UI crawl
 STATE_POLL_INTERVAL_S = 5.0
@@ -215,19 +215,33 @@ def _backoff(instance: dg.DagsterInstance, job_name: str, tags: dict[str, str]) 
     return min(FAILURE_BACKOFF * (2 ** max(failures - 1, 0)), FAILURE_BACKOFF_MAX)
 
 
-def _approve_job(spec: PipelinesSpec, pipeline: Pipeline) -> dg.JobDefinition:
-    @dg.op(name=f"{pipeline.job_name}__approve_schema_change", tags=run_tags(pipeline))
-    def _approve(context: dg.OpExecutionContext, nilus_state: NilusStateStore) -> None:
-        from nilus_dagster.cdc.operations import approve_schema_change
+def _operator_job(pipeline: Pipeline, operation: str, act: Callable[[StateStore], str]) -> dg.JobDefinition:
+    """A one-op job `<tenant>__<pipeline>__<operation>` that acts on the pipeline's state."""
+    name = f"{pipeline.job_name}__{operation}"
 
-        table = approve_schema_change(nilus_state.get_store(), pipeline_key(pipeline))
-        context.log.info(f"approved the schema change of {table}; the CDC run restarts with it")
+    @dg.op(name=f"{name}_op", tags=operation_tags(pipeline, operation))
+    def _act(context: dg.OpExecutionContext, nilus_state: NilusStateStore) -> None:
+        context.log.info(act(nilus_state.get_store()))
 
-    @dg.job(name=f"{pipeline.job_name}__approve_schema", tags=run_tags(pipeline))
+    @dg.job(name=name, tags=operation_tags(pipeline, operation))
     def _job() -> None:
-        _approve()
+        _act()
 
     return _job
+
+
+def _operator_jobs(spec: PipelinesSpec, pipeline: Pipeline) -> list[dg.JobDefinition]:
+    from nilus_dagster.cdc.operations import approve_schema_change, reset_pipeline
+
+    def approve(store: StateStore) -> str:
+        table = approve_schema_change(store, pipeline_key(pipeline))
+        return f"approved the schema change of {table}; the CDC run restarts with it"
+
+    def reset(store: StateStore) -> str:
+        slot = reset_pipeline(cdc_config(spec, pipeline), store)
+        return f"dropped slot {slot} and the snapshot progress; the next run snapshots every table again"
+
+    return [_operator_job(pipeline, "approve_schema", approve), _operator_job(pipeline, "reset", reset)]
 
 
 def cdc_pipeline_definitions(spec: PipelinesSpec, pipeline: Pipeline) -> dg.Definitions:
@@ -241,7 +255,7 @@ def cdc_pipeline_definitions(spec: PipelinesSpec, pipeline: Pipeline) -> dg.Defi
     )
     return dg.Definitions(
         assets=[assets],
-        jobs=[job, _approve_job(spec, pipeline)],
+        jobs=[job, *_operator_jobs(spec, pipeline)],
         sensors=[_keep_alive_sensor(pipeline)],
     )
 

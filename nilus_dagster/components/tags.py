@@ -11,6 +11,7 @@ RUN_AS_USER_TAG = "nilus/run_as_user"
 PIPELINE_TYPE_TAG = "nilus/type"
 # A tag whose value is unique per pipeline: the run queue limits CDC runs to one per pipeline by it.
 CDC_PIPELINE_TAG = "nilus/cdc_pipeline"
+OPERATION_TAG = "nilus/operation"
 
 
 def run_tags(pipeline: Pipeline) -> dict[str, str]:
@@ -25,3 +26,10 @@ def run_tags(pipeline: Pipeline) -> dict[str, str]:
     if pipeline.type == "cdc":
         tags[CDC_PIPELINE_TAG] = pipeline.job_name
     return tags
+
+
+def operation_tags(pipeline: Pipeline, operation: str) -> dict[str, str]:
+    """Tags of an operator job (approve, reset) on a pipeline. Not the pipeline's own run tags: such
+    a run is not a pipeline run in the API's history, and must not queue behind the live CDC run
+    that it acts on (the run queue admits one `nilus/cdc_pipeline` run per pipeline)."""
+    return {TENANT_TAG: pipeline.tenant, OPERATION_TAG: f"{pipeline.name}:{operation}"}
