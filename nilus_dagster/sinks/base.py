@@ -61,6 +61,14 @@ class WriteResult:
 
 # In ChangeSet.upserts: per row, the columns whose unchanged TOASTed value the sink must keep.
 UNCHANGED_COLUMN = "_nilus_unchanged"
+# In ChangeSet.deletes of a table without a primary key: how many identical rows to remove.
+COUNT_COLUMN = "_nilus_count"
+# In ChangeSet.moved: the old key of a row whose key changed, one column per key column.
+OLD_KEY_PREFIX = "_nilus_old_"
+
+
+def old_key_column(name: str) -> str:
+    return f"{OLD_KEY_PREFIX}{name}"
 
 
 @dataclass
@@ -77,11 +85,23 @@ class ChangeSet:
     - `deletes`: the key columns plus `_nilus_lsn`. With `soft_delete` the sink sets
       `_nilus_deleted = true` (and `_nilus_lsn`, `_nilus_op = 'D'`) instead of removing the row.
     - `truncate`: the table was truncated before these changes.
+    - `moved`: rows whose key changed while TOASTed values stayed unchanged and the batch did not
+      hold the old row: the new key columns, the old key as `_nilus_old_<column>` per key column,
+      and `_nilus_unchanged` (the columns to carry). The sink reads those columns from its row at
+      the old key *before* the deletes and writes them into the row at the new key *after* the
+      upserts (the upsert itself inserted them as NULL), all in the same transaction.
+
+    A table without a primary key is a multiset (identical rows are distinct rows): `deletes`
+    then holds whole rows (every column) plus `_nilus_lsn` and `_nilus_count` (int64, how many
+    identical live rows to remove), and `upserts` rows are plain inserts, one sink row per
+    ChangeSet row (identical rows repeated), never with `_nilus_unchanged`. The engine nets the
+    counts per identical row, so a row value is never both deleted and inserted in one ChangeSet.
     """
 
     upserts: pa.Table
     deletes: pa.Table
     truncate: bool = False
+    moved: pa.Table | None = None
 
     @property
     def is_empty(self) -> bool:
