@@ -29,7 +29,15 @@ from nilus_dagster.sinks import (
     UnsupportedColumnType,
     WriteStrategy,
 )
-from nilus_dagster.sinks.base import DELETED_COLUMN, LSN_COLUMN, OP_COLUMN, SYNCED_AT_COLUMN, UNCHANGED_COLUMN
+from nilus_dagster.sinks.base import (
+    COUNT_COLUMN,
+    DELETED_COLUMN,
+    LSN_COLUMN,
+    OP_COLUMN,
+    SYNCED_AT_COLUMN,
+    UNCHANGED_COLUMN,
+    old_key_column,
+)
 
 T = ColumnType
 TARGET = SinkTable("analytics", "orders")
@@ -189,13 +197,33 @@ def upserts_of(schema: TableSchema, rows: Sequence[dict[str, Any]]) -> pa.Table:
 
 
 def deletes_of(schema: TableSchema, rows: Sequence[dict[str, Any]]) -> pa.Table:
+    """Key columns and `_nilus_lsn`; a key-less table's deletes are whole rows with `_nilus_count`."""
     key = list(schema.primary_key) or schema.column_names
     fields = [*(arrow_schema(schema).field(k) for k in key), pa.field(LSN_COLUMN, pa.int64())]
-    return pa.Table.from_pylist([{n: r.get(n) for n in [*key, LSN_COLUMN]} for r in rows], pa.schema(fields))
+    if not schema.primary_key:
+        fields.append(pa.field(COUNT_COLUMN, pa.int64()))
+        rows = [{COUNT_COLUMN: 1, **r} for r in rows]
+    names = [f.name for f in fields]
+    return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], pa.schema(fields))
 
 
-def change_set(schema: TableSchema, upserts=(), deletes=(), truncate: bool = False) -> ChangeSet:
-    return ChangeSet(upserts_of(schema, upserts), deletes_of(schema, deletes), truncate)
+def moved_of(schema: TableSchema, rows: Sequence[dict[str, Any]]) -> pa.Table:
+    """ChangeSet.moved: new key, old key (`_nilus_old_<k>`), `_nilus_lsn`, `_nilus_unchanged`."""
+    key_fields = [arrow_schema(schema).field(k) for k in schema.primary_key]
+    fields = [
+        *key_fields,
+        *(pa.field(old_key_column(f.name), f.type) for f in key_fields),
+        pa.field(LSN_COLUMN, pa.int64()),
+        pa.field(UNCHANGED_COLUMN, pa.list_(pa.string())),
+    ]
+    names = [f.name for f in fields]
+    return pa.Table.from_pylist([{n: r.get(n) for n in names} for r in rows], pa.schema(fields))
+
+
+def change_set(schema: TableSchema, upserts=(), deletes=(), truncate: bool = False, moved=()) -> ChangeSet:
+    return ChangeSet(
+        upserts_of(schema, upserts), deletes_of(schema, deletes), truncate, moved_of(schema, moved) if moved else None
+    )
 
 
 SIMPLE = table_schema(Column("id", T("int64"), nullable=False), col("name", "text"), col("qty", "int32"))
@@ -471,23 +499,65 @@ class SinkContract:
             sink.apply_changes(TARGET, SIMPLE, after, Checkpoint("slot", "9"))
         assert [(r["id"], r["name"]) for r in self.cdc_rows(harness, SIMPLE)] == [(7, "new")]
 
-    def test_apply_keyless_table(self, sink: Sink, harness: SinkHarness) -> None:
-        rows = [{"name": "a", "qty": 1}, {"name": "a", "qty": None}, {"name": "b", "qty": 2}]
+    def test_apply_keyless_table_is_a_multiset(self, sink: Sink, harness: SinkHarness) -> None:
+        # Three identical inserts are three rows; NULLs match NULLs.
+        rows = [{"name": "a", "qty": 1}] * 3 + [{"name": "a", "qty": None}] * 2 + [{"name": "b", "qty": 2}]
         insert = change_set(KEYLESS, upserts=[{**r, LSN_COLUMN: 1, OP_COLUMN: "I"} for r in rows])
-        sink.apply_changes(TARGET, KEYLESS, insert, None)
-        sink.apply_changes(TARGET, KEYLESS, insert, None)  # re-apply: no duplicates
-        # An update of a key-less row arrives as delete(old row) + insert(new row).
-        update = change_set(
+        sink.apply_changes(TARGET, KEYLESS, insert, Checkpoint("slot", "1"))
+
+        def live() -> list[tuple[str, int | None]]:
+            out = [(r["name"], r["qty"]) for r in self.cdc_rows(harness, KEYLESS, "name") if not r[DELETED_COLUMN]]
+            return sorted(out, key=lambda r: (r[0], r[1] if r[1] is not None else -1))
+
+        assert live() == [("a", None), ("a", None), ("a", 1), ("a", 1), ("a", 1), ("b", 2)]
+        # Deleting one of identical rows removes exactly one; an update is delete(old) + insert(new).
+        change = change_set(
             KEYLESS,
-            deletes=[{"name": "a", "qty": None, LSN_COLUMN: 2}],
-            upserts=[{"name": "a", "qty": 5, LSN_COLUMN: 2, OP_COLUMN: "I"}],
+            deletes=[{"name": "a", "qty": 1, LSN_COLUMN: 2, COUNT_COLUMN: 2}, {"name": "a", "qty": None, LSN_COLUMN: 2}],
+            upserts=[{"name": "a", "qty": 5, LSN_COLUMN: 2, OP_COLUMN: "U"}] * 2,
         )
-        sink.apply_changes(TARGET, KEYLESS, update, None)
-        sink.apply_changes(TARGET, KEYLESS, update, None)
-        assert sorted((r["name"], r["qty"] or 0) for r in self.cdc_rows(harness, KEYLESS, "name")) == [
-            ("a", 1),
-            ("a", 5),
-            ("b", 2),
+        sink.apply_changes(TARGET, KEYLESS, change, Checkpoint("slot", "2"))
+        assert live() == [("a", None), ("a", 1), ("a", 5), ("a", 5), ("b", 2)]
+        # Asking for more copies than the sink holds removes only those it holds.
+        sink.apply_changes(
+            TARGET, KEYLESS, change_set(KEYLESS, deletes=[{"name": "a", "qty": 5, LSN_COLUMN: 3, COUNT_COLUMN: 9}]), None
+        )
+        assert live() == [("a", None), ("a", 1), ("b", 2)]
+
+    def test_apply_keyless_soft_delete_marks_exactly_n(self, sink: Sink, harness: SinkHarness) -> None:
+        insert = change_set(KEYLESS, upserts=[{"name": "a", "qty": 1, LSN_COLUMN: 1, OP_COLUMN: "I"}] * 3)
+        sink.apply_changes(TARGET, KEYLESS, insert, None, soft_delete=True)
+        for lsn in (2, 3):
+            delete = change_set(KEYLESS, deletes=[{"name": "a", "qty": 1, LSN_COLUMN: lsn}])
+            sink.apply_changes(TARGET, KEYLESS, delete, None, soft_delete=True)
+        rows = self.cdc_rows(harness, KEYLESS, "name")
+        assert sorted((r[DELETED_COLUMN], r[LSN_COLUMN], r[OP_COLUMN]) for r in rows) == [
+            (False, 1, "I"),
+            (True, 2, "D"),
+            (True, 3, "D"),
+        ]
+
+    def test_apply_key_change_carries_unchanged_toasted_value(self, sink: Sink, harness: SinkHarness) -> None:
+        big = "y" * 10_000
+        rows = [{"id": i, "big": f"{big}{i}", "small": i, LSN_COLUMN: 1, OP_COLUMN: "I"} for i in (1, 2)]
+        sink.apply_changes(TARGET, WIDE, change_set(WIDE, upserts=rows), None)
+        # id 1 → 10 (big unchanged), id 2 → 20 (big unchanged): the old rows are not in this batch.
+        moved = change_set(
+            WIDE,
+            deletes=[{"id": 1, LSN_COLUMN: 5}, {"id": 2, LSN_COLUMN: 5}],
+            upserts=[
+                {"id": 10, "big": None, "small": 11, LSN_COLUMN: 5, OP_COLUMN: "U", UNCHANGED_COLUMN: ["big"]},
+                {"id": 20, "big": None, "small": 21, LSN_COLUMN: 5, OP_COLUMN: "U", UNCHANGED_COLUMN: ["big"]},
+            ],
+            moved=[
+                {"id": 10, old_key_column("id"): 1, LSN_COLUMN: 5, UNCHANGED_COLUMN: ["big"]},
+                {"id": 20, old_key_column("id"): 2, LSN_COLUMN: 5, UNCHANGED_COLUMN: ["big"]},
+            ],
+        )
+        sink.apply_changes(TARGET, WIDE, moved, Checkpoint("slot", "5"))
+        assert [(r["id"], r["big"], r["small"]) for r in self.cdc_rows(harness, WIDE)] == [
+            (10, f"{big}1", 11),
+            (20, f"{big}2", 21),
         ]
 
     def test_apply_failure_changes_nothing(self, sink: Sink, harness: SinkHarness) -> None:

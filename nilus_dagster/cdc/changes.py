@@ -2,7 +2,9 @@
 
 Changes are collapsed per key (last one wins, in WAL order); an update that changed the key
 deletes the old key; an unchanged TOASTed value is taken from an earlier change of the same key
-in the batch, else left to the sink (`_nilus_unchanged`); a truncate discards what came before it.
+in the batch, else left to the sink (`_nilus_unchanged`): under an unchanged key the sink keeps
+its value, under a changed key the sink copies it from its row at the old key (`ChangeSet.moved`);
+a truncate discards what came before it.
 
 This is the hot path of CDC. A row is kept as the positional tuple pgoutput sent (its text values
 in the order of the Relation's columns, the row's *layout*), keyed by its key values (the value
@@ -20,7 +22,7 @@ import pyarrow as pa
 
 from nilus_dagster.cdc.pgoutput import UNCHANGED_TOAST, TupleData
 from nilus_dagster.schema import TableSchema
-from nilus_dagster.sinks.base import LSN_COLUMN, OP_COLUMN, UNCHANGED_COLUMN, ChangeSet
+from nilus_dagster.sinks.base import LSN_COLUMN, OP_COLUMN, UNCHANGED_COLUMN, ChangeSet, old_key_column
 from nilus_dagster.sources.postgres.text_codec import text_to_arrow
 
 Values = dict[str, str | None]  # column → PostgreSQL text value (or None for NULL)
@@ -57,6 +59,8 @@ class TableChanges:
     def __init__(self, schema: TableSchema, truncate: bool = False) -> None:
         self.truncate = truncate
         self.rows: dict[Any, Entry] = {}
+        # new key → the key whose sink row holds its unchanged TOASTed values (the key moved)
+        self.moved: dict[Any, Any] = {}
         self.events = 0
         self._layouts: dict[Layout, Layout] = {}  # interned layouts
         self._key_getters: dict[Layout, Callable[[Row], Any]] = {}
@@ -111,6 +115,7 @@ class TableChanges:
         self.events += 1
         self.truncate = True
         self.rows.clear()
+        self.moved.clear()
 
     # -- the positional interface (the stream) --------------------------------------------------
     def add_rows(self, names: Sequence[str], changes: Sequence[tuple[Any, ...]], lsn: int) -> None:
@@ -170,11 +175,18 @@ class TableChanges:
     ) -> None:
         if old is not None:
             old_key = self._key_getter(old_layout)(old)
-            if old_key != self._key_getter(layout)(new):
+            new_key = self._key_getter(layout)(new)
+            if old_key != new_key:
                 previous = self.rows.get(old_key)
                 self.rows[old_key] = (_DELETE_OP, lsn, old_key, None, old_layout)
+                origin = self.moved.pop(old_key, old_key)
                 if unchanged and previous is not None and previous[0] != _DELETE_OP:
                     new, unchanged = _carry(layout, new, unchanged, previous)  # the key moved: TOAST too
+                if unchanged:  # still unknown in the batch: the sink's row at the origin holds them
+                    self.rows.pop(new_key, None)  # the new key's earlier entry (a delete) is superseded
+                    self.rows[new_key] = ("U", lsn, new, unchanged, layout)
+                    self.moved[new_key] = origin
+                    return
         self._upsert(layout, new, unchanged, lsn, "U")
 
     def _upsert(self, layout: Layout, row: Row, unchanged: frozenset[str] | None, lsn: int, op: str) -> None:
@@ -194,7 +206,29 @@ class TableChanges:
             upserts=_upsert_table(self.schema, upserts),
             deletes=_delete_table(self.schema, self._key_columns, deletes),
             truncate=self.truncate,
+            moved=self._moved_table(),
         )
+
+    def _moved_table(self) -> pa.Table | None:
+        """Rows under a new key that still need unchanged TOASTed values from the sink's old row."""
+        moved = []
+        for new_key, origin in self.moved.items():
+            entry = self.rows.get(new_key)
+            if entry is not None and entry[0] != _DELETE_OP and entry[3]:
+                moved.append((new_key, origin, entry[1], sorted(entry[3])))
+        if not moved:
+            return None
+        keys = self._key_columns
+        arrays, names = [], []
+        for item, prefix in ((0, ""), (1, "old")):
+            values = [m[item] for m in moved]
+            per_column = [values] if len(keys) == 1 else [[v[i] for v in values] for i in range(len(keys))]
+            for name, texts in zip(keys, per_column, strict=True):
+                arrays.append(_text_column(self.schema, name, texts))
+                names.append(old_key_column(name) if prefix else name)
+        arrays.append(pa.array([m[2] for m in moved], type=pa.int64()))
+        arrays.append(pa.array([m[3] for m in moved], type=pa.list_(pa.string())))
+        return pa.Table.from_arrays(arrays, names=[*names, LSN_COLUMN, UNCHANGED_COLUMN])
 
 
 def _carry(layout: Layout, row: Row, unchanged: frozenset[str], previous: Entry) -> tuple[Row, frozenset[str] | None]:

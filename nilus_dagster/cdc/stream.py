@@ -16,8 +16,8 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
-from nilus_dagster.cdc.changes import TableChanges
 from nilus_dagster.cdc.lsn import format_lsn
+from nilus_dagster.cdc.multiset_changes import MultisetChanges, TableChanges, new_table_changes
 from nilus_dagster.cdc.pgoutput import (
     BUILTIN_TYPES,
     UNCHANGED_TOAST,
@@ -119,7 +119,7 @@ class ChangeApplier:
         # and the column names
         self._relations: dict[int, tuple[tuple[RelationColumn, ...], StreamTable, tuple[str, ...]]] = {}
         self._types: dict[int, PgTypeInfo] = {}
-        self._batch: dict[TableName, TableChanges] = {}
+        self._batch: dict[TableName, TableChanges | MultisetChanges] = {}
         self._batch_events = 0
         self._batch_started: float | None = None
         self._batch_end_lsn = 0  # end LSN of the last complete transaction in the batch
@@ -230,7 +230,7 @@ class ChangeApplier:
             remapped.append(change)
         self._transaction[:] = remapped  # in place: run_stream appends through a bound method
 
-    def _changes_for(self, relation_id: int) -> TableChanges | None:
+    def _changes_for(self, relation_id: int) -> TableChanges | MultisetChanges | None:
         relation_table = self._relations.get(relation_id)
         if relation_table is None:
             return None
@@ -239,7 +239,7 @@ class ChangeApplier:
             return None  # held for approval, or already applied before a restart
         changes = self._batch.get(table.source.name)
         if changes is None:
-            changes = self._batch[table.source.name] = TableChanges(table.schema)
+            changes = self._batch[table.source.name] = new_table_changes(table.schema)
         elif changes.schema is not table.schema:
             changes.schema = table.schema  # evolved: rows map onto the new columns by name
         return changes

@@ -88,6 +88,7 @@ DUCKDB_DIALECT = SqlDialect(
     list_type=lambda element_ddl, _element: f"{element_ddl}[]",
     param=sql.SQL("?"),
     default_schema="main",
+    row_id="rowid",
 )
 
 _BATCHES_VIEW = "_nilus_batches"
@@ -281,7 +282,9 @@ class DuckDBSink(SqlSink):
                 conn.register(name, table.select([c.name for c in columns]))
                 return sql.Identifier(name)
 
-            result = apply_change_set(run, stage, target, schema, changes, soft_delete=soft_delete)
+            result = apply_change_set(
+                run, stage, target, schema, changes, soft_delete=soft_delete, row_id=DUCKDB_DIALECT.row_id
+            )
             if checkpoint is not None:
                 self._save_checkpoint(conn, checkpoint)
         result.added_columns = added

@@ -91,6 +91,7 @@ POSTGRES_DIALECT = SqlDialect(
     list_type=_array,
     param=sql.Placeholder(),
     default_schema="public",
+    row_id="ctid",
 )
 
 _COPY_CHUNK_ROWS = 100_000
@@ -221,7 +222,9 @@ class PostgresSink(SqlSink):
                 self._copy(conn, relation, names, table.select(names).to_batches(_COPY_CHUNK_ROWS))
                 return relation
 
-            result = apply_change_set(run, stage, target, schema, changes, soft_delete=soft_delete)
+            result = apply_change_set(
+                run, stage, target, schema, changes, soft_delete=soft_delete, row_id=POSTGRES_DIALECT.row_id
+            )
             if checkpoint is not None:
                 save_checkpoint(run, POSTGRES_DIALECT, checkpoint)
         result.added_columns = added

@@ -7,11 +7,9 @@ table in PostgreSQL); everything after staging is the same SQL for both database
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import pyarrow as pa
-import pyarrow.compute as pc
 from psycopg import sql
 
 from nilus_dagster.schema import Column, ColumnType, TableSchema
@@ -20,17 +18,22 @@ from nilus_dagster.sinks.base import (
     LSN_COLUMN,
     OP_COLUMN,
     SYNCED_AT_COLUMN,
-    UNCHANGED_COLUMN,
     ChangeSet,
     SinkTable,
     WriteResult,
 )
 from nilus_dagster.sinks.sql_dialect import SqlRunner, idents, table_ident
-
-TARGET_ALIAS = "_nilus_target"
-SOURCE_ALIAS = "_nilus_source"
-# Staged upsert rows carry the index of their group of identical `_nilus_unchanged` lists.
-GROUP_COLUMN = "_nilus_group"
+from nilus_dagster.sinks.sql_row_changes import (
+    GROUP_COLUMN,
+    SOURCE_ALIAS,
+    TARGET_ALIAS,
+    capture_carried,
+    delete_copies,
+    group_by_unchanged,
+    insert_rows,
+    match,
+    write_carried,
+)
 
 _LSN = Column(LSN_COLUMN, ColumnType("int64"))
 _OP = Column(OP_COLUMN, ColumnType("text"))
@@ -107,35 +110,6 @@ def _lsn_guard(source: sql.Composable) -> sql.Composed:
     )
 
 
-def _match(columns: Sequence[str], null_safe: bool) -> sql.Composed:
-    operator = sql.SQL(" IS NOT DISTINCT FROM ") if null_safe else sql.SQL(" = ")
-    return sql.SQL(" AND ").join(
-        sql.Composed([sql.Identifier(TARGET_ALIAS, c), operator, sql.Identifier(SOURCE_ALIAS, c)])
-        for c in columns
-    )
-
-
-@dataclass(frozen=True)
-class UpsertGroup:
-    """Staged upsert rows sharing the same set of unchanged (TOASTed) columns."""
-
-    id: int
-    unchanged: frozenset[str]
-
-
-def group_by_unchanged(upserts: pa.Table) -> tuple[pa.Table, list[UpsertGroup]]:
-    """Replace `_nilus_unchanged` by a group index: one upsert statement per distinct set."""
-    if UNCHANGED_COLUMN not in upserts.column_names:
-        ids = pa.array([0] * upserts.num_rows, pa.int32())
-        return upserts.append_column(GROUP_COLUMN, ids), [UpsertGroup(0, frozenset())]
-    joined = pc.fill_null(pc.binary_join(upserts[UNCHANGED_COLUMN], "\n"), "")
-    keys = pc.unique(joined)
-    ids = pc.cast(pc.index_in(joined, value_set=keys), pa.int32())
-    staged = upserts.drop_columns([UNCHANGED_COLUMN]).append_column(GROUP_COLUMN, ids)
-    groups = [UpsertGroup(i, frozenset(k.split("\n")) - {""}) for i, k in enumerate(keys.to_pylist())]
-    return staged, groups
-
-
 def apply_change_set(
     run: SqlRunner,
     stage: Stager,
@@ -144,14 +118,27 @@ def apply_change_set(
     changes: ChangeSet,
     *,
     soft_delete: bool,
+    row_id: str,
 ) -> WriteResult:
-    """Truncate, deletes, upserts — inside the caller's transaction (which adds the checkpoint)."""
+    """Truncate, deletes, upserts — inside the caller's transaction (which adds the checkpoint).
+
+    `row_id` is the dialect's physical row id, used to delete exactly N of identical rows in a
+    table without a primary key. Moved rows' unchanged values are captured before the deletes.
+    """
     if changes.truncate:
         run(delete_all_statement(target))
+    carried = None
+    if changes.moved is not None and changes.moved.num_rows and schema.primary_key:
+        carried = capture_carried(run, stage, target, schema, changes.moved)
     if changes.deletes.num_rows:
-        _apply_deletes(run, stage, target, schema, changes.deletes, soft_delete)
+        if schema.primary_key:
+            _apply_deletes(run, stage, target, schema, changes.deletes, soft_delete)
+        else:
+            delete_copies(run, stage, target, schema, changes.deletes, row_id=row_id, soft=soft_delete)
     if changes.upserts.num_rows:
         _apply_upserts(run, stage, target, schema, changes.upserts)
+    if carried is not None:
+        write_carried(run, target, schema, carried)
     return WriteResult(
         rows=changes.upserts.num_rows + changes.deletes.num_rows,
         bytes=changes.upserts.nbytes + changes.deletes.nbytes,
@@ -161,11 +148,10 @@ def apply_change_set(
 def _apply_deletes(
     run: SqlRunner, stage: Stager, target: SinkTable, schema: TableSchema, deletes: pa.Table, soft: bool
 ) -> None:
-    # Without a primary key the delete carries the whole old row (replica identity full).
-    key = list(schema.primary_key) or [n for n in deletes.column_names if n != LSN_COLUMN]
+    key = list(schema.primary_key)
     source = stage("_nilus_deletes", deletes, [*(schema.column(k) for k in key), _LSN])
     condition = sql.SQL("{} AND {}").format(
-        _match(key, null_safe=not schema.primary_key), _lsn_guard(sql.Identifier(SOURCE_ALIAS))
+        match(key, null_safe=False), _lsn_guard(sql.Identifier(SOURCE_ALIAS))
     )
     if soft:
         statement = sql.SQL(
@@ -203,7 +189,7 @@ def _apply_upserts(
         (DELETED_COLUMN, sql.SQL("FALSE")),
     ]
     if not schema.primary_key:
-        run(_insert_unless_applied(target, select, source, schema.column_names))
+        run(insert_rows(target, select, source))
         return
     metadata = [LSN_COLUMN, OP_COLUMN, SYNCED_AT_COLUMN, DELETED_COLUMN]
     for group in groups:
@@ -214,28 +200,3 @@ def _apply_upserts(
                 target, select, source, schema.primary_key, update + metadata, where=where, lsn_guard=True
             )
         )
-
-
-def _insert_unless_applied(
-    target: SinkTable,
-    select: Sequence[tuple[str, sql.Composable]],
-    source: sql.Composable,
-    columns: list[str],
-) -> sql.Composed:
-    """Insert into a key-less table, skipping rows already there from the same LSN (re-apply)."""
-    already = sql.SQL("SELECT 1 FROM {t} AS {ta} WHERE {ta}.{lsn} = {sa}.{lsn} AND {match}").format(
-        t=table_ident(target),
-        ta=sql.Identifier(TARGET_ALIAS),
-        sa=sql.Identifier(SOURCE_ALIAS),
-        lsn=sql.Identifier(LSN_COLUMN),
-        match=_match(columns, null_safe=True),
-    )
-    statement = "INSERT INTO {t} ({cols}) SELECT {exprs} FROM {s} AS {sa} WHERE NOT EXISTS ({already})"
-    return sql.SQL(statement).format(
-        t=table_ident(target),
-        cols=idents([name for name, _ in select]),
-        exprs=sql.SQL(", ").join(expr for _, expr in select),
-        s=source,
-        sa=sql.Identifier(SOURCE_ALIAS),
-        already=already,
-    )

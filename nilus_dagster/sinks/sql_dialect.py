@@ -54,6 +54,7 @@ class SqlDialect:
     list_type: Callable[[str, ColumnType], str]  # (element DDL, element type); raises TypeRejected
     param: sql.Composable
     default_schema: str
+    row_id: str  # the pseudo-column naming a physical row (DuckDB rowid, PostgreSQL ctid)
 
     def type_ddl(self, column_type: ColumnType) -> str:
         if column_type.kind == "decimal":
