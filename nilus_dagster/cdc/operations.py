@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from nilus_dagster.cdc.pipeline import CdcPipelineConfig, current_database
+from nilus_dagster.cdc.pipeline import APPROVED_DETAIL, CdcPipelineConfig, current_database
 from nilus_dagster.cdc.replication import drop_slot
-from nilus_dagster.schema import TableSchema
 from nilus_dagster.sources.postgres.connection import connect_source
 from nilus_dagster.state.records import PipelineKey
 from nilus_dagster.state.store import StateStore
@@ -28,24 +27,18 @@ def proposed_schema(store: StateStore, key: PipelineKey) -> dict[str, Any] | Non
 
 
 def approve_schema_change(store: StateStore, key: PipelineKey) -> str:
-    """Accept the held change: it becomes the table's schema and the pipeline resumes.
+    """Accept the held change: the pipeline resumes and applies it as `evolve` would.
 
-    The running CDC run notices and ends; the keep-alive sensor starts the next one, which adds
-    the new columns to the sink and replays the held table's changes from its checkpoint.
+    The running CDC run notices and ends; the keep-alive sensor starts the next one, which replays
+    the held table's changes from its checkpoint and, at the approved change, evolves the sink
+    table (bringing the rows it already had in line, or re-reading the table: see source_facts).
     """
     pending = proposed_schema(store, key)
     if pending is None:
         raise NothingToApprove(f"pipeline {key.pipeline} of tenant {key.tenant} has no schema change to approve")
-    schema = TableSchema.from_json(pending["proposed_schema"])
-    store.append_schema(
-        key,
-        connector_name=key.pipeline,
-        table_name=pending["table"],
-        table_schema=schema.to_json(),
-        lsn=pending.get("lsn"),
-    )
-    kept = {k: v for k, v in pending.items() if k not in PENDING_DETAIL}
-    store.set_pipeline_state(key, "active", kept)
+    kept = {k: v for k, v in pending.items() if k not in (*PENDING_DETAIL, "reason")}
+    approved = {"table": pending["table"], "schema": pending["proposed_schema"]}
+    store.set_pipeline_state(key, "active", {**kept, APPROVED_DETAIL: approved})
     return pending["table"]
 
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import psycopg
+import pyarrow as pa
 
 from nilus_dagster.cdc.lsn import format_lsn, parse_lsn
 from nilus_dagster.cdc.replication import (
@@ -23,6 +24,7 @@ from nilus_dagster.cdc.replication import (
 )
 from nilus_dagster.cdc.setup import CdcTable, check_server, replication_name, resolve_tables, sync_publication
 from nilus_dagster.cdc.snapshot import SnapshotProgress, SnapshotRunner, cdc_schema
+from nilus_dagster.cdc.source_facts import ChangeVerdict, TableFacts, judge_schema_change, read_table_facts
 from nilus_dagster.cdc.stream import (
     ChangeApplier,
     SchemaChangeRefused,
@@ -35,12 +37,14 @@ from nilus_dagster.cdc.stream import (
 from nilus_dagster.schema import TableName, TableSchema
 from nilus_dagster.sinks.base import Sink, SinkTable, WriteStrategy
 from nilus_dagster.sources.postgres.connection import connect_source
+from nilus_dagster.sources.postgres.text_codec import text_to_arrow
 from nilus_dagster.state.records import PipelineKey
 from nilus_dagster.state.store import StateStore
 
 Phase = Literal["setup", "snapshot", "streaming", "stopped"]
 
 
+APPROVED_DETAIL = "approved_schema"  # in the pipeline state: the change an operator approved
 RESET_HINT = "run the job <tenant>__<pipeline>__reset to re-snapshot the pipeline"
 
 
@@ -129,6 +133,8 @@ class CdcRun:
     offset_interval_s: float = 10.0
 
     def __post_init__(self) -> None:
+        self._facts: dict[TableName, TableFacts] = {}  # catalog facts of each table's schema in force
+        self._catalog: psycopg.Connection[Any] | None = None  # the source connection while streaming
         self._last_beat = 0.0
         self._last_offset = 0.0
         self._pending_offset: int | None = None
@@ -258,14 +264,23 @@ class CdcRun:
         )
 
     def _record_schemas(self, tables: list[CdcTable], lsn: int) -> None:
-        for table in tables:
-            self.store.append_schema(
-                self.config.key,
-                connector_name=self.config.key.pipeline,
-                table_name=table.name.qualified,
-                table_schema=table.schema.to_json(),
-                lsn=format_lsn(lsn),
-            )
+        with connect_source(self.config.source_connection, self.config.source_dsn, autocommit=True) as conn:
+            for table in tables:
+                self._record_schema(table.name, table.schema, lsn, read_table_facts(conn, table.name))
+
+    def _record_schema(self, table: TableName, schema: TableSchema, lsn: int, facts: TableFacts | None) -> None:
+        """The schema in force from `lsn` on, with the catalog facts the next change is judged by."""
+        recorded = schema.to_json()
+        if facts is not None:
+            recorded["source_facts"] = facts.to_json()
+            self._facts[table] = facts
+        self.store.append_schema(
+            self.config.key,
+            connector_name=self.config.key.pipeline,
+            table_name=table.qualified,
+            table_schema=recorded,
+            lsn=format_lsn(lsn),
+        )
 
     def _create_slot_and_snapshot(self, tables: list[CdcTable], identifier: str) -> int:
         """A new slot: its exported snapshot is the exact starting point of the stream."""
@@ -329,6 +344,9 @@ class CdcRun:
         for table, target in self._targets(tables):
             recorded = latest.get(table.name.qualified)
             schema = TableSchema.from_json(recorded.table_schema) if recorded else table.schema
+            facts = TableFacts.from_json(recorded.table_schema.get("source_facts")) if recorded else None
+            if facts is not None:
+                self._facts.setdefault(table.name, facts)
             schema = TableSchema(schema.table, schema.columns, table.schema.primary_key)
             self.sink.prepare_table(target, schema, cdc=True)
             checkpoint = self.sink.read_checkpoint(config.table_checkpoint(table.name))
@@ -341,7 +359,7 @@ class CdcRun:
             )
         with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
             stop_at = _current_wal_lsn(conn) if self.stop_at_caught_up else None
-            types_conn = conn
+            types_conn = self._catalog = conn
 
             applier = ChangeApplier(
                 tables=stream_tables,
@@ -404,6 +422,8 @@ class CdcRun:
                     f"({event.diff.describe()}): set schema_changes to pause to review it"
                 )
             )
+        if policy == "pause" and self._take_approval(event):
+            return self._evolve(event)
         if policy == "pause":
             self._set_state(
                 "pending_schema_approval",
@@ -413,18 +433,54 @@ class CdcRun:
                 lsn=format_lsn(event.lsn),
             )
             return "pause"
-        target = next(t.target for t in config.tables if t.table == event.table)
+        return self._evolve(event)
+
+    def _take_approval(self, event: SchemaEvent) -> bool:
+        """True (once) when an operator approved exactly this change."""
+        state = self.store.get_pipeline_state(self.config.key.tenant, self.config.key.pipeline)
+        approved = state.detail.get(APPROVED_DETAIL) if state is not None else None
+        if not approved or approved.get("table") != event.table.qualified:
+            return False
+        if approved.get("schema") != event.schema.to_json():
+            return False
+        detail = {k: v for k, v in state.detail.items() if k != APPROVED_DETAIL}  # type: ignore[union-attr]
+        self.store.set_pipeline_state(self.config.key, state.state, detail)  # type: ignore[union-attr]
+        return True
+
+    def _evolve(self, event: SchemaEvent) -> str:
+        """Apply the change to the sink table, and bring the rows it already had in line: the value
+        PostgreSQL now reports for them in added columns, or a re-read of the table when the change
+        touched rows without streaming them (see source_facts)."""
+        facts = read_table_facts(self._catalog, event.table) if self._catalog is not None else None
+        verdict = judge_schema_change(self._facts.get(event.table), facts, event.diff)
+        if verdict.resync_reason is None and event.diff.retyped:
+            verdict = ChangeVerdict({}, "column types changed in a way the sink columns cannot follow in place")
+        if verdict.resync_reason is not None:
+            return self._resync_after_schema_change(event, verdict.resync_reason)
+        target = next(t.target for t in self.config.tables if t.table == event.table)
         self.sink.prepare_table(target, event.schema, cdc=True)
         if event.diff.widened:
             self.sink.widen_columns(target, [event.schema.column(name) for name, _, _ in event.diff.widened])
-        self.store.append_schema(
-            config.key,
-            connector_name=config.key.pipeline,
-            table_name=event.table.qualified,
-            table_schema=event.schema.to_json(),
-            lsn=format_lsn(event.lsn),
-        )
+        for name, text in verdict.fill.items():
+            column = event.schema.column(name)
+            value = text_to_arrow(pa.array([text], pa.string()), column.type, column=f"{event.table}.{name}")
+            self.sink.fill_column(target, column, value, before_lsn=event.lsn)
+        event.fill.update(verdict.fill)  # the open transaction's rows written before the change, too
+        self._record_schema(event.table, event.schema, event.lsn, facts)
         return "evolve"
+
+    def _resync_after_schema_change(self, event: SchemaEvent, reason: str) -> str:
+        """PostgreSQL changed rows of the table without streaming them: hold the table until it is
+        re-read (the sink must never silently differ from the source)."""
+        self._set_state(
+            "pending_schema_approval",
+            table=event.table.qualified,
+            proposed_schema=event.schema.to_json(),
+            diff=event.diff.describe(),
+            lsn=format_lsn(event.lsn),
+            reason=f"{reason}: resync the table (job <tenant>__<pipeline>__resync) to re-read it",
+        )
+        return "pause"
 
 
 def current_database(conn: psycopg.Connection[Any]) -> str:

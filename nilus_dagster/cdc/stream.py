@@ -67,6 +67,8 @@ class SchemaEvent:
     diff: SchemaDiff
     schema: TableSchema
     lsn: int
+    # set by an `evolve` decision: added column → the text value rows written before the change read
+    fill: dict[str, str | None] = field(default_factory=dict)
 
 
 @dataclass
@@ -205,12 +207,33 @@ class ChangeApplier:
             return
         # Changes committed before the schema change land first, under the schema they had.
         self._flush_before_schema_change()
-        decision = self.on_schema_change(SchemaEvent(name, diff, schema, self._commit_lsn))
+        event = SchemaEvent(name, diff, schema, self._commit_lsn)
+        decision = self.on_schema_change(event)
         self._relations[relation.relation_id] = (relation.columns, table, names)
         if decision == "pause":
             table.held = True
             return
         table.schema = schema
+        if event.fill and known is not None:
+            self._fill_buffered_rows(relation.relation_id, names, event.fill)
+
+    def _fill_buffered_rows(self, relation_id: int, names: tuple[str, ...], fill: dict[str, str | None]) -> None:
+        """Rows of the open transaction written before the DDL read the added columns' values."""
+        positions = [(names.index(column), value) for column, value in fill.items() if column in names]
+
+        def filled(data: TupleData | None) -> TupleData | None:
+            if data is None:
+                return None
+            values = list(data)
+            for position, value in positions:
+                values[position] = value
+            return tuple(values)
+
+        for i, change in enumerate(self._transaction):
+            if change[1] == relation_id:
+                kind, rid, new_row, old_row, key_only, special = change  # type: ignore[misc]
+                self._transaction[i] = (kind, rid, filled(new_row), old_row if key_only else filled(old_row),
+                                        key_only, special)
 
     def _remap_buffered_rows(self, relation_id: int, old: tuple[str, ...], new: tuple[str, ...]) -> None:
         """DDL inside the open transaction: rows buffered before it carry the old column layout.

@@ -12,9 +12,10 @@ from contextlib import AbstractContextManager
 from typing import Any
 
 import pyarrow as pa
+from psycopg import sql
 
 from nilus_dagster.schema import Column, TableSchema
-from nilus_dagster.sinks.base import Checkpoint, SinkError, SinkTable, WriteResult, WriteStrategy
+from nilus_dagster.sinks.base import LSN_COLUMN, Checkpoint, SinkError, SinkTable, WriteResult, WriteStrategy
 from nilus_dagster.sinks.sql_changes import delete_all_statement
 from nilus_dagster.sinks.sql_dialect import (
     SqlDialect,
@@ -23,6 +24,7 @@ from nilus_dagster.sinks.sql_dialect import (
     ensure_table,
     save_checkpoint,
     sink_columns,
+    table_ident,
     widen_columns,
 )
 from nilus_dagster.sinks.streaming import CountingBatches
@@ -62,6 +64,25 @@ class SqlSink(ABC):
     def widen_columns(self, target: SinkTable, columns: list[Column]) -> None:
         with self._transaction(target) as conn:
             widen_columns(self._runner(conn), self.dialect, target, columns)
+
+    def fill_column(self, target: SinkTable, column: Column, value: pa.Array, *, before_lsn: int) -> None:
+        """Set `column` to `value` (one element, None for NULL) in every CDC row older than `before_lsn`."""
+        type_ddl = self.dialect.column_type_ddl(target, column)
+        python_value = value[0].as_py() if len(value) else None
+        if column.type.kind == "interval" and python_value is not None:  # spelled the way both parse
+            months, days, nanoseconds = python_value
+            python_value = f"{months} months {days} days {nanoseconds // 1000} microseconds"
+        with self._transaction(target) as conn:
+            self._runner(conn)(
+                sql.SQL("UPDATE {t} SET {c} = CAST({p} AS {type}) WHERE {lsn} < {p}").format(
+                    t=table_ident(target),
+                    c=sql.Identifier(column.name),
+                    p=self.dialect.param,
+                    type=type_ddl,
+                    lsn=sql.Identifier(LSN_COLUMN),
+                ),
+                (python_value, before_lsn),
+            )
 
     def write(
         self,
