@@ -93,3 +93,12 @@ def test_demo_serves_pipelines_materializes_and_stops_cleanly(tmp_path: Path) ->
     assert leftovers == [], f"processes still running for the demo: {leftovers}"
     assert not EmbeddedPostgres(project / ".nilus" / "postgres").is_running()
     assert (project / ".nilus" / "warehouse.duckdb").exists()
+
+
+def test_readme_demo_script_passes_its_flags_to_the_demo() -> None:
+    """`scripts/demo --help` (and so --once, --changes, --activity) reaches nilus-demo, not pip."""
+    result = subprocess.run(
+        ["bash", str(REPO / "scripts" / "demo"), "--help"], capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--changes" in result.stdout and "--once" in result.stdout
