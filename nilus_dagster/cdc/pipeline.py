@@ -458,10 +458,12 @@ class CdcRun:
         if verdict.resync_reason is not None:
             return self._resync_after_schema_change(event, verdict.resync_reason)
         target = next(t.target for t in self.config.tables if t.table == event.table)
-        self.sink.prepare_table(target, event.schema, cdc=True)
+        created = set(self.sink.prepare_table(target, event.schema, cdc=True))
         if event.diff.widened:
             self.sink.widen_columns(target, [event.schema.column(name) for name, _, _ in event.diff.widened])
         for name, text in verdict.fill.items():
+            if text is None and name in created:
+                continue  # a column the sink just created is NULL in every row already
             column = event.schema.column(name)
             value = text_to_arrow(pa.array([text], pa.string()), column.type, column=f"{event.table}.{name}")
             self.sink.fill_column(target, column, value, before_lsn=event.lsn)
