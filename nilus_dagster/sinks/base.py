@@ -8,6 +8,7 @@ as the data, so a crash can never separate the two; `read_checkpoint` returns it
 from __future__ import annotations
 
 from collections.abc import Iterable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -112,6 +113,10 @@ class SinkError(Exception):
     """A sink refused or failed a write; the message names the sink and what to do."""
 
 
+class ChunkedApplyUnsupported(SinkError):
+    """The sink cannot hold one transaction open across several `apply_changes` calls."""
+
+
 class UnsupportedColumnType(SinkError):
     def __init__(self, sink: str, table: str, column: Column, reason: str):
         super().__init__(
@@ -164,6 +169,18 @@ class Sink(Protocol):
 
         The CDC sink table is `schema`'s columns plus the metadata columns `_nilus_lsn`,
         `_nilus_op`, `_nilus_synced_at` and `_nilus_deleted`.
+        """
+        ...
+
+    def change_transaction(self) -> AbstractContextManager[None]:
+        """One sink transaction around every `apply_changes` call made inside the block.
+
+        For a source transaction too big to apply at once: its changes are applied chunk by chunk
+        (in WAL order, each chunk collapsed per key) and the checkpoints with the last chunk; the
+        block's end commits all of it, an exception rolls all of it back. Other calls in the block
+        (`prepare_table`, `widen_columns`: DDL inside the source transaction) join the same
+        transaction. Raises ChunkedApplyUnsupported (before anything is written) when the sink
+        cannot do this exactly.
         """
         ...
 

@@ -57,6 +57,7 @@ from nilus_dagster.sinks.base import (
     UNCHANGED_COLUMN,
     ChangeSet,
     Checkpoint,
+    ChunkedApplyUnsupported,
     SinkError,
     SinkTable,
     WriteResult,
@@ -445,6 +446,16 @@ class BigQuerySink:
             bigquery.ScalarQueryParameter("key", "STRING", key),
         )
         return next((row["value"] for row in rows), None)
+
+    def change_transaction(self) -> contextlib.AbstractContextManager[None]:
+        """Refused: BigQuery has no transaction across requests, so the chunks of one source
+        transaction would become visible one by one; and they share its commit LSN, so the
+        LSN-guarded MERGE (`S.lsn > T.lsn`) would skip a later chunk's change to a key an earlier
+        chunk wrote, and a truncate would keep the earlier chunks' rows. The CDC engine then
+        buffers such a transaction whole, as one MERGE per table."""
+        raise ChunkedApplyUnsupported(
+            "bigquery sink cannot apply one source transaction in several MERGEs exactly"
+        )
 
     def close(self) -> None:
         if self._owns_client:

@@ -10,6 +10,9 @@ which keeps one connection (and the file) for the whole phase and releases it at
 inside it are still one transaction each, but skip reopening the file and re-checking tables the
 session already created or checked. Those facts are cached only for the session, while no other
 process can write the file.
+
+`with sink.change_transaction():` (a source transaction applied in chunks) holds one connection
+and ONE transaction for the whole block: every call inside joins it, the block's end commits.
 """
 
 from __future__ import annotations
@@ -104,6 +107,7 @@ class _Session:
     checkpoint_table: bool = False  # the checkpoint table exists
     pending: set[tuple[Any, ...]] = field(default_factory=set)  # ... by the open transaction
     pending_checkpoint_table: bool = False
+    spanning: bool = False  # a change_transaction is open: calls join its transaction
 
     def committed(self) -> None:
         self.ensured |= self.pending
@@ -182,6 +186,21 @@ class DuckDBSink(SqlSink):
             self._session = None
             session.conn.close()
 
+    @contextmanager
+    def change_transaction(self) -> Iterator[None]:
+        """One transaction for every call in the block (see the module docstring)."""
+        with self.bulk_session():
+            session = self._current_session()
+            assert session is not None
+            if session.spanning:
+                raise SinkError(f"duckdb sink {self.path}: a change transaction is already open")
+            with self._transaction():
+                session.spanning = True
+                try:
+                    yield
+                finally:
+                    session.spanning = False
+
     def _current_session(self) -> _Session | None:
         session = self._session
         if session is not None and session.thread == threading.get_ident():
@@ -192,6 +211,12 @@ class DuckDBSink(SqlSink):
     def _transaction(self, target: SinkTable | None = None) -> Iterator[duckdb.DuckDBPyConnection]:
         """One connection and one transaction; DuckDB errors become SinkError naming the table."""
         session = self._current_session()
+        if session is not None and session.spanning:
+            try:
+                yield session.conn  # joins the change transaction, which commits or rolls back
+            except duckdb.Error as e:
+                raise self._sink_error(e, target) from e
+            return
         conn = session.conn if session is not None else self._connect()
         try:
             conn.execute("BEGIN TRANSACTION")
@@ -206,11 +231,14 @@ class DuckDBSink(SqlSink):
                     session.forget()  # what the rolled-back transaction created is gone
                 raise
         except duckdb.Error as e:
-            where = f" writing {target.qualified}" if target else ""
-            raise SinkError(f"duckdb sink {self.path}{where} failed: {e}") from e
+            raise self._sink_error(e, target) from e
         finally:
             if session is None:
                 conn.close()
+
+    def _sink_error(self, error: duckdb.Error, target: SinkTable | None) -> SinkError:
+        where = f" writing {target.qualified}" if target else ""
+        return SinkError(f"duckdb sink {self.path}{where} failed: {error}")
 
     def _ensure_table(
         self, conn: duckdb.DuckDBPyConnection, target: SinkTable, schema: TableSchema, *, cdc: bool

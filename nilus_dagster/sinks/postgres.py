@@ -8,6 +8,9 @@
 - merge / CDC: COPY into a temp table (ON COMMIT DROP), then INSERT ... ON CONFLICT DO UPDATE.
 
 One connection is kept open between calls and replaced when it breaks; not thread-safe.
+`with sink.change_transaction():` holds one transaction on it for the whole block (a source
+transaction applied in chunks): calls inside run in savepoints of it, the block's end commits; a
+connection that breaks inside the block is never replaced (the block fails and rolls back).
 """
 
 from __future__ import annotations
@@ -126,6 +129,7 @@ class PostgresSink(SqlSink):
         self._password = _password_of(dsn)
         self.location = describe_dsn(dsn)
         self._conn: psycopg.Connection | None = None
+        self._spanning: psycopg.Connection | None = None  # held by an open change_transaction
 
     def __repr__(self) -> str:
         return f"PostgresSink({self.location!r})"
@@ -146,9 +150,22 @@ class PostgresSink(SqlSink):
         return self._conn
 
     @contextmanager
+    def change_transaction(self) -> Iterator[None]:
+        """One transaction for every call in the block (see the module docstring)."""
+        if self._spanning is not None:
+            raise SinkError(f"postgres sink {self.location}: a change transaction is already open")
+        with self._transaction() as conn:
+            self._spanning = conn
+            try:
+                yield
+            finally:
+                self._spanning = None
+
+    @contextmanager
     def _transaction(self, target: SinkTable | None = None) -> Iterator[psycopg.Connection]:
-        """One transaction; psycopg errors become SinkError naming the table and connection."""
-        conn = self._connection()
+        """One transaction (a savepoint inside a change transaction); psycopg errors become
+        SinkError naming the table and connection."""
+        conn = self._spanning or self._connection()
         try:
             with conn.transaction():
                 yield conn
@@ -215,9 +232,11 @@ class PostgresSink(SqlSink):
         with self._transaction(target) as conn:
             run = self._runner(conn)
             added = ensure_table(run, POSTGRES_DIALECT, target, schema, cdc=True)
+            staged: list[sql.Identifier] = []
 
             def stage(name: str, table: pa.Table, columns: Sequence[Column]) -> sql.Composable:
                 relation = self._create_stage(conn, name, target, columns)
+                staged.append(relation)
                 names = [c.name for c in columns]
                 self._copy(conn, relation, names, table.select(names).to_batches(_COPY_CHUNK_ROWS))
                 return relation
@@ -225,6 +244,8 @@ class PostgresSink(SqlSink):
             result = apply_change_set(
                 run, stage, target, schema, changes, soft_delete=soft_delete, row_id=POSTGRES_DIALECT.row_id
             )
+            for relation in staged:  # now: the next call may be in the same (change) transaction
+                conn.execute(sql.SQL("DROP TABLE {}").format(relation))
             if checkpoint is not None:
                 save_checkpoint(run, POSTGRES_DIALECT, checkpoint)
         result.added_columns = added

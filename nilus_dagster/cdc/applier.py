@@ -1,0 +1,384 @@
+"""The change applier: decoded pgoutput messages → batches of whole transactions → the sink.
+
+Each table has its own checkpoint in the sink (the end LSN of the last transaction applied to
+it), committed in the same sink transaction as its changes: a transaction already applied to a
+table is skipped for that table after a restart, so nothing is applied twice.
+
+A transaction is buffered until its Commit, but never more than `batch_max_rows` of its changes:
+past that bound the batch of earlier transactions is flushed and the transaction is applied chunk
+by chunk inside one sink transaction that its Commit commits (see cdc/spanning.py), so memory
+stays bounded whatever the transaction's size. A sink that cannot (BigQuery) buffers it whole.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from itertools import groupby
+from operator import itemgetter
+from typing import Any
+
+from nilus_dagster.cdc.lsn import format_lsn
+from nilus_dagster.cdc.multiset_changes import MultisetChanges, TableChanges, new_table_changes
+from nilus_dagster.cdc.pgoutput import (
+    BUILTIN_TYPES,
+    UNCHANGED_TOAST,
+    Begin,
+    Commit,
+    Delete,
+    Insert,
+    Message,
+    PgTypeInfo,
+    Relation,
+    RelationColumn,
+    RowChange,
+    Truncate,
+    TupleData,
+    Update,
+    relation_schema,
+)
+from nilus_dagster.cdc.setup import CdcTable
+from nilus_dagster.cdc.spanning import SpanningTransaction
+from nilus_dagster.schema import TableName, TableSchema
+from nilus_dagster.schema.evolution import SchemaDiff, diff_schemas
+from nilus_dagster.sinks.base import Checkpoint, ChunkedApplyUnsupported, Sink, SinkTable
+
+
+class SchemaChangeRefused(Exception):
+    """A source schema change that the pipeline's `schema_changes` policy does not allow."""
+
+
+@dataclass
+class StreamStats:
+    events_total: int = 0
+    transactions: int = 0
+    batches: int = 0
+    applied_lsn: int = 0  # end LSN of the last transaction made durable
+    chunked_transactions: int = 0  # transactions of more than batch_max_rows changes, applied in chunks
+    peak_buffered_changes: int = 0  # the most changes of one transaction held in memory at once
+    last_commit_time: datetime | None = None
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events_total / max(time.monotonic() - self.started, 1e-9)
+
+
+@dataclass
+class SchemaEvent:
+    table: TableName
+    diff: SchemaDiff
+    schema: TableSchema
+    lsn: int
+    # set by an `evolve` decision: added column → the text value rows written before the change read
+    fill: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass
+class StreamTable:
+    """A table being streamed: where it lands and how far it is applied."""
+
+    source: CdcTable
+    target: SinkTable
+    checkpoint_key: str
+    applied_lsn: int  # end LSN of the last transaction applied to it
+    schema: TableSchema  # the schema in force (changes with Relation messages)
+    held: bool = False  # paused by `schema_changes: pause` until approved
+
+
+_TRUNCATE = b"T"[0]
+_NO_RELATION = -1  # the relation id a buffered truncate is grouped under
+_RELATION_ID = itemgetter(1)
+
+
+def _special(data: TupleData | None) -> bool:
+    return data is not None and any(v is UNCHANGED_TOAST or isinstance(v, bytes) for v in data)
+
+
+def _row_change(message: Insert | Update | Delete) -> RowChange:
+    """A decoded message object as the RowChange tuple `decode_row_change` gives."""
+    if isinstance(message, Insert):
+        return (b"I"[0], message.relation_id, message.new, None, False, _special(message.new))
+    if isinstance(message, Update):
+        special = _special(message.new) or _special(message.old)
+        return (b"U"[0], message.relation_id, message.new, message.old, message.old_is_key_only, special)
+    return (b"D"[0], message.relation_id, None, message.old, message.old_is_key_only, _special(message.old))
+
+
+@dataclass
+class ChangeApplier:
+    """Consumes decoded messages and applies whole-transaction batches to the sink (a transaction
+    of more than `batch_max_rows` changes: in chunks, inside one sink transaction)."""
+
+    tables: dict[TableName, StreamTable]
+    sink: Sink
+    lookup_types: Callable[[list[int]], dict[int, PgTypeInfo]]
+    on_schema_change: Callable[[SchemaEvent], str]  # returns "evolve", "pause" or raises
+    batch_max_rows: int = 50_000
+    batch_max_ms: int = 1_000
+    soft_delete: bool = False
+    stats: StreamStats = field(default_factory=StreamStats)
+    on_flushed: Callable[[int], Any] | None = None  # told of flushes the applier makes by itself
+
+    def __post_init__(self) -> None:
+        # relation id → the columns its tuples carry (as of the last Relation message), the table
+        # and the column names
+        self._relations: dict[int, tuple[tuple[RelationColumn, ...], StreamTable, tuple[str, ...]]] = {}
+        self._types: dict[int, PgTypeInfo] = {}
+        self._batch: dict[TableName, TableChanges | MultisetChanges] = {}
+        self._batch_events = 0
+        self._batch_started: float | None = None
+        self._batch_end_lsn = 0  # end LSN of the last complete transaction in the batch
+        self._in_transaction = False
+        self._commit_lsn = 0  # commit LSN of the transaction being read
+        # its changes, until Commit: RowChange tuples (see pgoutput.decode_row_change) and truncates
+        self._transaction: list[RowChange | tuple[int, int, Truncate]] = []
+        self._span: SpanningTransaction | None = None  # the open transaction, applied in chunks so far
+        self._whole_only = False  # the sink cannot apply a transaction in chunks: buffer it whole
+
+    # -- message handling ------------------------------------------------------------------
+    @property
+    def in_transaction(self) -> bool:
+        return self._in_transaction
+
+    @property
+    def has_pending(self) -> bool:
+        return self._batch_end_lsn > 0
+
+    def handle(self, message: Message | RowChange) -> None:
+        if type(message) is tuple:  # a row change from decode_row_change: the hot path
+            self._transaction.append(message)
+        elif isinstance(message, Begin):
+            self._in_transaction = True
+            self._commit_lsn = message.final_lsn
+            if self._batch_started is None:
+                self._batch_started = time.monotonic()
+        elif isinstance(message, Commit):
+            self._commit(message)
+        elif isinstance(message, Relation):
+            self._relation(message)
+        elif isinstance(message, Insert | Update | Delete):
+            self._transaction.append(_row_change(message))
+        elif isinstance(message, Truncate):
+            self._transaction.append((_TRUNCATE, _NO_RELATION, message))
+
+    def batch_ready(self) -> bool:
+        """True at a transaction boundary once the batch is big or old enough."""
+        if self._in_transaction or not self.has_pending or self._batch_started is None:
+            return False
+        age_ms = (time.monotonic() - self._batch_started) * 1000
+        return self._batch_events >= self.batch_max_rows or age_ms >= self.batch_max_ms
+
+    @property
+    def transaction_too_big(self) -> bool:
+        """The open transaction buffers `batch_max_rows` changes: time to `spill` them."""
+        return self._in_transaction and len(self._transaction) >= self.batch_max_rows and not self._whole_only
+
+    def spill(self) -> None:
+        """Apply the open transaction's buffered changes now, inside a sink transaction held open
+        until its Commit; the batch of earlier (whole) transactions is flushed first."""
+        self._note_buffered()
+        if self._span is None:
+            self._flush_pending()
+            try:
+                self._span = SpanningTransaction.open(self.sink, soft_delete=self.soft_delete)
+            except ChunkedApplyUnsupported:
+                self._whole_only = True
+                return
+        chunk: dict[TableName, TableChanges | MultisetChanges] = {}
+        self._fold(chunk)
+        self._span.apply_chunk(self.tables, chunk)
+
+    def abandon(self) -> None:
+        """The stream ends inside a transaction applied in chunks: roll the sink transaction back
+        (nothing of it becomes visible; the next run replays it from the slot)."""
+        span, self._span = self._span, None
+        if span is not None:
+            span.rollback()
+
+    def _commit(self, commit: Commit) -> None:
+        """Fold the finished transaction into the batch (the batch only ever holds whole ones), or
+        finish applying it in chunks."""
+        self._note_buffered()
+        if self._span is not None:
+            self._commit_span(commit.end_lsn)
+        else:
+            self._batch_events += self._fold(self._batch)
+            self._batch_end_lsn = commit.end_lsn
+        self._in_transaction = False
+        self._whole_only = False
+        self.stats.transactions += 1
+        self.stats.last_commit_time = commit.commit_time
+
+    def _commit_span(self, end_lsn: int) -> None:
+        span = self._span
+        assert span is not None
+        last: dict[TableName, TableChanges | MultisetChanges] = {}
+        self._fold(last)
+        self._span = None
+        span.commit(self.tables, last, end_lsn)  # rolls back itself if it fails
+        self.stats.events_total += span.events
+        self.stats.batches += 1
+        self.stats.chunked_transactions += 1
+        self.stats.applied_lsn = end_lsn
+        self._batch_started = None
+        if self.on_flushed is not None:
+            self.on_flushed(end_lsn)
+
+    def _note_buffered(self) -> None:
+        if len(self._transaction) > self.stats.peak_buffered_changes:
+            self.stats.peak_buffered_changes = len(self._transaction)
+
+    def _fold(self, into: dict[TableName, TableChanges | MultisetChanges]) -> int:
+        """Fold the buffered changes of the open transaction into `into` (and forget them); returns
+        how many were folded."""
+        lsn, events = self._commit_lsn, 0
+        # Runs of changes to one relation are folded at once, in WAL order.
+        for relation_id, group in groupby(self._transaction, key=_RELATION_ID):
+            if relation_id == _NO_RELATION:
+                for _, _, truncate in group:
+                    for truncated_id in truncate.relation_ids:  # type: ignore[union-attr]
+                        changes = self._changes_for(truncated_id, into)
+                        if changes is not None:
+                            changes.truncated()
+                            events += 1
+                continue
+            changes = self._changes_for(relation_id, into)
+            if changes is None:
+                continue
+            rows = list(group)
+            changes.add_rows(self._relations[relation_id][2], rows, lsn)  # type: ignore[arg-type]
+            events += len(rows)
+        self._transaction.clear()
+        return events
+
+    def _relation(self, relation: Relation) -> None:
+        name = TableName(relation.namespace or "pg_catalog", relation.name)
+        table = self.tables.get(name)
+        if table is None:
+            return
+        unknown = [c.type_oid for c in relation.columns if c.type_oid not in self._types]
+        self._types.update(self.lookup_types(unknown))
+        described = relation_schema(relation, {**BUILTIN_TYPES, **self._types})
+        schema = TableSchema(name, described.columns, table.source.schema.primary_key)
+        diff = diff_schemas(table.schema, schema)
+        names = tuple(c.name for c in relation.columns)
+        known = self._relations.get(relation.relation_id)
+        if known is not None and known[2] != names:
+            self._remap_buffered_rows(relation.relation_id, known[2], names)
+        if diff.is_empty:
+            self._relations[relation.relation_id] = (relation.columns, table, names)
+            return
+        # Changes committed before the schema change land first, under the schema they had.
+        self._flush_pending()
+        event = SchemaEvent(name, diff, schema, self._commit_lsn)
+        decision = self.on_schema_change(event)
+        self._relations[relation.relation_id] = (relation.columns, table, names)
+        if decision == "pause":
+            if self._span is not None and name in self._span.touched:
+                self.abandon()
+                raise SchemaChangeRefused(
+                    f"{name}: a schema change to hold for approval inside a transaction of more than "
+                    f"batch_max_rows ({self.batch_max_rows}) changes that already wrote to the table cannot "
+                    "be held exactly (the table would keep only part of the transaction): raise "
+                    "cdc.batch_max_rows above the transaction's size, or use schema_changes: evolve"
+                )
+            table.held = True
+            return
+        table.schema = schema
+        if event.fill and known is not None:
+            self._fill_buffered_rows(relation.relation_id, names, event.fill)
+
+    def _fill_buffered_rows(self, relation_id: int, names: tuple[str, ...], fill: dict[str, str | None]) -> None:
+        """Rows of the open transaction written before the DDL read the added columns' values."""
+        positions = [(names.index(column), value) for column, value in fill.items() if column in names]
+
+        def filled(data: TupleData | None) -> TupleData | None:
+            if data is None:
+                return None
+            values = list(data)
+            for position, value in positions:
+                values[position] = value
+            return tuple(values)
+
+        for i, change in enumerate(self._transaction):
+            if change[1] == relation_id:
+                kind, rid, new_row, old_row, key_only, special = change  # type: ignore[misc]
+                self._transaction[i] = (kind, rid, filled(new_row), old_row if key_only else filled(old_row),
+                                        key_only, special)
+
+    def _remap_buffered_rows(self, relation_id: int, old: tuple[str, ...], new: tuple[str, ...]) -> None:
+        """DDL inside the open transaction: rows buffered before it carry the old column layout.
+        Re-map them by name (a dropped column goes, an added one is NULL) so that one layout is
+        folded at Commit."""
+        position = {name: i for i, name in enumerate(old)}
+        picks = [position.get(name) for name in new]
+
+        def remap(data: TupleData | None) -> TupleData | None:
+            return None if data is None else tuple(None if i is None else data[i] for i in picks)
+
+        remapped = []
+        for change in self._transaction:
+            if change[1] == relation_id:
+                kind, rid, new_row, old_row, key_only, special = change  # type: ignore[misc]
+                change = (kind, rid, remap(new_row), remap(old_row), key_only, special)
+            remapped.append(change)
+        self._transaction[:] = remapped  # in place: run_stream appends through a bound method
+
+    def _changes_for(
+        self, relation_id: int, into: dict[TableName, TableChanges | MultisetChanges]
+    ) -> TableChanges | MultisetChanges | None:
+        relation_table = self._relations.get(relation_id)
+        if relation_table is None:
+            return None
+        table = relation_table[1]
+        if table.held or self._commit_lsn < table.applied_lsn:
+            return None  # held for approval, or already applied before a restart
+        changes = into.get(table.source.name)
+        if changes is None:
+            changes = into[table.source.name] = new_table_changes(table.schema)
+        elif changes.schema is not table.schema:
+            changes.schema = table.schema  # evolved: rows map onto the new columns by name
+        return changes
+
+    def _flush_pending(self) -> None:
+        """Apply the batch now (before a schema change or a transaction applied in chunks)."""
+        if self.has_pending:
+            end_lsn = self.flush()
+            if self.on_flushed is not None:
+                self.on_flushed(end_lsn)
+
+    # -- applying --------------------------------------------------------------------------
+    def flush(self) -> int:
+        """Apply the batch (whole transactions only); returns the end LSN now durable (0: none)."""
+        if not self.has_pending:
+            return 0
+        end_lsn = self._batch_end_lsn
+        checkpoint_value = format_lsn(end_lsn)
+        for name, changes in self._batch.items():
+            table = self.tables[name]
+            if changes.events == 0 and not changes.truncate:
+                continue
+            self.sink.apply_changes(
+                table.target,
+                changes.schema,
+                changes.to_change_set(),
+                Checkpoint(table.checkpoint_key, checkpoint_value),
+                soft_delete=self.soft_delete,
+            )
+            table.applied_lsn = end_lsn
+        self.stats.events_total += self._batch_events
+        self.stats.batches += 1
+        self.stats.applied_lsn = end_lsn
+        self._batch.clear()
+        self._batch_events = 0
+        self._batch_started = None
+        self._batch_end_lsn = 0
+        return end_lsn
+
+    def durable_lsn(self, position: int) -> int:
+        """The position the slot may be acknowledged to: never past a table held for approval."""
+        held = [t.applied_lsn for t in self.tables.values() if t.held]
+        return min([position, *held])

@@ -1,0 +1,190 @@
+"""Source transactions far bigger than `batch_max_rows`: applied in chunks inside one sink
+transaction, exact row by row, all or nothing (also when the worker is SIGKILLed mid-way)."""
+
+from __future__ import annotations
+
+import json
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import duckdb
+import psycopg
+import pytest
+from batch_project import SinkTarget
+from cdc_project import cdc_pipeline
+from table_compare import assert_same_rows, duckdb_rows, postgres_sink_rows, source_rows
+
+from nilus_dagster.cdc.lsn import parse_lsn
+from nilus_dagster.cdc.pipeline import CdcRunResult, run_cdc_pipeline
+from nilus_dagster.components.cdc_assets import cdc_config
+from nilus_dagster.sinks.factory import open_sink
+from nilus_dagster.spec.errors import validate_spec
+from nilus_dagster.spec.project import PipelinesSpec
+from nilus_dagster.state.store import StateStore
+
+WORKER = Path(__file__).with_name("cdc_worker.py")
+BOUND = 500  # batch_max_rows: the transactions below are many times bigger
+TABLES = {
+    "public.items": (["id", "counter", "label", "payload"], "id"),
+    "public.tags": (["id", "tag"], "id"),
+    "public.loose": (["a", "b"], "a, b"),  # no primary key: REPLICA IDENTITY FULL
+}
+
+
+@pytest.fixture
+def sink(sql_sink: SinkTarget) -> SinkTarget:
+    return sql_sink
+
+
+@pytest.fixture
+def env(pipeline_env: str) -> str:
+    with psycopg.connect(pipeline_env, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.items (id int PRIMARY KEY, counter int NOT NULL, label text, payload text)")
+        conn.execute("CREATE TABLE public.tags (id int PRIMARY KEY, tag text)")
+        conn.execute("CREATE TABLE public.loose (a int, b text)")
+        conn.execute("ALTER TABLE public.loose REPLICA IDENTITY FULL")
+        # payload: incompressible text past the TOAST threshold, so untouched updates send it 'unchanged'
+        conn.execute("INSERT INTO public.items SELECT g, 0, 'snap', (SELECT string_agg(md5(g::text || i::text), '') "
+                     "FROM generate_series(1, 80) i) FROM generate_series(1, 200) g")
+        conn.execute("INSERT INTO public.tags SELECT g, 'tag ' || g FROM generate_series(1, 100) g")
+    return pipeline_env
+
+
+def raw_spec(sink: SinkTarget, **cdc: object) -> dict:
+    pipeline = cdc_pipeline("bigtx", list(TABLES), cdc={"batch_max_rows": BOUND, "batch_max_ms": 100, **cdc})
+    return {"connections": {"src": {"type": "postgres", "dsn_env": "SOURCE_DSN"}, "sink": sink.connection},
+            "pipelines": [pipeline]}
+
+
+def spec_of(sink: SinkTarget, **cdc: object) -> PipelinesSpec:
+    return validate_spec(PipelinesSpec, raw_spec(sink, **cdc), "test")
+
+
+def run_caught_up(spec: PipelinesSpec, state_dsn: str) -> CdcRunResult:
+    pipeline = spec.pipelines[0]
+    sink = open_sink(pipeline.sink.connection, spec.connections[pipeline.sink.connection], dataset="replica")
+    try:
+        with StateStore(state_dsn).open() as store:
+            return run_cdc_pipeline(cdc_config(spec, pipeline), sink, store, run_id="test", stop_at_caught_up=True)
+    finally:
+        sink.close()
+
+
+def sink_rows(sink: SinkTarget, table: str, columns: list[str], order_by: str) -> list[tuple]:
+    reader = duckdb_rows if sink.kind == "duckdb" else postgres_sink_rows
+    return reader(sink.location, f"replica.{table.split('.')[1]}", columns, order_by)
+
+
+def assert_exact(env: str, sink: SinkTarget, tables: dict[str, tuple[list[str], str]] = TABLES) -> None:
+    for table, (columns, order_by) in tables.items():
+        assert_same_rows(source_rows(env, table, columns, order_by), sink_rows(sink, table, columns, order_by))
+
+
+def big_transaction(conn: psycopg.Connection, first_id: int, rows: int) -> None:
+    """Inserts, then updates of those rows and of older ones (payload unchanged: TOAST), key changes,
+    deletes, a truncate of another table in the middle, and a keyless table: each statement spans
+    many chunks of BOUND changes."""
+    last = first_id + rows - 1
+    conn.execute("INSERT INTO public.items SELECT g, 0, 'new', NULL FROM generate_series(%s::int, %s::int) g",
+                 (first_id, last))
+    conn.execute("INSERT INTO public.loose SELECT g, 'row ' || g FROM generate_series(1, %s::int) g", (rows // 2,))
+    conn.execute("UPDATE public.items SET counter = counter + 1, label = 'updated'")  # new and snapshot rows
+    conn.execute("DELETE FROM public.items WHERE id % 10 = 3")
+    conn.execute("TRUNCATE public.tags")
+    conn.execute("INSERT INTO public.tags SELECT g, 'after truncate' FROM generate_series(1, %s::int) g", (rows,))
+    conn.execute("UPDATE public.items SET id = id + 1000000 WHERE id % 10 = 7 AND payload IS NULL")  # key change
+    conn.execute("UPDATE public.loose SET b = b || ' changed' WHERE a % 3 = 0")
+    conn.execute("DELETE FROM public.loose WHERE a % 5 = 0")
+    conn.execute("UPDATE public.items SET counter = counter + 1 WHERE id % 10 = 1")
+
+
+def checkpoint_lsn(sink: SinkTarget) -> int:
+    key = "acme/bigtx/public.items"
+    if sink.kind == "duckdb":
+        with duckdb.connect(sink.location) as conn:  # read-write: replays the WAL of a killed writer
+            row = conn.execute("SELECT value FROM main._nilus_checkpoints WHERE key = ?", [key]).fetchone()
+    else:
+        with psycopg.connect(sink.location) as conn:
+            row = conn.execute("SELECT value FROM public._nilus_checkpoints WHERE key = %s", (key,)).fetchone()
+    return parse_lsn(row[0]) if row else 0
+
+
+def test_a_transaction_many_times_the_bound_is_exact_and_bounded(env: str, state_dsn: str, sink: SinkTarget) -> None:
+    spec = spec_of(sink)
+    run_caught_up(spec, state_dsn)
+    with psycopg.connect(env, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.items VALUES (900000, 1, 'small, before', NULL)")  # pending when it starts
+        with conn.transaction():
+            big_transaction(conn, 1000, 4000)
+        conn.execute("UPDATE public.items SET label = 'small, after' WHERE id = 1001")
+    stats = run_caught_up(spec, state_dsn).stats
+    assert stats.chunked_transactions == 1
+    assert stats.peak_buffered_changes <= 2 * BOUND
+    assert_exact(env, sink)
+
+
+def test_alter_table_inside_a_big_transaction(env: str, state_dsn: str, sink: SinkTarget) -> None:
+    spec = spec_of(sink)
+    run_caught_up(spec, state_dsn)
+    with psycopg.connect(env, autocommit=True) as conn, conn.transaction():
+        conn.execute("INSERT INTO public.items SELECT g, 0, 'before', NULL FROM generate_series(1000, 3999) g")
+        conn.execute("ALTER TABLE public.items ADD COLUMN note text")
+        conn.execute("INSERT INTO public.items SELECT g, 0, 'after', 'n' || g FROM generate_series(4000, 6999) g")
+        conn.execute("UPDATE public.items SET note = 'set later', counter = 2 WHERE id % 2 = 0")
+        conn.execute("DELETE FROM public.items WHERE id % 7 = 0")
+    stats = run_caught_up(spec, state_dsn).stats
+    assert stats.chunked_transactions == 1
+    assert_exact(env, sink, {"public.items": (["id", "counter", "label", "payload", "note"], "id")})
+
+
+def test_sigkill_mid_transaction_then_the_next_run_is_exact(env: str, state_dsn: str, sink: SinkTarget) -> None:
+    spec = spec_of(sink, batch_max_rows=2000)
+    run_caught_up(spec, state_dsn)
+    before = checkpoint_lsn(sink)
+    with psycopg.connect(env, autocommit=True) as conn, conn.transaction():
+        big_transaction(conn, 1000, 60_000)
+        before_commit = parse_lsn(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+    worker = subprocess.Popen([sys.executable, str(WORKER), json.dumps(raw_spec(sink, batch_max_rows=2000)), "bigtx"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_open_sink_transaction(sink, worker)
+        time.sleep(random.uniform(0.0, 0.5))
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert before <= checkpoint_lsn(sink) < before_commit, "killed after the transaction committed: nothing tested"
+    assert_same_rows([], sink_rows(sink, "public.loose", ["a", "b"], "a"))  # nothing of it is visible
+    stats = run_caught_up(spec, state_dsn).stats
+    assert stats.chunked_transactions == 1
+    assert_exact(env, sink)
+
+
+def wait_for_open_sink_transaction(sink: SinkTarget, worker: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
+    """Until the worker holds a sink transaction that has written (PostgreSQL), or holds the DuckDB
+    file for a while (it only keeps it open across calls for a transaction applied in chunks)."""
+    deadline = time.monotonic() + timeout_s
+    held_since: float | None = None
+    while time.monotonic() < deadline:
+        assert worker.poll() is None, worker.stderr.read().decode()[-3000:] if worker.stderr else ""
+        if sink.kind == "postgres":
+            with psycopg.connect(sink.location, autocommit=True) as conn:
+                writing = conn.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                                       "AND backend_xid IS NOT NULL AND pid <> pg_backend_pid()").fetchone()[0]
+            if writing:
+                return
+        else:
+            try:
+                duckdb.connect(sink.location, read_only=True).close()
+                held_since = None
+            except duckdb.IOException:
+                held_since = held_since or time.monotonic()
+                if time.monotonic() - held_since > 0.3:
+                    return
+        time.sleep(0.05)
+    raise AssertionError("the worker never opened a sink transaction")
