@@ -21,6 +21,7 @@ from table_compare import assert_same_rows, duckdb_rows, postgres_sink_rows, sou
 from nilus_dagster.cdc.lsn import parse_lsn
 from nilus_dagster.cdc.pipeline import CdcRunResult, run_cdc_pipeline
 from nilus_dagster.components.cdc_assets import cdc_config
+from nilus_dagster.sinks.base import SinkError
 from nilus_dagster.sinks.factory import open_sink
 from nilus_dagster.spec.errors import validate_spec
 from nilus_dagster.spec.project import PipelinesSpec
@@ -118,12 +119,38 @@ def test_a_transaction_many_times_the_bound_is_exact_and_bounded(env: str, state
     run_caught_up(spec, state_dsn)
     with psycopg.connect(env, autocommit=True) as conn:
         conn.execute("INSERT INTO public.items VALUES (900000, 1, 'small, before', NULL)")  # pending when it starts
+        with pytest.raises(Rollback), conn.transaction():
+            big_transaction(conn, 500_000, 3000)  # aborted: never sent, leaves nothing
+            raise Rollback
         with conn.transaction():
             big_transaction(conn, 1000, 4000)
         conn.execute("UPDATE public.items SET label = 'small, after' WHERE id = 1001")
     stats = run_caught_up(spec, state_dsn).stats
     assert stats.chunked_transactions == 1
     assert stats.peak_buffered_changes <= 2 * BOUND
+    assert_exact(env, sink)
+
+
+class Rollback(Exception):
+    pass
+
+
+def test_sink_error_mid_transaction_rolls_all_of_it_back(env: str, state_dsn: str, sink: SinkTarget) -> None:
+    if sink.kind != "postgres":
+        pytest.skip("a constraint added to an existing table is the sink fault used here (PostgreSQL)")
+    spec = spec_of(sink)
+    run_caught_up(spec, state_dsn)
+    with psycopg.connect(sink.location, autocommit=True) as conn:  # rejects a row of a late chunk
+        conn.execute("ALTER TABLE replica.items ADD CONSTRAINT not_yet CHECK (id <> 4900)")
+    with psycopg.connect(env, autocommit=True) as conn, conn.transaction():
+        conn.execute("INSERT INTO public.items SELECT g, 0, 'new', NULL FROM generate_series(1000, 4999) g")
+        conn.execute("UPDATE public.items SET counter = 5")
+    with pytest.raises(SinkError, match="not_yet"):
+        run_caught_up(spec, state_dsn)
+    assert sink_rows(sink, "public.items", ["id", "counter"], "id") == [(i, 0) for i in range(1, 201)]
+    with psycopg.connect(sink.location, autocommit=True) as conn:
+        conn.execute("ALTER TABLE replica.items DROP CONSTRAINT not_yet")
+    assert run_caught_up(spec, state_dsn).stats.chunked_transactions == 1
     assert_exact(env, sink)
 
 

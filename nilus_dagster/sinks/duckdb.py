@@ -263,9 +263,22 @@ class DuckDBSink(SqlSink):
             session.pending_checkpoint_table = True
 
     @staticmethod
-    def _runner(conn: duckdb.DuckDBPyConnection) -> SqlRunner:
+    def _runner(conn: duckdb.DuckDBPyConnection, staged: dict[str, pa.Table] | None = None) -> SqlRunner:
+        """Runs statements; `staged` Arrow tables are readable by their names in them.
+
+        Those are found by DuckDB's replacement scan (the names are the globals of the frame that
+        calls `execute`), not `register`ed: a registered view, even unregistered, keeps its Arrow
+        table alive until the transaction ends (duckdb-python #469), which inside a change
+        transaction would hold every chunk in memory.
+        """
+
         def run(statement: sql.Composable, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
-            result = conn.execute(statement.as_string(), list(params))
+            query = statement.as_string()
+            if staged:
+                namespace = {**staged, "_conn": conn, "_query": query, "_params": list(params)}
+                result = eval("_conn.execute(_query, _params)", namespace)  # noqa: S307 (a fixed expression)
+            else:
+                result = conn.execute(query, list(params))
             return result.fetchall() if result.description else []
 
         return run
@@ -303,13 +316,14 @@ class DuckDBSink(SqlSink):
         """Apply the ChangeSet (creating/evolving the CDC table as needed) and the checkpoint at once."""
         column_ddls(DUCKDB_DIALECT, target, sink_columns(schema, True))
         with self._transaction(target) as conn:
-            run = self._runner(conn)
             added = self._ensure_table(conn, target, schema, cdc=True)
+            staged: dict[str, pa.Table] = {}
 
             def stage(name: str, table: pa.Table, columns: Sequence[Column]) -> sql.Composable:
-                conn.register(name, table.select([c.name for c in columns]))
+                staged[name] = table.select([c.name for c in columns])
                 return sql.Identifier(name)
 
+            run = self._runner(conn, staged)
             result = apply_change_set(
                 run, stage, target, schema, changes, soft_delete=soft_delete, row_id=DUCKDB_DIALECT.row_id
             )
