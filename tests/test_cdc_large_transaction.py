@@ -169,13 +169,13 @@ def test_alter_table_inside_a_big_transaction(env: str, state_dsn: str, sink: Si
 
 
 def test_sigkill_mid_transaction_then_the_next_run_is_exact(env: str, state_dsn: str, sink: SinkTarget) -> None:
-    spec = spec_of(sink, batch_max_rows=2000)
+    spec = spec_of(sink, batch_max_rows=1000)
     run_caught_up(spec, state_dsn)
     before = checkpoint_lsn(sink)
     with psycopg.connect(env, autocommit=True) as conn, conn.transaction():
-        big_transaction(conn, 1000, 60_000)
+        big_transaction(conn, 1000, 20_000)
         before_commit = parse_lsn(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
-    worker = subprocess.Popen([sys.executable, str(WORKER), json.dumps(raw_spec(sink, batch_max_rows=2000)), "bigtx"],
+    worker = subprocess.Popen([sys.executable, str(WORKER), json.dumps(raw_spec(sink, batch_max_rows=1000)), "bigtx"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         wait_for_open_sink_transaction(sink, worker)
