@@ -25,8 +25,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import duckdb  # noqa: E402
-
 from cdcbench.common import COLUMNS_DDL, ROWS_SELECT, STATE_DB, Cluster, throwaway_cluster  # noqa: E402
+
 from nilus_dagster.cdc.pipeline import CdcPipelineConfig, CdcTableConfig, run_cdc_pipeline  # noqa: E402
 from nilus_dagster.schema import TableName  # noqa: E402
 from nilus_dagster.sinks.base import SinkTable  # noqa: E402

@@ -86,13 +86,16 @@ def assert_exact(env: str, sink: SinkTarget, tables: dict[str, tuple[list[str], 
 
 
 def big_transaction(conn: psycopg.Connection, first_id: int, rows: int) -> None:
-    """Inserts, then updates of those rows and of older ones (payload unchanged: TOAST), key changes,
-    deletes, a truncate of another table in the middle, and a keyless table: each statement spans
-    many chunks of BOUND changes."""
+    """Inserts, then updates of those rows and of older ones (payload unchanged: TOAST), key changes
+    (also with an unchanged TOASTed payload), deletes, a truncate of another table in the middle,
+    and a keyless table with identical rows: each statement spans many chunks of BOUND changes."""
     last = first_id + rows - 1
+    conn.execute("INSERT INTO public.items SELECT g, 0, 'toasty', (SELECT string_agg(md5(g::text || i::text), '') "
+                 "FROM generate_series(1, 80) i) FROM generate_series(%s::int, %s::int) g", (last + 1, last + 300))
     conn.execute("INSERT INTO public.items SELECT g, 0, 'new', NULL FROM generate_series(%s::int, %s::int) g",
                  (first_id, last))
     conn.execute("INSERT INTO public.loose SELECT g, 'row ' || g FROM generate_series(1, %s::int) g", (rows // 2,))
+    conn.execute("INSERT INTO public.loose SELECT g %% 7, 'dup' FROM generate_series(1, %s::int) g", (rows // 2,))
     conn.execute("UPDATE public.items SET counter = counter + 1, label = 'updated'")  # new and snapshot rows
     conn.execute("DELETE FROM public.items WHERE id % 10 = 3")
     conn.execute("TRUNCATE public.tags")
@@ -101,6 +104,9 @@ def big_transaction(conn: psycopg.Connection, first_id: int, rows: int) -> None:
     conn.execute("UPDATE public.loose SET b = b || ' changed' WHERE a % 3 = 0")
     conn.execute("DELETE FROM public.loose WHERE a % 5 = 0")
     conn.execute("UPDATE public.items SET counter = counter + 1 WHERE id % 10 = 1")
+    conn.execute("DELETE FROM public.loose WHERE ctid IN (SELECT ctid FROM public.loose WHERE b = 'dup' LIMIT 100)")
+    # key changes leaving the TOASTed payload unchanged: rows of an earlier chunk, and snapshot rows
+    conn.execute("UPDATE public.items SET id = id + 3000000 WHERE label = 'toasty' OR id <= 50")
 
 
 def checkpoint_lsn(sink: SinkTarget) -> int:
@@ -159,7 +165,7 @@ def test_alter_table_inside_a_big_transaction(env: str, state_dsn: str, sink: Si
     run_caught_up(spec, state_dsn)
     with psycopg.connect(env, autocommit=True) as conn, conn.transaction():
         conn.execute("INSERT INTO public.items SELECT g, 0, 'before', NULL FROM generate_series(1000, 3999) g")
-        conn.execute("ALTER TABLE public.items ADD COLUMN note text")
+        conn.execute("ALTER TABLE public.items ADD COLUMN note text DEFAULT 'the default'")  # older rows read it
         conn.execute("INSERT INTO public.items SELECT g, 0, 'after', 'n' || g FROM generate_series(4000, 6999) g")
         conn.execute("UPDATE public.items SET note = 'set later', counter = 2 WHERE id % 2 = 0")
         conn.execute("DELETE FROM public.items WHERE id % 7 = 0")

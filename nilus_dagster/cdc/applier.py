@@ -290,6 +290,8 @@ class ChangeApplier:
         table.schema = schema
         if event.fill and known is not None:
             self._fill_buffered_rows(relation.relation_id, names, event.fill)
+        if event.fill and self._span is not None and name in self._span.touched:
+            self._span.fill_applied_rows(table, event.fill, self._commit_lsn)
 
     def _fill_buffered_rows(self, relation_id: int, names: tuple[str, ...], fill: dict[str, str | None]) -> None:
         """Rows of the open transaction written before the DDL read the added columns' values."""

@@ -17,10 +17,13 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
+
 from nilus_dagster.cdc.lsn import format_lsn
 from nilus_dagster.cdc.multiset_changes import MultisetChanges, TableChanges, new_table_changes
 from nilus_dagster.schema import TableName
 from nilus_dagster.sinks.base import Checkpoint, Sink
+from nilus_dagster.sources.postgres.text_codec import text_to_arrow
 
 if TYPE_CHECKING:
     from nilus_dagster.cdc.applier import StreamTable
@@ -72,6 +75,15 @@ class SpanningTransaction:
         self.scope.__exit__(None, None, None)
         for table in self.touched.values():
             table.applied_lsn = end_lsn
+
+    def fill_applied_rows(self, table: StreamTable, fill: dict[str, str | None], commit_lsn: int) -> None:
+        """ADD COLUMN ... DEFAULT inside the transaction: the rows its chunks already wrote precede
+        the DDL, so they read the default too (the evolve filled only rows older than the
+        transaction; these carry its commit LSN)."""
+        for name, text in fill.items():
+            column = table.schema.column(name)
+            value = text_to_arrow(pa.array([text], pa.string()), column.type, column=f"{table.source.name}.{name}")
+            self.sink.fill_column(table.target, column, value, before_lsn=commit_lsn + 1)  # type: ignore[attr-defined]
 
     def rollback(self) -> None:
         error = TransactionAbandoned("the source transaction did not reach its commit in this run")
