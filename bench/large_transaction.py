@@ -1,12 +1,15 @@
 """One huge source transaction through the real CDC pipeline into DuckDB: peak RSS and time.
 
-    python bench/large_transaction.py [--rows 5000000] [--batch-max-rows 50000] [--out FILE]
+    python bench/large_transaction.py [--rows 5000000] [--batch-max-rows 50000] [--sink duckdb|postgres]
+                                      [--out FILE]
 
 On a throwaway PostgreSQL 16: a pipeline streams an empty table (its slot exists), then ONE
 transaction inserts `--rows` rows and updates every one of them (2 x rows changes). A fresh
 process (so that its peak RSS is the CDC run's alone) runs the pipeline until caught up; it
 reports its peak RSS (getrusage ru_maxrss), the time and the engine's counters. Then the DuckDB
-table is compared with the source row by row, in id ranges.
+table is compared with the source row by row, in id ranges. `--sink postgres` writes into a
+database of the same cluster instead (the sink's transaction then lives in the server, not in the
+measured process).
 """
 
 from __future__ import annotations
@@ -25,12 +28,14 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import duckdb  # noqa: E402
+import psycopg  # noqa: E402
 from cdcbench.common import COLUMNS_DDL, ROWS_SELECT, STATE_DB, Cluster, throwaway_cluster  # noqa: E402
 
 from nilus_dagster.cdc.pipeline import CdcPipelineConfig, CdcTableConfig, run_cdc_pipeline  # noqa: E402
 from nilus_dagster.schema import TableName  # noqa: E402
-from nilus_dagster.sinks.base import SinkTable  # noqa: E402
+from nilus_dagster.sinks.base import Sink, SinkTable  # noqa: E402
 from nilus_dagster.sinks.duckdb import DuckDBSink  # noqa: E402
+from nilus_dagster.sinks.postgres import PostgresSink  # noqa: E402
 from nilus_dagster.state.records import PipelineKey  # noqa: E402
 from nilus_dagster.state.store import StateStore  # noqa: E402
 
@@ -51,12 +56,19 @@ def config(source_dsn: str, batch_max_rows: int) -> CdcPipelineConfig:
     )
 
 
-def run_pipeline(source_dsn: str, state_dsn: str, duckdb_path: str, batch_max_rows: int) -> dict[str, Any]:
+SINK_DB = "sink"
+
+
+def open_bench_sink(location: str) -> Sink:
+    return PostgresSink(location) if location.startswith("postgresql://") else DuckDBSink(location)
+
+
+def run_pipeline(source_dsn: str, state_dsn: str, sink_location: str, batch_max_rows: int) -> dict[str, Any]:
     """One CDC run until caught up, in this process; returns what it measured."""
     started = time.perf_counter()
     with StateStore(state_dsn).open() as store:
         result = run_cdc_pipeline(
-            config(source_dsn, batch_max_rows), DuckDBSink(duckdb_path), store, run_id=f"bench-{time.time()}",
+            config(source_dsn, batch_max_rows), open_bench_sink(sink_location), store, run_id=f"bench-{time.time()}",
             stop_at_caught_up=True,
         )
     stats = result.stats
@@ -69,8 +81,8 @@ def run_pipeline(source_dsn: str, state_dsn: str, duckdb_path: str, batch_max_ro
     }
 
 
-def run_child(cluster: Cluster, duckdb_path: Path, batch_max_rows: int) -> dict[str, Any]:
-    args = [cluster.dsn(), cluster.dsn(STATE_DB), str(duckdb_path), str(batch_max_rows)]
+def run_child(cluster: Cluster, sink_location: str, batch_max_rows: int) -> dict[str, Any]:
+    args = [cluster.dsn(), cluster.dsn(STATE_DB), sink_location, str(batch_max_rows)]
     profile = ["-m", "cProfile", "-o", str(PROFILE)] if PROFILE else []
     done = subprocess.run([sys.executable, *profile, __file__, "--child", *args], capture_output=True, text=True,
                           check=False)
@@ -91,14 +103,20 @@ def normalized(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     return [(i, n, a, c.astimezone(dt.UTC), q) for i, n, a, c, q in rows]
 
 
-def compare(cluster: Cluster, duckdb_path: Path, rows: int) -> int:
+def open_sink_reader(location: str) -> Any:
+    if location.startswith("postgresql://"):
+        return psycopg.connect(location, autocommit=True)
+    return duckdb.connect(location, read_only=True)
+
+
+def compare(cluster: Cluster, sink_location: str, rows: int) -> int:
     """Row by row, in id ranges; returns the rows compared (raises on the first difference)."""
     compared = 0
-    with cluster.connect() as source, duckdb.connect(str(duckdb_path), read_only=True) as sink:
+    with cluster.connect() as source, open_sink_reader(sink_location) as sink:
         sink.execute("SET TimeZone = 'UTC'")
         (count,) = sink.execute(f"SELECT count(*) FROM {TARGET.qualified}").fetchone()  # type: ignore[misc]
         if count != rows:
-            raise AssertionError(f"DuckDB holds {count} rows, the source {rows}")
+            raise AssertionError(f"the sink holds {count} rows, the source {rows}")
         for low in range(1, rows + 1, COMPARE_RANGE):
             high = low + COMPARE_RANGE - 1
             query = f"SELECT {COLUMNS} FROM {{}} WHERE id BETWEEN {low} AND {high} ORDER BY id"
@@ -115,6 +133,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=5_000_000)
     parser.add_argument("--batch-max-rows", type=int, default=50_000)
+    parser.add_argument("--sink", choices=["duckdb", "postgres"], default="duckdb")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--child", nargs=4, metavar=("SOURCE", "STATE", "DUCKDB", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -127,21 +146,25 @@ def main() -> None:
             conn.execute(f"CREATE TABLE {TABLE} ({COLUMNS_DDL})")
             conn.execute("ALTER SYSTEM SET logical_decoding_work_mem = '64MB'")
             conn.execute("SELECT pg_reload_conf()")
+            if args.sink == "postgres":
+                conn.execute(f"CREATE DATABASE {SINK_DB}")
         duckdb_path = cluster.pg.data_dir / "bench-bigtx.duckdb"
-        first = run_child(cluster, duckdb_path, args.batch_max_rows)  # creates the slot, snapshots the empty table
+        sink = cluster.dsn(SINK_DB) if args.sink == "postgres" else str(duckdb_path)
+        first = run_child(cluster, sink, args.batch_max_rows)  # creates the slot, snapshots the empty table
         print(f"slot created, empty snapshot in {first['seconds']} s (peak RSS {first['peak_rss_mb']} MB)")
         source_seconds = big_transaction(cluster, args.rows)
         print(f"source: one transaction inserting then updating {args.rows:,} rows in {source_seconds:.1f} s")
-        run = run_child(cluster, duckdb_path, args.batch_max_rows)
+        run = run_child(cluster, sink, args.batch_max_rows)
         print(
             f"CDC run: {run['events']:,} changes in {run['seconds']} s = {run['events'] / run['seconds']:,.0f}/s, "
             f"peak RSS {run['peak_rss_mb']} MB, {run['chunked_transactions']} transaction(s) applied in chunks, "
             f"at most {run['peak_buffered_changes']:,} changes buffered (batch_max_rows {args.batch_max_rows:,})"
         )
         started = time.perf_counter()
-        compared = compare(cluster, duckdb_path, args.rows)
+        compared = compare(cluster, sink, args.rows)
         print(f"check: {compared:,} rows equal to the source row by row ({time.perf_counter() - started:.1f} s)")
-        results = {"rows": args.rows, "batch_max_rows": args.batch_max_rows, "source_seconds": round(source_seconds, 1),
+        results = {"sink": args.sink, "rows": args.rows, "batch_max_rows": args.batch_max_rows,
+                   "source_seconds": round(source_seconds, 1),
                    "run": run, "rows_compared": compared, "peak_rss_under_1gb": run["peak_rss_mb"] < 1024}
         if args.out:
             args.out.write_text(json.dumps(results, indent=2))

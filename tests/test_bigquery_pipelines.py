@@ -508,3 +508,15 @@ def test_change_set_reapplied_after_crash_before_checkpoint(
     assert bigquery_sink.read_checkpoint(key) == "0/40"
     assert [row[:3] for row in first if not row[-1]] == [(1, "T1", "b1"), (3, "t3", "b3"), (20, "t20", "b20")]
     assert [row[0] for row in first if row[-1]] == [2, 4]  # the tombstones
+
+
+def test_cdc_transactions_bigger_than_batch_max_rows_are_applied_whole(
+    env: str, warehouse: Warehouse, shop: Callable[..., dg.Definitions], instance: dg.DagsterInstance
+) -> None:
+    """BigQuery refuses a transaction applied in chunks (BigQuerySink.change_transaction): such a
+    transaction is then held whole and applied as one MERGE per table, still exact."""
+    defs = shop(batch_max_rows=5)  # the workload's transactions hold 10-30 changes each
+    succeeded(run_until_caught_up(defs, "acme__shop", instance))
+    cdc_workload(env)
+    succeeded(run_until_caught_up(defs, "acme__shop", instance))
+    assert_replica_matches(env, warehouse)
