@@ -12,6 +12,7 @@ from typing import Any, Literal
 import psycopg
 import pyarrow as pa
 
+from nilus_dagster.cdc.attach import LeafWatcher
 from nilus_dagster.cdc.lsn import format_lsn, parse_lsn
 from nilus_dagster.cdc.replication import (
     ReplicationConnection,
@@ -131,6 +132,7 @@ class CdcRun:
     interrupts: tuple[type[BaseException], ...] = ()  # e.g. Dagster's run termination
     heartbeat_interval_s: float = 5.0
     offset_interval_s: float = 10.0
+    partition_check_interval_s: float = 10.0  # how often to look for partitions attached while streaming
 
     def __post_init__(self) -> None:
         self._facts: dict[TableName, TableFacts] = {}  # catalog facts of each table's schema in force
@@ -200,7 +202,7 @@ class CdcRun:
                     slot=self.slot,
                 )
             identifier = system_identifier(conn)
-        added = self._sync_publication(tables)
+        added = self._sync_publication(tables, slot_exists=status.exists)
         result.tables_added = [t.qualified for t in added]
         if not status.exists:
             result.slot_created = True
@@ -223,12 +225,14 @@ class CdcRun:
         keys = {t.table: t.primary_key for t in config.tables if t.primary_key}
         return resolve_tables(conn, [t.table for t in config.tables], keys)
 
-    def _sync_publication(self, tables: list[CdcTable]) -> list[TableName]:
+    def _sync_publication(self, tables: list[CdcTable], *, slot_exists: bool) -> list[TableName]:
         with connect_source(self.config.source_connection, self.config.source_dsn, autocommit=True) as conn:
             existed = conn.execute(
                 "SELECT 1 FROM pg_publication WHERE pubname = %s", (self.config.publication,)
             ).fetchone()
-            added, removed = sync_publication(conn, self.config.publication, [t.name for t in tables])
+            added, removed = sync_publication(
+                conn, self.config.publication, [t.name for t in tables], slot_exists=slot_exists
+            )
         for table in removed:
             self.store.clear_snapshot(self.config.key.tenant, self.config.key.pipeline, table.qualified)
         return added if existed else []
@@ -357,6 +361,12 @@ class CdcRun:
                 applied_lsn=parse_lsn(checkpoint) if checkpoint else 0,
                 schema=schema,
             )
+        leaf_watcher = LeafWatcher(
+            config.source_connection, config.source_dsn, self.sink, config.checkpoint_prefix,
+            [t for t in stream_tables.values() if t.source.partitioned],
+            self.partition_check_interval_s,
+        )
+        leaf_watcher.check()  # partitions attached since the last run: their rows before ATTACH
         with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
             stop_at = _current_wal_lsn(conn) if self.stop_at_caught_up else None
             types_conn = self._catalog = conn
@@ -379,6 +389,7 @@ class CdcRun:
                 if time.monotonic() - last_slot_check >= 10:
                     last_slot_check = time.monotonic()
                     self._retained_wal = slot_status(conn, self.slot).retained_wal_bytes
+                leaf_watcher.poll()  # partitions attached while streaming
                 progress.lsn = format_lsn(stream_progress.applied_lsn) if stream_progress.applied_lsn else None
                 progress.lag_seconds = stream_progress.lag_seconds
                 progress.events_total = stream_progress.events_total

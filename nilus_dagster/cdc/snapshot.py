@@ -15,14 +15,24 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import Any
 
+import psycopg
 import pyarrow as pa
 from psycopg import sql
 
 from nilus_dagster.cdc.lsn import format_lsn
-from nilus_dagster.cdc.setup import CdcTable
+from nilus_dagster.cdc.partitioned import (
+    KnownLeaves,
+    decode_range,
+    known_leaves_checkpoint,
+    leaves_in_snapshot,
+    plan_leaf_ranges,
+    read_known_leaves,
+)
+from nilus_dagster.cdc.setup import CdcTable, check_leaf
 from nilus_dagster.schema import TableName, TableSchema
 from nilus_dagster.sinks.base import (
     DELETED_COLUMN,
@@ -72,6 +82,15 @@ class SnapshotTask:
     table: CdcTable
     target: SinkTable
     partition: SnapshotPartition
+    leaf: TableName | None = None  # a partitioned table's partition: read `blocks` of this leaf
+    blocks: tuple[int, int] | None = None
+
+    def read_schema(self) -> TableSchema:
+        """The table's columns, read from the leaf when the task is one leaf's range."""
+        return self.table.schema if self.leaf is None else replace(self.table.schema, table=self.leaf)
+
+    def ctid_range(self) -> tuple[int, int]:
+        return self.blocks or (self.partition.start_block, self.partition.end_block)
 
 
 @dataclass
@@ -116,13 +135,13 @@ class SnapshotRunner:
         tasks = []
         with connect_source(self.source_connection, self.source_dsn, autocommit=True) as conn:
             for table, target in tables:
-                size = table_size(conn, table.name)
-                plan = self.store.plan_snapshot(
-                    self.key,
-                    table.name.qualified,
-                    plan_partitions(size.pages, self.partition_blocks),
-                    size.rows_estimate,
-                )
+                leaves = self._planned_leaves(conn, table, target) if table.partitioned else None
+                if leaves is None:
+                    size = table_size(conn, table.name)
+                    ranges, rows = plan_partitions(size.pages, self.partition_blocks), size.rows_estimate
+                else:
+                    ranges, rows = plan_leaf_ranges(conn, leaves, lambda p: plan_partitions(p, self.partition_blocks))
+                plan = self.store.plan_snapshot(self.key, table.name.qualified, ranges, rows)
                 for partition in plan:
                     if partition.done:
                         continue
@@ -130,8 +149,24 @@ class SnapshotRunner:
                         # committed in the sink, not yet marked in the store (a crash in between)
                         self.store.mark_partition_done(self.key, table.name.qualified, partition.partition_no, 0)
                         continue
-                    tasks.append(SnapshotTask(table, target, partition))
+                    tasks.append(_task(table, target, partition, leaves))
         return tasks
+
+    def _planned_leaves(
+        self, conn: psycopg.Connection[Any], table: CdcTable, target: SinkTable
+    ) -> tuple[TableName, ...]:
+        """A partitioned table's leaves for this generation: as recorded in the sink (a resumed
+        snapshot), else as the snapshot being read sees them, recorded before any row is written."""
+        known = read_known_leaves(self.sink, self.checkpoint_prefix, table.name)
+        if known is not None and known.generation == self.generation:
+            return known.leaves
+        leaves = leaves_in_snapshot(conn, table.name, self.snapshot_name)
+        for leaf in leaves:
+            check_leaf(table.name, table.schema, leaf)
+        known = KnownLeaves(self.generation, tuple(leaf.name for leaf in leaves))
+        checkpoint = known_leaves_checkpoint(self.checkpoint_prefix, table.name, known)
+        self.sink.write(target, cdc_schema(table.schema), [], WriteStrategy.APPEND, checkpoint)
+        return known.leaves
 
     def run(self, tables: list[tuple[CdcTable, SinkTable]]) -> int:
         """Snapshot the tables; returns the rows written. Raises SnapshotCancelled on stop.
@@ -247,7 +282,6 @@ class SnapshotRunner:
                 if self.snapshot_name:
                     conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot_name)))
                 for task in _drain(pending, stop):
-                    partition = task.partition
                     synced_at = datetime.now(UTC)
                     batches = queue.Queue()  # unbounded: at most one partition, as when read whole
                     while not stop.is_set():
@@ -256,9 +290,7 @@ class SnapshotRunner:
                             break
                         except queue.Full:
                             continue
-                    for batch in read_table(
-                        conn, task.table.schema, ctid_range=(partition.start_block, partition.end_block)
-                    ):
+                    for batch in read_table(conn, task.read_schema(), ctid_range=task.ctid_range()):
                         if stop.is_set():
                             raise SnapshotCancelled("snapshot stopped while reading a partition")
                         batches.put(with_snapshot_metadata(batch, self.consistent_lsn, synced_at))
@@ -270,6 +302,15 @@ class SnapshotRunner:
                 batches.put(error)  # the partition being written fails with it
             if not stop.is_set():
                 results.put(error)
+
+
+def _task(
+    table: CdcTable, target: SinkTable, partition: SnapshotPartition, leaves: tuple[TableName, ...] | None
+) -> SnapshotTask:
+    if leaves is None:
+        return SnapshotTask(table, target, partition)
+    leaf_index, blocks = decode_range(partition.start_block, partition.end_block)
+    return SnapshotTask(table, target, partition, leaves[leaf_index], blocks)
 
 
 def _drain(pending: queue.Queue[SnapshotTask], stop: threading.Event) -> Iterator[SnapshotTask]:

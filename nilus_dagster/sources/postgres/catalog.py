@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 
 from nilus_dagster.schema.table import Column, TableName, TableSchema
+from nilus_dagster.sources.postgres.partitions import partition_leaves
 from nilus_dagster.sources.postgres.types import column_type
 
 
@@ -39,20 +40,21 @@ class TableSize:
 
 
 _RELATION_SQL = """
-SELECT c.oid, c.relreplident, c.relpages, c.reltuples::float8,
+SELECT c.oid, c.relkind, c.relreplident, c.relpages, c.reltuples::float8,
        pg_relation_size(c.oid) / current_setting('block_size')::bigint
 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 WHERE n.nspname = %s AND c.relname = %s AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
 """
 
 # One query for all columns: domains resolved to their base type (and typmod), arrays to their
-# element type, primary key position of each column.
+# element type, primary key position of each column. Stored generated columns are left out when
+# %(generated)s is false (logical replication before PostgreSQL 18 does not publish them).
 _COLUMNS_SQL = """
 WITH RECURSIVE attribute AS (
     SELECT a.attnum, a.attname, a.attnotnull, format_type(a.atttypid, a.atttypmod) AS source_type,
            a.atttypid AS type_oid, a.atttypmod AS typmod, false AS domain_not_null
     FROM pg_attribute a
-    WHERE a.attrelid = %(oid)s AND a.attnum > 0 AND NOT a.attisdropped
+    WHERE a.attrelid = %(oid)s AND a.attnum > 0 AND NOT a.attisdropped AND (%(generated)s OR a.attgenerated = '')
     UNION ALL
     SELECT a.attnum, a.attname, a.attnotnull, a.source_type, t.typbasetype,
            CASE WHEN a.typmod <> -1 THEN a.typmod ELSE t.typtypmod END, a.domain_not_null OR t.typnotnull
@@ -82,6 +84,7 @@ ORDER BY a.attnum
 @dataclass(frozen=True)
 class _Relation:
     oid: int
+    kind: str  # pg_class.relkind: r table, p partitioned table, v view, m materialized view, f foreign
     replica_identity: str
     stats_pages: int
     stats_rows: float
@@ -101,14 +104,16 @@ def _lookup_name(type_name: str, namespace: str, type_type: str) -> str:
     return type_name if type_type == "b" else f"{namespace}.{type_name}"
 
 
-def read_table_schema(conn: psycopg.Connection[Any], table: TableName) -> TableSchema:
-    """Columns (attnum order, logical types), nullability and primary key of `table`."""
+def read_table_schema(conn: psycopg.Connection[Any], table: TableName, *, generated: bool = True) -> TableSchema:
+    """Columns (attnum order, logical types), nullability and primary key of `table`.
+
+    `generated=False` leaves out stored generated columns (what pgoutput publishes before PG 18)."""
     relation = _relation(conn, table)
     columns: list[Column] = []
     key_positions: dict[str, int] = {}
     for (name, not_null, source_type, typmod, type_name, namespace, type_type,
          element_name, element_namespace, element_type_type, key_position) in conn.execute(
-            _COLUMNS_SQL, {"oid": relation.oid}):
+            _COLUMNS_SQL, {"oid": relation.oid, "generated": generated}):
         logical = column_type(
             _lookup_name(type_name, namespace, type_type),
             typmod,
@@ -129,9 +134,30 @@ def replica_identity(conn: psycopg.Connection[Any], table: TableName) -> str:
     return _relation(conn, table).replica_identity
 
 
+def relation_kind(conn: psycopg.Connection[Any], table: TableName) -> str:
+    """`pg_class.relkind`: 'r' table, 'p' partitioned table, 'v' view, 'm' materialized view, 'f' foreign."""
+    return _relation(conn, table).kind
+
+
+def generated_columns(conn: psycopg.Connection[Any], table: TableName) -> tuple[str, ...]:
+    """The stored generated columns of `table`, in attnum order."""
+    rows = conn.execute(
+        "SELECT attname FROM pg_attribute WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped "
+        "AND attgenerated = 's' ORDER BY attnum",
+        (_relation(conn, table).oid,),
+    ).fetchall()
+    return tuple(name for (name,) in rows)
+
+
 def table_size(conn: psycopg.Connection[Any], table: TableName) -> TableSize:
-    """Real block count (from the relation's size on disk) and an estimated row count."""
+    """Real block count (from the relation's size on disk) and an estimated row count.
+
+    A partitioned table holds no blocks itself (its `relpages` is 0): its size is the sum of its
+    leaf partitions' (each leaf has its own CTID space, so snapshots plan per leaf)."""
     relation = _relation(conn, table)
+    if relation.kind == "p":
+        sizes = [table_size(conn, leaf.name) for leaf in partition_leaves(conn, table) if leaf.kind == "r"]
+        return TableSize(sum(s.pages for s in sizes), sum(s.rows_estimate for s in sizes))
     if relation.stats_rows < 0:  # never vacuumed or analyzed
         rows = 0.0
     elif relation.stats_pages > 0:  # the planner's density applied to the current size
