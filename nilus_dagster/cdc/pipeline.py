@@ -132,6 +132,7 @@ class CdcRun:
     interrupts: tuple[type[BaseException], ...] = ()  # e.g. Dagster's run termination
     heartbeat_interval_s: float = 5.0
     offset_interval_s: float = 10.0
+    wal_heartbeat_interval_s: float | None = 10.0  # idle stream: a WAL message to acknowledge (None: off)
     partition_check_interval_s: float = 10.0  # how often to look for partitions attached while streaming
 
     def __post_init__(self) -> None:
@@ -398,7 +399,9 @@ class CdcRun:
 
             try:
                 with ReplicationConnection.connect(config.source_dsn) as replication:
-                    stream = replication.start(self.slot, [config.publication], start)
+                    stream = replication.start(
+                        self.slot, [config.publication], start, heartbeat_interval_s=self.wal_heartbeat_interval_s
+                    )
                     stats = run_stream(
                         stream,
                         applier,

@@ -25,7 +25,7 @@ import psycopg
 from psycopg import pq
 
 from nilus_dagster.cdc.lsn import INVALID_LSN, Lsn, format_lsn, parse_lsn
-from nilus_dagster.cdc.pgoutput import Message, PgTypeInfo, RowChange, decode
+from nilus_dagster.cdc.pgoutput import LogicalMessage, Message, PgTypeInfo, RowChange, decode
 
 
 class ReplicationError(RuntimeError):
@@ -82,6 +82,11 @@ _KEEPALIVE = struct.Struct(">Qq?").unpack_from  # WAL end, server send time, rep
 _STANDBY_STATUS = struct.Struct(">cQQQq?").pack  # 'r', write, flush, apply, client time, reply
 _XLOG_DATA, _KEEPALIVE_TAG = b"w"[0], b"k"[0]
 _PAYLOAD_OFFSET = 25
+_LOGICAL_MESSAGE = b"M"[0]
+HEARTBEAT_PREFIX = "nilus_heartbeat"
+# Tell the server at once (not at the next periodic update) once the confirmed position moved this
+# far: on a busy cluster an idle slot then releases WAL segment by segment.
+EAGER_STATUS_BYTES = 16 << 20
 
 
 def _slot_name(name: str) -> str:
@@ -138,10 +143,12 @@ class ReplicationConnection:
         *,
         logical_messages: bool = False,
         status_interval_s: float = 10.0,
+        heartbeat_interval_s: float | None = None,
     ) -> ReplicationStream:
         """START_REPLICATION with pgoutput v1. `start_lsn` 0 resumes at the slot's confirmed flush
         position; the server never replays a transaction that committed before that position.
-        `logical_messages` also streams `pg_logical_emit_message()` messages (e.g. watermarks)."""
+        `logical_messages` also streams `pg_logical_emit_message()` messages (e.g. watermarks).
+        `heartbeat_interval_s`: see `ReplicationStream` (implies `logical_messages`)."""
         if self._stream is not None:
             raise ReplicationError("this connection is already streaming")
         if not publication_names:
@@ -150,7 +157,7 @@ class ReplicationConnection:
             if not _PUBLICATION.match(publication):
                 raise ValueError(f"'{publication}' is not a plain (lowercase, unquoted) publication name")
         options = f"proto_version '1', publication_names '{','.join(publication_names)}'"
-        if logical_messages:
+        if logical_messages or heartbeat_interval_s is not None:
             options += ", messages 'true'"
         command = f"START_REPLICATION SLOT {_slot_name(slot)} LOGICAL {format_lsn(start_lsn)} ({options})"
         try:
@@ -163,7 +170,7 @@ class ReplicationConnection:
             raise SlotLost(f"replication slot '{slot}' cannot be used: {error}") from error
         if self._conn.pgconn.status != pq.ConnStatus.OK:
             raise ServerClosed(f"the server closed the connection while starting slot '{slot}'")
-        self._stream = ReplicationStream(self._conn.pgconn, slot, self._dsn, status_interval_s)
+        self._stream = ReplicationStream(self._conn.pgconn, slot, self._dsn, status_interval_s, heartbeat_interval_s)
         return self._stream
 
     def close(self) -> None:
@@ -193,9 +200,24 @@ class ReplicationConnection:
 
 
 class ReplicationStream:
-    """A started pgoutput stream. Not thread-safe: poll and confirm from one thread."""
+    """A started pgoutput stream. Not thread-safe: poll and confirm from one thread.
 
-    def __init__(self, pgconn: pq.abc.PGconn, slot: str, dsn: str | None, status_interval_s: float) -> None:
+    Heartbeats (`heartbeat_interval_s`): while no data arrives for that long, `poll()` writes a
+    non-transactional `pg_logical_emit_message(false, 'nilus_heartbeat', '')` into the slot's
+    database (through an ordinary connection). Decoded in order, it reaches this stream after every
+    transaction that committed before it, so its LSN is a position an idle slot may acknowledge
+    (`caught_up_lsn`) even when the server, busy decoding other databases' WAL, sends no keepalive.
+    Heartbeats are consumed here and never returned by `poll()`.
+    """
+
+    def __init__(
+        self,
+        pgconn: pq.abc.PGconn,
+        slot: str,
+        dsn: str | None,
+        status_interval_s: float,
+        heartbeat_interval_s: float | None = None,
+    ) -> None:
         self.slot = slot
         self._pgconn = pgconn
         self._dsn = dsn
@@ -206,7 +228,16 @@ class ReplicationStream:
         self._last_status = 0.0  # monotonic time of the last standby status update
         self._caught_up: Lsn | None = None
         self._stopped = False
+        self._sent_flush: Lsn = INVALID_LSN  # the flush position last sent to the server
         self.received_lsn: Lsn = INVALID_LSN  # highest WAL position seen (XLogData start, keepalive)
+        self._heartbeat_interval_s = heartbeat_interval_s if dsn is not None else None
+        self._heartbeat_conn: psycopg.Connection | None = None
+        self._last_data = time.monotonic()  # when XLogData (other than a heartbeat) last arrived
+        self._last_heartbeat = 0.0
+        self.heartbeats_sent = 0
+        self._log_running_xacts = True  # until the server says pg_log_standby_snapshot() is not ours
+        self.heartbeat_lsn: Lsn = INVALID_LSN  # LSN of the last heartbeat received back
+        self.heartbeat_error: str | None = None  # why heartbeats stopped (e.g. a permission)
 
     @property
     def confirmed_lsn(self) -> Lsn:
@@ -224,9 +255,10 @@ class ReplicationStream:
     def confirm_flushed(self, lsn: Lsn, *, send: bool = False) -> None:
         """Declare everything up to `lsn` durable (usually a Commit's `end_lsn`). Never goes back.
 
-        The server learns it at the next periodic status update, or now with `send=True`."""
+        The server learns it at the next periodic status update, or now with `send=True` (or when
+        it moved `EAGER_STATUS_BYTES` past what the server was last told)."""
         self._confirmed = max(self._confirmed, lsn)
-        if send:
+        if send or self._confirmed - self._sent_flush >= EAGER_STATUS_BYTES:
             self.send_status()
 
     def send_status(self, *, reply_requested: bool = False) -> None:
@@ -243,6 +275,7 @@ class ReplicationStream:
         except psycopg.OperationalError as error:
             self._raise_lost(str(error))
         self._last_status = time.monotonic()
+        self._sent_flush = flushed
 
     def poll(
         self,
@@ -268,17 +301,55 @@ class ReplicationStream:
             now = time.monotonic()
             if now - self._last_status >= self._status_interval_s:
                 self.send_status()
+            if self._heartbeat_interval_s is not None:
+                self._heartbeat_if_idle(now)
             if messages or now >= deadline:
                 return messages
             next_status = self._last_status + self._status_interval_s
             if self._selector.select(max(0.0, min(deadline, next_status) - now)):
                 self._consume_input()
 
+    def _heartbeat_if_idle(self, now: float) -> None:
+        interval = self._heartbeat_interval_s
+        assert interval is not None
+        if now - self._last_data < interval or now - self._last_heartbeat < interval:
+            return
+        self._last_heartbeat = now
+        try:
+            if self._heartbeat_conn is None or self._heartbeat_conn.closed:
+                assert self._dsn is not None
+                self._heartbeat_conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
+            if self._log_running_xacts:
+                self._log_standby_snapshot(self._heartbeat_conn)
+            self._heartbeat_conn.execute("SELECT pg_logical_emit_message(false, %s, '')", (HEARTBEAT_PREFIX,))
+            self.heartbeats_sent += 1
+        except psycopg.OperationalError:
+            self._close_heartbeat_conn()  # the server may be restarting: the stream itself will tell
+        except psycopg.Error as error:  # e.g. not permitted: keepalives still acknowledge idle WAL
+            self.heartbeat_error = str(error).strip()
+            self._heartbeat_interval_s = None
+            self._close_heartbeat_conn()
+
+    def _log_standby_snapshot(self, conn: psycopg.Connection) -> None:
+        """Log running transactions first (PG 16+, if permitted): the slot can move its restart
+        point only at such a record, which the server otherwise writes every 15 s at best; once the
+        heartbeat after it is acknowledged, the slot releases WAL up to it."""
+        try:
+            conn.execute("SELECT pg_log_standby_snapshot()")
+        except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction):
+            self._log_running_xacts = False
+
+    def _close_heartbeat_conn(self) -> None:
+        if self._heartbeat_conn is not None:
+            self._heartbeat_conn.close()
+            self._heartbeat_conn = None
+
     def stop(self) -> None:
         """Tell the server to end the stream (best effort; closing the connection also does)."""
         if self._stopped:
             return
         self._stopped = True
+        self._close_heartbeat_conn()
         self._selector.close()
         if self._pgconn.status == pq.ConnStatus.OK:
             try:
@@ -308,11 +379,15 @@ class ReplicationStream:
                     tag = buf[0]
                     if tag == _XLOG_DATA:
                         (start,) = _XLOG_START(buf, 1)
+                        if start > received:
+                            received = start
+                        if buf[_PAYLOAD_OFFSET] == _LOGICAL_MESSAGE and self._is_heartbeat(buf):
+                            caught_up = self.heartbeat_lsn  # everything committed before it was sent
+                            continue
+                        self._last_data = time.monotonic()
                         append((start, decoder(buf, _PAYLOAD_OFFSET)))  # type: ignore[arg-type]
                         room -= 1
                         caught_up = None
-                        if start > received:
-                            received = start
                     elif tag == _KEEPALIVE_TAG:
                         wal_end, _, reply_requested = _KEEPALIVE(buf, 1)
                         caught_up = wal_end
@@ -331,6 +406,13 @@ class ReplicationStream:
             self._raise_lost(str(error))
         finally:
             self.received_lsn, self._caught_up = received, caught_up
+
+    def _is_heartbeat(self, buf: bytes) -> bool:
+        message = decode(buf, _PAYLOAD_OFFSET)
+        if not isinstance(message, LogicalMessage) or message.transactional or message.prefix != HEARTBEAT_PREFIX:
+            return False
+        self.heartbeat_lsn = max(self.heartbeat_lsn, message.lsn)
+        return True
 
     def _consume_input(self) -> None:
         try:
