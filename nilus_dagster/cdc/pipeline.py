@@ -116,6 +116,8 @@ class CdcRunResult:
     stats: StreamStats = field(default_factory=StreamStats)
     slot_created: bool = False
     tables_added: list[str] = field(default_factory=list)
+    # per table: stored generated columns left out of the sink (pgoutput before PG 18 omits them)
+    generated_columns: dict[str, list[str]] = field(default_factory=dict)
 
 
 @dataclass
@@ -189,6 +191,7 @@ class CdcRun:
         with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
             self.slot = config.slot(current_database(conn))
             tables = self._prepare_source(conn, state.detail if state else {})
+            result.generated_columns = {str(t.name): list(t.generated_columns) for t in tables if t.generated_columns}
             status = slot_status(conn, self.slot)
             if status.exists and status.wal_status == "lost":
                 raise self._fail(

@@ -83,9 +83,16 @@ def _approval_watch(store, pipeline: Pipeline) -> Callable[[], bool]:  # noqa: A
     return approved
 
 
+CDC_ASSET_METADATA = {
+    "nilus/mode": "cdc",
+    "nilus/generated_columns": "stored generated columns are not replicated: PostgreSQL before 18 does not "
+    "publish them, so CDC leaves them out of the snapshot and the stream alike",
+}
+
+
 def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
     specs = [
-        dg.AssetSpec(**table_asset_attributes(spec, pipeline, table, verb="streamed", **{"nilus/mode": "cdc"}))  # type: ignore[arg-type]
+        dg.AssetSpec(**table_asset_attributes(spec, pipeline, table, verb="streamed", **CDC_ASSET_METADATA))  # type: ignore[arg-type]
         for table in pipeline.source.tables
     ]
 
@@ -127,7 +134,9 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
             "events_per_s": dg.MetadataValue.float(round(result.stats.events_per_s, 1)),
         }
         for asset_spec in specs:
-            yield dg.MaterializeResult(asset_key=asset_spec.key, metadata=summary)
+            excluded = result.generated_columns.get(str(asset_spec.metadata["nilus/source_table"]))
+            extra = {"excluded_generated_columns": dg.MetadataValue.text(", ".join(excluded))} if excluded else {}
+            yield dg.MaterializeResult(asset_key=asset_spec.key, metadata={**summary, **extra})
 
     return _stream
 
