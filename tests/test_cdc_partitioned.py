@@ -191,3 +191,58 @@ def test_a_partition_without_replica_identity_is_refused_naming_the_fix(
     assert not result.success
     assert ("public.measurements's partition public.m_2024_03 has REPLICA IDENTITY NOTHING" in failure_message(result))
     assert "ALTER TABLE public.m_2024_03 REPLICA IDENTITY DEFAULT" in failure_message(result)
+
+
+def test_a_detached_partition_stops_the_pipeline_naming_the_reset(
+    env: str, duckdb_sink: SinkTarget, instance: dg.DagsterInstance
+) -> None:
+    defs = cdc_project(duckdb_sink, cdc_pipeline("m", ["public.measurements"]))
+    assert run_until_caught_up(defs, "acme__m", instance).success
+    with psycopg.connect(env, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.measurements DETACH PARTITION public.m_2024_03")
+    result = run_until_caught_up(defs, "acme__m", instance)
+    assert not result.success
+    message = failure_message(result)
+    assert "partition(s) public.m_2024_03 left public.measurements (detached or dropped)" in message
+    assert "__reset" in message
+
+
+def test_keyless_partitioned_table_streams_and_refuses_an_attached_partition_with_rows(
+    pipeline_env: str, duckdb_sink: SinkTarget, instance: dg.DagsterInstance
+) -> None:
+    env = pipeline_env
+    with psycopg.connect(env, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.log (pos int NOT NULL, msg text) PARTITION BY RANGE (pos)")
+        conn.execute("CREATE TABLE public.log_1 PARTITION OF public.log FOR VALUES FROM (0) TO (100)")
+        conn.execute("CREATE TABLE public.log_2 PARTITION OF public.log FOR VALUES FROM (100) TO (200)")
+        conn.execute("INSERT INTO public.log SELECT g % 200, 'm' || g FROM generate_series(1, 600) g")
+    defs = cdc_project(duckdb_sink, cdc_pipeline("log", ["public.log"]))
+    refused = run_until_caught_up(defs, "acme__log", instance)
+    assert not refused.success
+    assert "ALTER TABLE public.log_1 REPLICA IDENTITY FULL" in failure_message(refused)
+
+    with psycopg.connect(env, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.log_1 REPLICA IDENTITY FULL")
+        conn.execute("ALTER TABLE public.log_2 REPLICA IDENTITY FULL")
+    first = run_until_caught_up(defs, "acme__log", instance)
+    assert first.success, failure_message(first)
+    columns = ["pos", "msg"]
+    assert_same_rows(source_rows(env, "public.log", columns, "pos, msg"),
+                     duckdb_rows(duckdb_sink.location, "replica.log", columns, "pos, msg"))
+    with psycopg.connect(env, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.log VALUES (5, 'early'), (150, 'late')")
+        conn.execute("DELETE FROM public.log WHERE msg = 'm42'")
+        conn.execute("UPDATE public.log SET pos = pos + 100 WHERE pos = 7")
+    second = run_until_caught_up(defs, "acme__log", instance)
+    assert second.success, failure_message(second)
+    assert_same_rows(source_rows(env, "public.log", columns, "pos, msg"),
+                     duckdb_rows(duckdb_sink.location, "replica.log", columns, "pos, msg"))
+
+    with psycopg.connect(env, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.log_3 (pos int NOT NULL, msg text)")
+        conn.execute("ALTER TABLE public.log_3 REPLICA IDENTITY FULL")
+        conn.execute("INSERT INTO public.log_3 VALUES (250, 'before attach')")
+        conn.execute("ALTER TABLE public.log ATTACH PARTITION public.log_3 FOR VALUES FROM (200) TO (300)")
+    third = run_until_caught_up(defs, "acme__log", instance)
+    assert not third.success
+    assert "partition public.log_3 was attached to public.log with rows in it" in failure_message(third)
