@@ -136,13 +136,14 @@ def test_heartbeats_are_written_only_while_the_stream_is_idle(source_db: str) ->
             while time.monotonic() < deadline:  # idle: heartbeats, consumed by the stream
                 received += stream.poll(timeout_s=0.1)
             assert received == []
-            assert stream.heartbeats_sent >= 2
+            assert stream.heartbeat is not None and stream.heartbeat.error is None
+            assert stream.heartbeat.sent >= 2
             assert stream.heartbeat_lsn > 0 and stream.caught_up_lsn == stream.heartbeat_lsn
-            idle_heartbeats = stream.heartbeats_sent
+            idle_heartbeats = stream.heartbeat.sent
             deadline, next_id = time.monotonic() + 2.5, 1
             while time.monotonic() < deadline:  # data every 0.1 s: no heartbeat
                 conn.execute("INSERT INTO public.t VALUES (%s)", (next_id,))
                 next_id += 1
                 received += stream.poll(timeout_s=0.1)
-            assert stream.heartbeats_sent <= idle_heartbeats + 1  # at most one already due when data began
+            assert stream.heartbeat.sent <= idle_heartbeats + 1  # at most one already due when data began
             assert received and not any(isinstance(m, LogicalMessage) for _, m in received)

@@ -6,7 +6,8 @@ waits at most a given timeout, so a caller's loop can stop promptly. The stream 
 server only what the caller declares durable with `confirm_flushed()`: the slot never forgets WAL
 the sink has not committed.
 
-The slot helpers at the bottom (`slot_status`, `drop_slot`...) use an ordinary connection.
+The slot helpers (`slot_status`, `drop_slot`...) and the errors live in `cdc.slots` and are
+re-exported here.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import select
 import selectors
 import struct
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import TracebackType
@@ -24,29 +25,42 @@ from types import TracebackType
 import psycopg
 from psycopg import pq
 
+from nilus_dagster.cdc.heartbeat import HEARTBEAT_PREFIX, WalHeartbeat
 from nilus_dagster.cdc.lsn import INVALID_LSN, Lsn, format_lsn, parse_lsn
-from nilus_dagster.cdc.pgoutput import LogicalMessage, Message, PgTypeInfo, RowChange, decode
+from nilus_dagster.cdc.pgoutput import LogicalMessage, Message, RowChange, decode
+from nilus_dagster.cdc.slots import (  # re-exported: callers import the replication layer from here
+    ReplicationError,
+    ServerClosed,
+    SlotInUse,
+    SlotLost,
+    SlotStatus,
+    SystemMismatch,
+    drop_slot,
+    ensure_same_system,
+    fetch_type_info,
+    slot_exists,
+    slot_status,
+    system_identifier,
+)
 
-
-class ReplicationError(RuntimeError):
-    """Base class of the replication layer's errors."""
-
-
-class SlotLost(ReplicationError):
-    """The replication slot does not exist (dropped) or was invalidated: the change history is gone
-    and the pipeline needs a new snapshot."""
-
-
-class SlotInUse(ReplicationError):
-    """Another connection is streaming from the slot (e.g. a previous run that is still alive)."""
-
-
-class ServerClosed(ReplicationError):
-    """The server ended the replication connection (shutdown, terminated backend, network)."""
-
-
-class SystemMismatch(ReplicationError):
-    """The server is a different PostgreSQL cluster than the one the recorded state belongs to."""
+__all__ = [
+    "ReplicationConnection",
+    "ReplicationError",
+    "ReplicationStream",
+    "ServerClosed",
+    "SlotInUse",
+    "SlotInfo",
+    "SlotLost",
+    "SlotStatus",
+    "SystemInfo",
+    "SystemMismatch",
+    "drop_slot",
+    "ensure_same_system",
+    "fetch_type_info",
+    "slot_exists",
+    "slot_status",
+    "system_identifier",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,16 +78,6 @@ class SlotInfo:
     snapshot_name: str | None  # for SET TRANSACTION SNAPSHOT, while the creating connection is idle
 
 
-@dataclass(frozen=True, slots=True)
-class SlotStatus:
-    exists: bool
-    active: bool = False
-    wal_status: str | None = None  # reserved / extended / unreserved / lost
-    restart_lsn: Lsn | None = None
-    confirmed_flush_lsn: Lsn | None = None
-    retained_wal_bytes: int | None = None  # WAL the server keeps for this slot
-
-
 _NAME = re.compile(r"^[a-z0-9_]{1,63}$")
 _PUBLICATION = re.compile(r"^[a-z_][a-z0-9_$]{0,62}$")  # pgoutput lowercases the names it is given
 _PG_EPOCH_UNIX_S = int(datetime(2000, 1, 1, tzinfo=UTC).timestamp())
@@ -83,7 +87,6 @@ _STANDBY_STATUS = struct.Struct(">cQQQq?").pack  # 'r', write, flush, apply, cli
 _XLOG_DATA, _KEEPALIVE_TAG = b"w"[0], b"k"[0]
 _PAYLOAD_OFFSET = 25
 _LOGICAL_MESSAGE = b"M"[0]
-HEARTBEAT_PREFIX = "nilus_heartbeat"
 # Tell the server at once (not at the next periodic update) once the confirmed position moved this
 # far: on a busy cluster an idle slot then releases WAL segment by segment.
 EAGER_STATUS_BYTES = 16 << 20
@@ -202,12 +205,10 @@ class ReplicationConnection:
 class ReplicationStream:
     """A started pgoutput stream. Not thread-safe: poll and confirm from one thread.
 
-    Heartbeats (`heartbeat_interval_s`): while no data arrives for that long, `poll()` writes a
-    non-transactional `pg_logical_emit_message(false, 'nilus_heartbeat', '')` into the slot's
-    database (through an ordinary connection). Decoded in order, it reaches this stream after every
-    transaction that committed before it, so its LSN is a position an idle slot may acknowledge
-    (`caught_up_lsn`) even when the server, busy decoding other databases' WAL, sends no keepalive.
-    Heartbeats are consumed here and never returned by `poll()`.
+    Heartbeats (`heartbeat_interval_s`, see `cdc.heartbeat`): while no data arrives for that long,
+    `poll()` writes one into the slot's database. When it comes back its LSN becomes `caught_up_lsn`,
+    a position an idle slot may acknowledge even when the server, busy decoding other databases'
+    WAL, sends no keepalive. Heartbeats are consumed here and never returned by `poll()`.
     """
 
     def __init__(
@@ -230,14 +231,9 @@ class ReplicationStream:
         self._stopped = False
         self._sent_flush: Lsn = INVALID_LSN  # the flush position last sent to the server
         self.received_lsn: Lsn = INVALID_LSN  # highest WAL position seen (XLogData start, keepalive)
-        self._heartbeat_interval_s = heartbeat_interval_s if dsn is not None else None
-        self._heartbeat_conn: psycopg.Connection | None = None
+        self.heartbeat = WalHeartbeat(dsn, heartbeat_interval_s) if dsn and heartbeat_interval_s is not None else None
         self._last_data = time.monotonic()  # when XLogData (other than a heartbeat) last arrived
-        self._last_heartbeat = 0.0
-        self.heartbeats_sent = 0
-        self._log_running_xacts = True  # until the server says pg_log_standby_snapshot() is not ours
         self.heartbeat_lsn: Lsn = INVALID_LSN  # LSN of the last heartbeat received back
-        self.heartbeat_error: str | None = None  # why heartbeats stopped (e.g. a permission)
 
     @property
     def confirmed_lsn(self) -> Lsn:
@@ -301,55 +297,21 @@ class ReplicationStream:
             now = time.monotonic()
             if now - self._last_status >= self._status_interval_s:
                 self.send_status()
-            if self._heartbeat_interval_s is not None:
-                self._heartbeat_if_idle(now)
+            if self.heartbeat is not None and self.heartbeat.due(now, self._last_data):
+                self.heartbeat.beat(now)
             if messages or now >= deadline:
                 return messages
             next_status = self._last_status + self._status_interval_s
             if self._selector.select(max(0.0, min(deadline, next_status) - now)):
                 self._consume_input()
 
-    def _heartbeat_if_idle(self, now: float) -> None:
-        interval = self._heartbeat_interval_s
-        assert interval is not None
-        if now - self._last_data < interval or now - self._last_heartbeat < interval:
-            return
-        self._last_heartbeat = now
-        try:
-            if self._heartbeat_conn is None or self._heartbeat_conn.closed:
-                assert self._dsn is not None
-                self._heartbeat_conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
-            if self._log_running_xacts:
-                self._log_standby_snapshot(self._heartbeat_conn)
-            self._heartbeat_conn.execute("SELECT pg_logical_emit_message(false, %s, '')", (HEARTBEAT_PREFIX,))
-            self.heartbeats_sent += 1
-        except psycopg.OperationalError:
-            self._close_heartbeat_conn()  # the server may be restarting: the stream itself will tell
-        except psycopg.Error as error:  # e.g. not permitted: keepalives still acknowledge idle WAL
-            self.heartbeat_error = str(error).strip()
-            self._heartbeat_interval_s = None
-            self._close_heartbeat_conn()
-
-    def _log_standby_snapshot(self, conn: psycopg.Connection) -> None:
-        """Log running transactions first (PG 16+, if permitted): the slot can move its restart
-        point only at such a record, which the server otherwise writes every 15 s at best; once the
-        heartbeat after it is acknowledged, the slot releases WAL up to it."""
-        try:
-            conn.execute("SELECT pg_log_standby_snapshot()")
-        except (psycopg.errors.InsufficientPrivilege, psycopg.errors.UndefinedFunction):
-            self._log_running_xacts = False
-
-    def _close_heartbeat_conn(self) -> None:
-        if self._heartbeat_conn is not None:
-            self._heartbeat_conn.close()
-            self._heartbeat_conn = None
-
     def stop(self) -> None:
         """Tell the server to end the stream (best effort; closing the connection also does)."""
         if self._stopped:
             return
         self._stopped = True
-        self._close_heartbeat_conn()
+        if self.heartbeat is not None:
+            self.heartbeat.close()
         self._selector.close()
         if self._pgconn.status == pq.ConnStatus.OK:
             try:
@@ -450,85 +412,3 @@ class ReplicationStream:
             if not exists:
                 raise SlotLost(f"replication slot '{self.slot}' was dropped ({reason.strip()})")
         raise ServerClosed(f"replication connection for slot '{self.slot}' lost: {reason.strip()}")
-
-
-# --- ordinary-connection helpers --------------------------------------------------------------
-
-_SLOT_STATUS_SQL = """
-SELECT active, wal_status, restart_lsn::text, confirmed_flush_lsn::text,
-       pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint
-FROM pg_replication_slots WHERE slot_name = %s AND database = current_database()
-"""
-
-
-def slot_status(conn: psycopg.Connection, slot: str) -> SlotStatus:
-    """The slot's state in pg_replication_slots of the connection's database."""
-    row = conn.execute(_SLOT_STATUS_SQL, [slot]).fetchone()
-    if row is None:
-        return SlotStatus(exists=False)
-    active, wal_status, restart, confirmed, retained = row
-    return SlotStatus(
-        exists=True,
-        active=active,
-        wal_status=wal_status,
-        restart_lsn=parse_lsn(restart) if restart else None,
-        confirmed_flush_lsn=parse_lsn(confirmed) if confirmed else None,
-        retained_wal_bytes=retained,
-    )
-
-
-def slot_exists(conn: psycopg.Connection, slot: str) -> bool:
-    return slot_status(conn, slot).exists
-
-
-def drop_slot(conn: psycopg.Connection, slot: str, *, missing_ok: bool = True) -> bool:
-    """Drop the slot; returns False when it did not exist (and `missing_ok`)."""
-    if not slot_exists(conn, slot):
-        if missing_ok:
-            return False
-        raise SlotLost(f"replication slot '{slot}' does not exist")
-    try:
-        conn.execute("SELECT pg_drop_replication_slot(%s)", [slot])
-    except psycopg.errors.ObjectInUse as error:
-        raise SlotInUse(f"replication slot '{slot}' is in use: {error}") from error
-    return True
-
-
-def system_identifier(conn: psycopg.Connection) -> str:
-    """The cluster's unique identifier (changes when a cluster is re-initialised, not on restart)."""
-    row = conn.execute("SELECT system_identifier::text FROM pg_control_system()").fetchone()
-    assert row is not None
-    return row[0]
-
-
-def ensure_same_system(conn: psycopg.Connection, expected: str) -> None:
-    """Raise SystemMismatch when offsets recorded on cluster `expected` would be applied elsewhere."""
-    actual = system_identifier(conn)
-    if actual != expected:
-        raise SystemMismatch(
-            f"the source is PostgreSQL system {actual}, but the saved CDC state belongs to system "
-            f"{expected}: the LSNs would be meaningless there; re-snapshot the pipeline"
-        )
-
-
-# Domains resolve to their base type (as the catalog reader does), so a column's type is the same
-# whether it was read from the catalog at snapshot time or from a Relation message.
-_TYPE_SQL = """
-SELECT t.oid, coalesce(b.typname, t.typname), coalesce(eb.typname, e.typname),
-       coalesce(b.typtype, t.typtype) = 'e'
-FROM pg_type t
-LEFT JOIN pg_type b ON t.typtype = 'd' AND b.oid = t.typbasetype
-LEFT JOIN pg_type e ON e.oid = coalesce(b.typelem, t.typelem) AND coalesce(b.typcategory, t.typcategory) = 'A'
-LEFT JOIN pg_type eb ON e.typtype = 'd' AND eb.oid = e.typbasetype
-WHERE t.oid = ANY(%s)
-"""
-
-
-def fetch_type_info(conn: psycopg.Connection, type_oids: Iterable[int]) -> dict[int, PgTypeInfo]:
-    """pg_type facts for `relation_schema()` about OIDs missing from `BUILTIN_TYPES` (enums, domains,
-    extension types...)."""
-    oids = sorted(set(type_oids))
-    if not oids:
-        return {}
-    rows = conn.execute(_TYPE_SQL, [oids]).fetchall()
-    return {oid: PgTypeInfo(name, element, is_enum) for oid, name, element, is_enum in rows}
