@@ -37,7 +37,8 @@ class KnownLeaves:
     leaves: tuple[TableName, ...]
 
     def with_leaf(self, leaf: TableName) -> KnownLeaves:
-        return KnownLeaves(self.generation, tuple(sorted({*self.leaves, leaf})))
+        """Appended, never re-sorted: a planned range names its leaf by index in this list."""
+        return self if leaf in self.leaves else KnownLeaves(self.generation, (*self.leaves, leaf))
 
     def to_value(self) -> str:
         return json.dumps({"generation": self.generation, "leaves": [leaf.qualified for leaf in self.leaves]})
