@@ -6,6 +6,8 @@ tables, slots or publications.
 
 from __future__ import annotations
 
+import contextlib
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,9 +38,25 @@ def _create_database(cluster: EmbeddedPostgres, prefix: str) -> str:
 
 
 @pytest.fixture
-def source_db(pg_cluster: EmbeddedPostgres) -> str:
-    """DSN of a fresh, empty database: the pipeline source."""
-    return _create_database(pg_cluster, "src")
+def source_db(pg_cluster: EmbeddedPostgres) -> Iterator[str]:
+    """DSN of a fresh, empty database: the pipeline source. Its replication slots are dropped
+    afterwards: the session cluster has a fixed number of them (and an idle slot holds WAL)."""
+    dsn = _create_database(pg_cluster, "src")
+    yield dsn
+    _drop_slots(pg_cluster, dsn.rsplit("/", 1)[1])
+
+
+def _drop_slots(cluster: EmbeddedPostgres, database: str) -> None:
+    with psycopg.connect(cluster.dsn(), autocommit=True) as conn:
+        for _ in range(50):  # a killed run's walsender may take a moment to let its slot go
+            conn.execute("SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+                         "WHERE database = %s AND active_pid IS NOT NULL", (database,))
+            with contextlib.suppress(psycopg.errors.ObjectInUse):  # taken again meanwhile: next round
+                conn.execute("SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots "
+                             "WHERE database = %s AND NOT active", (database,))
+            if not conn.execute("SELECT 1 FROM pg_replication_slots WHERE database = %s", (database,)).fetchone():
+                return
+            time.sleep(0.1)
 
 
 @pytest.fixture

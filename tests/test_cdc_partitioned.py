@@ -219,6 +219,11 @@ def test_keyless_partitioned_table_streams_and_refuses_an_attached_partition_wit
     defs = cdc_project(duckdb_sink, cdc_pipeline("log", ["public.log"]))
     refused = run_until_caught_up(defs, "acme__log", instance)
     assert not refused.success
+    assert "ALTER TABLE public.log REPLICA IDENTITY FULL and the same on every partition" in failure_message(refused)
+    with psycopg.connect(env, autocommit=True) as conn:
+        conn.execute("ALTER TABLE public.log REPLICA IDENTITY FULL")  # not inherited by the partitions
+    refused = run_until_caught_up(defs, "acme__log", instance)
+    assert not refused.success
     assert "ALTER TABLE public.log_1 REPLICA IDENTITY FULL" in failure_message(refused)
 
     with psycopg.connect(env, autocommit=True) as conn:

@@ -105,7 +105,7 @@ def resolve_tables(
         if table in declared_keys:
             schema = schema.with_primary_key(tuple(declared_keys[table]))
         if kind == "p":
-            _check_leaves(table, schema, partition_leaves(conn, table))
+            _check_partitioned(table, schema, identity, partition_leaves(conn, table))
             identity = "d" if schema.primary_key else "f"
         else:
             _refuse_inheritance_children(conn, table)
@@ -144,7 +144,15 @@ def check_leaf(parent: TableName, schema: TableSchema, leaf: Leaf) -> None:
     )
 
 
-def _check_leaves(parent: TableName, schema: TableSchema, leaves: list[Leaf]) -> None:
+def _check_partitioned(parent: TableName, schema: TableSchema, identity: str, leaves: list[Leaf]) -> None:
+    """Without a key the parent itself must be FULL too: published via the root, a change's old row
+    is flagged by the root's replica identity, and only FULL marks it as the whole row."""
+    if not schema.primary_key and identity != "f":
+        raise CdcSetupError(
+            f"{parent} is partitioned without a primary key and has REPLICA IDENTITY {_IDENTITY_NAMES[identity]}, so "
+            f"its updates and deletes cannot be matched: ALTER TABLE {parent} REPLICA IDENTITY FULL and the same on "
+            "every partition (replica identity is per partition), or add a primary key"
+        )
     for leaf in leaves:
         check_leaf(parent, schema, leaf)
 
