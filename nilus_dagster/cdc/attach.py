@@ -24,11 +24,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
+from nilus_dagster.cdc.applier import StreamTable
 from nilus_dagster.cdc.lsn import parse_lsn
 from nilus_dagster.cdc.partitioned import KnownLeaves, known_leaves_checkpoint, read_known_leaves
 from nilus_dagster.cdc.setup import CdcSetupError, CdcTable, check_leaf
 from nilus_dagster.cdc.snapshot import cdc_schema, with_snapshot_metadata
-from nilus_dagster.cdc.stream import StreamTable
 from nilus_dagster.schema import TableName
 from nilus_dagster.sinks.base import Sink, SinkTable, WriteStrategy
 from nilus_dagster.sources.postgres.connection import connect_source
