@@ -393,7 +393,8 @@ class CdcRun:
                 if time.monotonic() - last_slot_check >= 10:
                     last_slot_check = time.monotonic()
                     self._retained_wal = slot_status(conn, self.slot).retained_wal_bytes
-                leaf_watcher.poll()  # partitions attached while streaming
+                if not applier.in_transaction:  # never inside a spanning sink transaction
+                    leaf_watcher.poll()  # partitions attached while streaming
                 progress.lsn = format_lsn(stream_progress.applied_lsn) if stream_progress.applied_lsn else None
                 progress.lag_seconds = stream_progress.lag_seconds
                 progress.events_total = stream_progress.events_total
