@@ -138,7 +138,7 @@ def test_heartbeats_are_written_only_while_the_stream_is_idle(source_db: str) ->
             assert received == []
             assert stream.heartbeat is not None and stream.heartbeat.error is None
             assert stream.heartbeat.sent >= 2
-            assert stream.heartbeat_lsn > 0 and stream.caught_up_lsn == stream.heartbeat_lsn
+            assert stream.heartbeat_lsn > 0 and (stream.caught_up_lsn or 0) >= stream.heartbeat_lsn  # or a later keepalive
             idle_heartbeats = stream.heartbeat.sent
             deadline, next_id = time.monotonic() + 2.5, 1
             while time.monotonic() < deadline:  # data every 0.1 s: no heartbeat
