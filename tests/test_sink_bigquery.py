@@ -269,10 +269,28 @@ def test_append_replay_with_same_checkpoint_adds_nothing(bigquery_sink: BigQuery
     write_items(bigquery_sink, rows, WriteStrategy.APPEND, checkpoint=checkpoint)  # crash replay
     assert len(read_rows(bigquery_sink, "items")) == 1
     assert bigquery_sink.read_checkpoint(checkpoint.key) == checkpoint.value
-    write_items(bigquery_sink, rows, WriteStrategy.APPEND, checkpoint=Checkpoint(checkpoint.key, "next"))
+    following = Checkpoint(checkpoint.key, "next", previous=checkpoint.value)
+    write_items(bigquery_sink, rows, WriteStrategy.APPEND, checkpoint=following)
     assert len(read_rows(bigquery_sink, "items")) == 2
     assert bigquery_sink.read_checkpoint(checkpoint.key) == "next"
     assert bigquery_sink.read_checkpoint("unknown") is None
+
+
+def test_append_replay_of_a_wider_range_is_refused_and_adds_nothing(bigquery_sink: BigQuerySink) -> None:
+    """A run that read from the old mark while an earlier run's transaction committed meanwhile
+    (more rows arrived, so its range differs): nothing lands twice, the next run goes on from the mark."""
+    key = "acme/items_sync/public.items"
+    write_items(bigquery_sink, [{"id": 1, "name": "a", "qty": 1}], WriteStrategy.APPEND, checkpoint=Checkpoint(key, "1"))
+    late = [{"id": 1, "name": "a", "qty": 1}, {"id": 2, "name": "b", "qty": 2}]
+    with pytest.raises(SinkError, match=r"did not append .*checkpoint acme/items_sync/public.items is '1', not None"):
+        write_items(bigquery_sink, late, WriteStrategy.APPEND, checkpoint=Checkpoint(key, "2"))
+    assert [r["id"] for r in read_rows(bigquery_sink, "items")] == [1]
+    write_items(bigquery_sink, late[1:], WriteStrategy.APPEND, checkpoint=Checkpoint(key, "2", previous="1"))
+    assert [r["id"] for r in read_rows(bigquery_sink, "items")] == [1, 2]
+    assert {t.table_id for t in bigquery_sink.client.list_tables(bigquery_sink.dataset)} == {
+        "items",
+        "_nilus_checkpoints",
+    }  # no staging table left behind
 
 
 def test_schema_evolution_adds_columns_and_tolerates_dropped_ones(bigquery_sink: BigQuerySink) -> None:

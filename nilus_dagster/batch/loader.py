@@ -132,16 +132,18 @@ def load_table(load: BatchTableLoad, sink: Sink, store: StateStore) -> BatchLoad
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         conn.execute("SET LOCAL TIME ZONE 'UTC'")
         schema = _source_schema(conn, load)
+        sink.check_table(load.target, schema, cdc=False, strategy=load.strategy)  # refuse before writing
         diff = _check_schema_policy(store, load, schema)
-        previous = None
+        previous = stored = None
         if load.table.cursor:
-            previous = sink.read_checkpoint(load.checkpoint_key) or store.get_cursor(load.key, load.table.name)
+            stored = sink.read_checkpoint(load.checkpoint_key)
+            previous = stored or store.get_cursor(load.key, load.table.name)
         mark, where, params = _cursor_bounds(conn, load, schema, previous)
         added = sink.prepare_table(load.target, schema)
         if diff is not None and diff.widened:
             sink.widen_columns(load.target, [schema.column(name) for name, _, _ in diff.widened])
         batches = read_table(conn, schema, where=where.as_string(conn) if where else None, params=params)
-        checkpoint = Checkpoint(load.checkpoint_key, mark) if mark is not None else None
+        checkpoint = Checkpoint(load.checkpoint_key, mark, previous=stored) if mark is not None else None
         written = sink.write(load.target, schema, batches, load.strategy, checkpoint)
         conn.execute("COMMIT")
     if diff is None or not diff.is_empty:

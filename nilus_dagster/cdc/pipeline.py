@@ -192,6 +192,8 @@ class CdcRun:
             self.slot = config.slot(current_database(conn))
             tables = self._prepare_source(conn, state.detail if state else {})
             result.generated_columns = {str(t.name): list(t.generated_columns) for t in tables if t.generated_columns}
+            for table, target in self._targets(tables):  # refuse before anything is created
+                self.sink.check_table(target, table.schema, cdc=True)
             status = slot_status(conn, self.slot)
             if status.exists and status.wal_status == "lost":
                 raise self._fail(

@@ -47,10 +47,16 @@ class SinkTable:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A progress marker stored with the data, e.g. key 'acme/orders_sync/public.orders'."""
+    """A progress marker stored with the data, e.g. key 'acme/orders_sync/public.orders'.
+
+    `previous` is what the sink's checkpoint held when a batch load read the source (None: no
+    checkpoint yet). A sink that cannot commit rows and checkpoint together (BigQuery) appends only
+    while its checkpoint still holds `previous`, which makes a replay of the mark range a no-op.
+    """
 
     key: str
     value: str
+    previous: str | None = None
 
 
 @dataclass
@@ -130,6 +136,17 @@ class Sink(Protocol):
     """A destination. Implementations: DuckDBSink, PostgresSink (and BigQuerySink)."""
 
     name: str
+
+    def check_table(
+        self, target: SinkTable, schema: TableSchema, *, cdc: bool, strategy: WriteStrategy | None = None
+    ) -> None:
+        """Raise what prepare_table/write/apply_changes would refuse for this table, touching nothing.
+
+        UnsupportedColumnType names the column; a sink that needs a primary key (BigQuery CDC,
+        any `merge`) raises SinkError naming the table and the fix. Callers run it for every table
+        before they create anything in the source or the sink.
+        """
+        ...
 
     def prepare_table(self, target: SinkTable, schema: TableSchema, *, cdc: bool = False) -> list[str]:
         """Create the table if missing, add new source columns; return the added column names.

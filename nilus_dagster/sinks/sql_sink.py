@@ -55,6 +55,14 @@ class SqlSink(ABC):
     def _save_checkpoint(self, conn: Any, checkpoint: Checkpoint) -> None:
         save_checkpoint(self._runner(conn), self.dialect, checkpoint)
 
+    def check_table(
+        self, target: SinkTable, schema: TableSchema, *, cdc: bool, strategy: WriteStrategy | None = None
+    ) -> None:
+        """Refuse column types the dialect cannot hold, and a merge without primary key; no I/O."""
+        column_ddls(self.dialect, target, sink_columns(schema, cdc))
+        if strategy is not None and WriteStrategy(strategy) is WriteStrategy.MERGE and not schema.primary_key:
+            raise SinkError(f"{self.name} sink cannot merge into {target.qualified}: it has no primary key")
+
     def prepare_table(self, target: SinkTable, schema: TableSchema, *, cdc: bool = False) -> list[str]:
         """Create/evolve the table. `cdc=True` adds the `_nilus_*` metadata columns apply_changes sets."""
         column_ddls(self.dialect, target, sink_columns(schema, cdc))  # reject before touching the database
@@ -94,9 +102,7 @@ class SqlSink(ABC):
     ) -> WriteResult:
         """All batches with the strategy, then the checkpoint, in one transaction."""
         strategy = WriteStrategy(strategy)
-        if strategy is WriteStrategy.MERGE and not schema.primary_key:
-            raise SinkError(f"{self.name} sink cannot merge into {target.qualified}: it has no primary key")
-        column_ddls(self.dialect, target, schema.columns)
+        self.check_table(target, schema, cdc=False, strategy=strategy)
         counted = CountingBatches(batches)
         try:
             with self._transaction(target) as conn:

@@ -1,0 +1,329 @@
+"""`BigQuerySink`: the Sink protocol over BigQuery jobs (see the package docstring)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+import pyarrow as pa
+import pyarrow.compute as pc
+from google.api_core import exceptions as api_errors
+from google.cloud import bigquery
+
+from nilus_dagster.schema import Column, TableSchema
+from nilus_dagster.sinks.base import (
+    CHECKPOINT_TABLE,
+    DELETED_COLUMN,
+    LSN_COLUMN,
+    OP_COLUMN,
+    SYNCED_AT_COLUMN,
+    UNCHANGED_COLUMN,
+    ChangeSet,
+    Checkpoint,
+    ChunkedApplyUnsupported,
+    SinkError,
+    SinkTable,
+    WriteResult,
+    WriteStrategy,
+    old_key_column,
+)
+from nilus_dagster.sinks.bigquery import sql as bq_sql
+from nilus_dagster.sinks.bigquery.errors import sink_errors
+from nilus_dagster.sinks.bigquery.files import MOVED_OP, batches_table, change_rows, parquet_file
+from nilus_dagster.sinks.bigquery.jobs import BigQueryJobs, type_spelling
+from nilus_dagster.sinks.bigquery.options import table_options_from_spec
+from nilus_dagster.sinks.bigquery.sql import table_ref
+from nilus_dagster.sinks.bigquery_types import bigquery_field, bigquery_fields, to_load_table
+
+if TYPE_CHECKING:
+    from nilus_dagster.spec.connections import BigQueryConnection
+    from nilus_dagster.spec.pipelines import BigQueryTableOptions as TableOptionsSpec
+
+# Where checkpoints live when the connection names no dataset.
+DEFAULT_STATE_DATASET = "nilus_state"
+
+CDC_FIELDS = (
+    bigquery.SchemaField(LSN_COLUMN, "INT64"),
+    bigquery.SchemaField(OP_COLUMN, "STRING"),
+    bigquery.SchemaField(SYNCED_AT_COLUMN, "TIMESTAMP"),
+    bigquery.SchemaField(DELETED_COLUMN, "BOOL"),
+)
+_CHANGE_FIELDS = (
+    bigquery.SchemaField(LSN_COLUMN, "INT64"),
+    bigquery.SchemaField(OP_COLUMN, "STRING"),
+    bigquery.SchemaField(UNCHANGED_COLUMN, "STRING", mode="REPEATED"),
+)
+_CHECKPOINT_FIELDS = (
+    bigquery.SchemaField("key", "STRING", mode="REQUIRED"),
+    bigquery.SchemaField("value", "STRING"),
+    bigquery.SchemaField("updated_at", "TIMESTAMP"),
+)
+_CDC_KEY_FIX = "declare primary_key for the table in the pipeline"
+
+
+class BigQuerySink(BigQueryJobs):
+    """Writes to one BigQuery project; `dataset` holds the checkpoint table.
+
+    Credentials: the service-account key file named by the environment variable `credentials_env`,
+    else Application Default Credentials; an `http://` `api_endpoint` (an emulator) is called
+    anonymously. Tests may inject a ready `client`. `table_options` apply to every table the sink
+    creates; `options_by_table` overrides them per table name (`orders`) or `dataset.table`.
+    """
+
+    name = "bigquery"
+
+    # -- protocol --
+
+    def check_table(
+        self, target: SinkTable, schema: TableSchema, *, cdc: bool, strategy: WriteStrategy | None = None
+    ) -> None:
+        """Refuse what prepare_table/write/apply_changes would refuse, without calling BigQuery."""
+        bigquery_fields(schema)  # UnsupportedColumnType naming the column
+        if cdc:
+            self._require_primary_key(target, schema, "stream changes into", _CDC_KEY_FIX)
+        elif strategy is not None and WriteStrategy(strategy) is WriteStrategy.MERGE:
+            self._require_primary_key(target, schema, "merge")
+
+    def prepare_table(self, target: SinkTable, schema: TableSchema, *, cdc: bool = False) -> list[str]:
+        """Create/evolve the table; `cdc=True` adds the `_nilus_*` columns and needs a primary key."""
+        self.check_table(target, schema, cdc=cdc)
+        fields = [*bigquery_fields(schema), *CDC_FIELDS] if cdc else bigquery_fields(schema)
+        return self._ensure_table(target, fields)[1]
+
+    def widen_columns(self, target: SinkTable, columns: list[Column]) -> None:
+        """`ALTER COLUMN ... SET DATA TYPE` where the BigQuery type really changes (int16 → int64
+        is INT64 either way; NUMERIC → BIGNUMERIC is not)."""
+        ref = f"{self.project}.{target.qualified}"
+        with sink_errors("widening columns of", ref):
+            current = {f.name: f for f in self.client.get_table(ref, retry=self._retry).schema}
+        for column in columns:
+            wanted, have = bigquery_field(column, target.qualified), current.get(column.name)
+            if have is None or type_spelling(have) == type_spelling(wanted):
+                continue
+            self._query(
+                f"ALTER TABLE `{ref}` ALTER COLUMN `{column.name}` SET DATA TYPE {type_spelling(wanted)}",
+                f"widening {column.name} of",
+            )
+        self._tables.pop(ref, None)
+
+    def write(
+        self,
+        target: SinkTable,
+        schema: TableSchema,
+        batches: Iterable[pa.RecordBatch],
+        strategy: WriteStrategy,
+        checkpoint: Checkpoint | None = None,
+    ) -> WriteResult:
+        strategy = WriteStrategy(strategy)
+        self.check_table(target, schema, cdc=False, strategy=strategy)
+        table, added = self._ensure_table(target, bigquery_fields(schema))
+        data = batches_table(batches, schema)
+        if strategy is WriteStrategy.APPEND:
+            result = self._append(target, table, schema, data, checkpoint)
+        else:
+            if data.num_rows == 0:
+                if strategy is WriteStrategy.REPLACE:
+                    self._query(f"TRUNCATE TABLE {table_ref(table)}", f"replacing {target.qualified}")
+                result = WriteResult()
+            else:
+                result = self._replace_or_merge(target, table, schema, data, strategy)
+            self._save_checkpoint(checkpoint)
+        result.added_columns = added
+        return result
+
+    def apply_changes(
+        self,
+        target: SinkTable,
+        schema: TableSchema,
+        changes: ChangeSet,
+        checkpoint: Checkpoint | None,
+        *,
+        soft_delete: bool = False,
+    ) -> WriteResult:
+        self.check_table(target, schema, cdc=True)
+        table, added = self._ensure_table(target, [*bigquery_fields(schema), *CDC_FIELDS])
+        if changes.is_empty:
+            self._save_checkpoint(checkpoint)
+            return WriteResult(added_columns=added)
+        staged = change_rows(changes, schema)
+        if staged.num_rows == 0:  # a truncate alone
+            self._query(
+                bq_sql.truncate_sql(table_ref(table), soft_delete=soft_delete), f"truncating {target.qualified}"
+            )
+            self._save_checkpoint(checkpoint)
+            return WriteResult(added_columns=added)
+        truncate_before = pc.min(staged.column(LSN_COLUMN)).as_py() if changes.truncate else None
+        moved = old_key_column(schema.primary_key[0]) in staged.column_names
+        fields = [*bigquery_fields(schema), *_CHANGE_FIELDS]
+        if moved:
+            keys = {f.name: f for f in bigquery_fields(schema)}
+            fields += [_renamed(keys[k], old_key_column(k)) for k in schema.primary_key]
+        load = self._stage(target, schema, staged, fields)
+        with self._staging_table(load) as stage:
+            if moved:
+                self._refuse_uncarriable(target, table_ref(table), table_ref(stage), schema)
+            sql = bq_sql.cdc_merge_sql(
+                table_ref(table),
+                table_ref(stage),
+                schema,
+                soft_delete=soft_delete,
+                truncate_before=truncate_before,
+                moved=moved,
+            )
+            self._query(sql, f"applying changes to {target.qualified}")
+        self._save_checkpoint(checkpoint)
+        rows = changes.upserts.num_rows + changes.deletes.num_rows
+        return WriteResult(rows=rows, bytes=load.bytes, added_columns=added)
+
+    def read_checkpoint(self, key: str) -> str | None:
+        table = f"{self.project}.{self.dataset}.{CHECKPOINT_TABLE}"
+        with sink_errors("reading checkpoint", table):
+            try:
+                self.client.get_table(table, retry=self._retry)
+            except api_errors.NotFound:
+                return None
+        rows = self._query(
+            f"SELECT value FROM `{table}` WHERE key = @key",
+            f"reading checkpoint {key}",
+            bigquery.ScalarQueryParameter("key", "STRING", key),
+        )
+        return next((row["value"] for row in rows), None)
+
+    def change_transaction(self) -> contextlib.AbstractContextManager[None]:
+        """Refused: BigQuery has no transaction across requests, so the chunks of one source
+        transaction would become visible one by one; and they share its commit LSN, so the
+        LSN-guarded MERGE (`S.lsn > T.lsn`) would skip a later chunk's change to a key an earlier
+        chunk wrote, and a truncate would keep the earlier chunks' rows. The CDC engine then
+        buffers such a transaction whole, as one MERGE per table."""
+        raise ChunkedApplyUnsupported("bigquery sink cannot apply one source transaction in several MERGEs exactly")
+
+    # -- writes --
+
+    @staticmethod
+    def _require_primary_key(
+        target: SinkTable, schema: TableSchema, action: str, fix: str = "use the append/replace strategy"
+    ) -> None:
+        if not schema.primary_key:
+            raise SinkError(
+                f"BigQuery sink cannot {action} {target.qualified}: source table {schema.table} has no "
+                f"primary key (add one, or {fix})"
+            )
+
+    def _append(
+        self,
+        target: SinkTable,
+        table: bigquery.Table,
+        schema: TableSchema,
+        data: pa.Table,
+        checkpoint: Checkpoint | None,
+    ) -> WriteResult:
+        """Without a checkpoint: one load job. With one: stage, then insert and advance the mark in
+        one transaction guarded by the mark the load read from (`checkpoint.previous`), so a replay
+        of the range, whatever arrived in the source since, adds nothing."""
+        if checkpoint is None:
+            if data.num_rows == 0:
+                return WriteResult()
+            with parquet_file(to_load_table(data, schema, table.schema)) as file:
+                self._load(file, table, f"appending to {target.qualified}")
+            return WriteResult(rows=file.rows, bytes=file.bytes)
+        checkpoints = table_ref(self._checkpoint_table())
+        names = [f.name for f in table.schema]
+        if data.num_rows == 0:
+            self._advance_mark(bq_sql.append_sql(table_ref(table), None, names, checkpoints), checkpoint, target)
+            return WriteResult()
+        load = self._stage(target, schema, data, table.schema)
+        with self._staging_table(load) as stage:
+            script = bq_sql.append_sql(table_ref(table), table_ref(stage), names, checkpoints)
+            self._advance_mark(script, checkpoint, target)
+        return WriteResult(rows=load.rows, bytes=load.bytes)
+
+    def _advance_mark(self, script: str, checkpoint: Checkpoint, target: SinkTable) -> None:
+        """Run a guarded append script; fail if the checkpoint holds neither the old nor the new mark."""
+        self._query(
+            script,
+            f"appending to {target.qualified}",
+            bigquery.ScalarQueryParameter("key", "STRING", checkpoint.key),
+            bigquery.ScalarQueryParameter("value", "STRING", checkpoint.value),
+            bigquery.ScalarQueryParameter("previous", "STRING", checkpoint.previous),
+        )
+        stored = self.read_checkpoint(checkpoint.key)
+        if stored != checkpoint.value:
+            raise SinkError(
+                f"BigQuery sink did not append to {target.qualified}: checkpoint {checkpoint.key} is "
+                f"{stored!r}, not {checkpoint.previous!r} as when this load read the source (another run "
+                "loaded meanwhile); nothing was written, the next run continues from the stored mark"
+            )
+
+    def _replace_or_merge(
+        self,
+        target: SinkTable,
+        table: bigquery.Table,
+        schema: TableSchema,
+        data: pa.Table,
+        strategy: WriteStrategy,
+    ) -> WriteResult:
+        if strategy is WriteStrategy.REPLACE:
+            load = self._stage(target, schema, data, table.schema)
+            sql = bq_sql.replace_sql(table_ref(table), table_ref(load.table), [f.name for f in table.schema])
+        else:
+            data = data.append_column(bq_sql.ROW_NUMBER, pa.array(range(data.num_rows), pa.int64()))
+            fields = [*bigquery_fields(schema), bigquery.SchemaField(bq_sql.ROW_NUMBER, "INT64")]
+            load = self._stage(target, schema, data, fields)
+            sql = bq_sql.batch_merge_sql(table_ref(table), table_ref(load.table), schema)
+        with self._staging_table(load):
+            self._query(sql, f"{strategy.value} into {target.qualified}")
+        return WriteResult(rows=load.rows, bytes=load.bytes)
+
+    def _refuse_uncarriable(self, target: SinkTable, table: str, stage: str, schema: TableSchema) -> None:
+        rows = self._query(bq_sql.uncarriable_sql(table, stage, schema), f"checking moved rows of {target.qualified}")
+        missing = rows[0]["n"] if rows else 0
+        if missing:
+            raise SinkError(
+                f"BigQuery sink cannot apply changes to {target.qualified}: {missing} row(s) changed their "
+                "primary key with unchanged TOASTed values, but the sink holds no row at the old key to "
+                f"carry them from ({MOVED_OP!r} rows); nothing was applied. Re-snapshot the table"
+            )
+
+    def _checkpoint_table(self) -> bigquery.Table:
+        return self._ensure_table(SinkTable(self.dataset, CHECKPOINT_TABLE), _CHECKPOINT_FIELDS)[0]
+
+    def _save_checkpoint(self, checkpoint: Checkpoint | None) -> None:
+        if checkpoint is None:
+            return
+        self._query(
+            bq_sql.checkpoint_merge_sql(table_ref(self._checkpoint_table())),
+            f"saving checkpoint {checkpoint.key}",
+            bigquery.ScalarQueryParameter("key", "STRING", checkpoint.key),
+            bigquery.ScalarQueryParameter("value", "STRING", checkpoint.value),
+        )
+
+
+def _renamed(field: bigquery.SchemaField, name: str) -> bigquery.SchemaField:
+    return bigquery.SchemaField(name, field.field_type, mode=field.mode, precision=field.precision, scale=field.scale)
+
+
+def open_bigquery_sink(
+    name: str,
+    connection: BigQueryConnection,
+    table_options: TableOptionsSpec | None = None,
+    *,
+    dataset: str | None = None,
+) -> BigQuerySink:
+    """The sink for the `bigquery` connection `name` declared in YAML.
+
+    `dataset` (the pipeline's sink dataset) holds the checkpoint table next to the pipeline's
+    tables; without it the connection's `dataset`, else `nilus_state`.
+    """
+    try:
+        options = table_options_from_spec(table_options) if table_options else None
+    except ValueError as exc:
+        raise SinkError(f"BigQuery connection '{name}': {exc}") from exc
+    return BigQuerySink(
+        connection.project,
+        dataset=dataset or connection.dataset or DEFAULT_STATE_DATASET,
+        location=connection.location,
+        credentials_env=connection.credentials_env,
+        api_endpoint=connection.api_endpoint,
+        table_options=options,
+    )
