@@ -36,6 +36,7 @@ from nilus_dagster.sinks.base import (
     SinkTable,
     UnsupportedColumnType,
     WriteStrategy,
+    old_key_column,
 )
 from nilus_dagster.sinks.bigquery import (
     BigQuerySink,
@@ -72,6 +73,7 @@ def change_set(
     deletes: list[dict[str, Any]] = (),  # type: ignore[assignment]
     *,
     truncate: bool = False,
+    moved: list[dict[str, Any]] | None = None,
 ) -> ChangeSet:
     upsert_schema = arrow_schema(schema).append(pa.field(LSN_COLUMN, pa.int64()))
     upsert_schema = upsert_schema.append(pa.field(OP_COLUMN, pa.string()))
@@ -82,7 +84,15 @@ def change_set(
         upserts=pa.Table.from_pylist(list(upserts), schema=upsert_schema),
         deletes=pa.Table.from_pylist(list(deletes), schema=delete_schema),
         truncate=truncate,
+        moved=pa.Table.from_pylist(moved, schema=moved_schema(schema)) if moved is not None else None,
     )
+
+
+def moved_schema(schema: TableSchema) -> pa.Schema:
+    """ChangeSet.moved: the new key, the old key as `_nilus_old_<key>`, `_nilus_unchanged`."""
+    key_fields = [arrow_schema(schema).field(k) for k in schema.primary_key]
+    old_fields = [f.with_name(old_key_column(f.name)) for f in key_fields]
+    return pa.schema([*key_fields, *old_fields, pa.field(UNCHANGED_COLUMN, pa.list_(pa.string()))])
 
 
 def read_rows(sink: BigQuerySink, name: str, columns: str = "*") -> list[dict[str, Any]]:
@@ -498,6 +508,40 @@ def test_cdc_without_primary_key_is_refused(bigquery_sink: BigQuerySink) -> None
     keyless = table_schema("docs", list(DOCS.columns), key=())
     with pytest.raises(SinkError, match="no primary key"):
         bigquery_sink.apply_changes(target(bigquery_sink, "docs"), keyless, change_set(DOCS), None)
+
+
+@pytest.mark.parametrize("soft_delete", [False, True])
+def test_cdc_key_change_carries_unchanged_toast_and_replays(bigquery_sink: BigQuerySink, soft_delete: bool) -> None:
+    apply(
+        bigquery_sink,
+        change_set(DOCS, [doc(1, 10, title="t1", body="long body", n=1), doc(2, 11, title="t2", body="b2", n=2)]),
+        soft_delete=soft_delete,
+    )
+    moved = change_set(
+        DOCS,
+        [doc(100, 20, "U", ["body"], title="T100", body=None, n=5), doc(2, 21, "U", ["body"], title="T2", n=3)],
+        [{"id": 1, LSN_COLUMN: 20}],
+        moved=[{"id": 100, old_key_column("id"): 1, UNCHANGED_COLUMN: ["body"]}],
+    )
+    apply(bigquery_sink, moved, 21, soft_delete=soft_delete)
+    first = cdc_rows(bigquery_sink)
+    apply(bigquery_sink, moved, 21, soft_delete=soft_delete)  # replay: the old row is gone (or a tombstone)
+    assert cdc_rows(bigquery_sink) == first
+    live = [row[:4] for row in first if not row[-1]]
+    assert live == [(2, "T2", "b2", 3), (100, "T100", "long body", 5)]
+    assert [row[0] for row in first if row[-1]] == ([1] if soft_delete else [])
+
+
+def test_cdc_key_change_without_the_old_row_is_refused(bigquery_sink: BigQuerySink) -> None:
+    apply(bigquery_sink, change_set(DOCS, [doc(2, 11, title="t2", body="b2")]))
+    orphan = change_set(
+        DOCS,
+        [doc(100, 20, "U", ["body"], title="T100"), doc(3, 20, title="t3")],
+        moved=[{"id": 100, old_key_column("id"): 1, UNCHANGED_COLUMN: ["body"]}],
+    )
+    with pytest.raises(SinkError, match="no row at the old key"):
+        apply(bigquery_sink, orphan, 20)
+    assert cdc_rows(bigquery_sink) == [(2, "t2", "b2", None, 11, "I", False)]  # nothing applied
 
 
 # --- real BigQuery (opt-in) ---------------------------------------------------------------------
