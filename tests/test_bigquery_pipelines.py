@@ -20,6 +20,7 @@ from bigquery_emulator import RunningEmulator
 from cdc_project import cdc_pipeline, run_until_caught_up
 from google.api_core.exceptions import NotFound
 from google.cloud import bigquery
+from refusals import assert_nothing_created
 from table_compare import Row, assert_same_rows, bigquery_rows, source_rows
 
 from nilus_dagster.cdc.changes import TableChanges
@@ -449,21 +450,24 @@ def test_cdc_new_source_column_appears_mid_stream(
     assert_same_rows(source_rows(env, "public.items", columns, "id"), warehouse.rows("items", columns, live=True))
 
 
-def test_cdc_table_without_key_is_refused_before_data_moves(
-    env: str, warehouse: Warehouse, instance: dg.DagsterInstance
+def test_cdc_table_without_key_is_refused_before_anything_is_created(
+    env: str, warehouse: Warehouse, instance: dg.DagsterInstance, state_dsn: str
 ) -> None:
     execute(
         env,
         "CREATE TABLE public.log (line text)",
         "ALTER TABLE public.log REPLICA IDENTITY FULL",
         "INSERT INTO public.log VALUES ('x')",
+        "CREATE TABLE public.stock (id int PRIMARY KEY, qty int)",
+        "INSERT INTO public.stock VALUES (1, 1)",
     )
-    defs = project(warehouse.target, cdc_pipeline("log", ["public.log"], sink=warehouse.sink()))
+    defs = project(warehouse.target, cdc_pipeline("log", ["public.stock", "public.log"], sink=warehouse.sink()))
     result = run_until_caught_up(defs, "acme__log", instance)
     assert not result.success
     assert "public.log has no primary key (add one, or declare primary_key" in failure_message(result)
+    assert_nothing_created(env, state_dsn, "acme", "log")
     with pytest.raises(NotFound):
-        warehouse.table("log")
+        warehouse.client.get_dataset(warehouse.dataset)  # not even the dataset: no table of the other table
 
 
 # --- the sink alone: a ChangeSet replayed after a crash -------------------------------------------
