@@ -414,6 +414,59 @@ def test_cdc_replay_after_crash_between_merge_and_checkpoint(
     assert_replica_matches(env, warehouse)
 
 
+@pytest.fixture
+def fail_once(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[str]]:
+    """Make the first BigQuerySink.<method> call matching `condition(args)` fail, before it runs or
+    (`after=True`) after it completed: a run dying at that exact point. Returns what failed."""
+
+    def arm(method: str, condition: Callable[..., bool], *, after: bool = False) -> list[str]:
+        original, failed = getattr(BigQuerySink, method), []
+
+        def wrapper(sink: BigQuerySink, *args: Any, **kwargs: Any) -> Any:
+            if failed or not condition(*args):
+                return original(sink, *args, **kwargs)
+            if after:
+                original(sink, *args, **kwargs)
+            failed.append(method)
+            raise SinkError(f"simulated crash {'after' if after else 'before'} {method}")
+
+        monkeypatch.setattr(BigQuerySink, method, wrapper)
+        return failed
+
+    return arm
+
+
+@pytest.mark.parametrize("point", ["before_merge", "after_checkpoint"])
+def test_cdc_crash_before_the_merge_or_after_the_checkpoint_then_exact(
+    env: str,
+    warehouse: Warehouse,
+    shop: Callable[..., dg.Definitions],
+    instance: dg.DagsterInstance,
+    fail_once: Callable[..., list[str]],
+    point: str,
+) -> None:
+    """The other two crash points of a stream batch (between MERGE and checkpoint: above)."""
+    defs = shop()
+    succeeded(run_until_caught_up(defs, "acme__shop", instance))
+    key = "acme/shop/public.orders"
+    before = warehouse.checkpoint(key)
+    cdc_workload(env)
+    if point == "before_merge":
+        failed = fail_once("apply_changes", lambda target, schema, changes, checkpoint, *rest: (
+            checkpoint is not None and checkpoint.key == key and not changes.is_empty))
+    else:
+        failed = fail_once("_save_checkpoint", lambda checkpoint: (
+            checkpoint is not None and checkpoint.key == key and checkpoint.value != before), after=True)
+    crashed = run_until_caught_up(defs, "acme__shop", instance)
+    assert not crashed.success and failed
+    moved = warehouse.checkpoint(key) != before
+    assert moved == (point == "after_checkpoint")
+    execute(env, "INSERT INTO public.orders VALUES (77777, 'late', 1, now(), NULL, NULL, NULL)",
+            "UPDATE public.orders SET status = 'late' WHERE id = 1000")  # changes arriving before the next run
+    succeeded(run_until_caught_up(defs, "acme__shop", instance))
+    assert_replica_matches(env, warehouse)
+
+
 def test_cdc_snapshot_partition_replayed_after_crash_is_not_duplicated(
     env: str,
     warehouse: Warehouse,
