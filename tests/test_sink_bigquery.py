@@ -27,6 +27,7 @@ from google.cloud import bigquery
 
 from nilus_dagster.schema import Column, ColumnType, TableName, TableSchema, arrow_schema
 from nilus_dagster.sinks.base import (
+    CHECKPOINT_TABLE,
     LSN_COLUMN,
     OP_COLUMN,
     UNCHANGED_COLUMN,
@@ -273,6 +274,10 @@ def test_merge_without_primary_key_is_refused(bigquery_sink: BigQuerySink) -> No
 
 
 def test_append_replay_with_same_checkpoint_adds_nothing(bigquery_sink: BigQuerySink) -> None:
+    check_append_replay_adds_nothing(bigquery_sink)
+
+
+def check_append_replay_adds_nothing(bigquery_sink: BigQuerySink) -> None:
     checkpoint = Checkpoint("acme/items_sync/public.items", "2024-01-01T00:00:00")
     rows = [{"id": 1, "name": "a", "qty": 1}]
     write_items(bigquery_sink, rows, WriteStrategy.APPEND, checkpoint=checkpoint)
@@ -287,6 +292,10 @@ def test_append_replay_with_same_checkpoint_adds_nothing(bigquery_sink: BigQuery
 
 
 def test_append_replay_of_a_wider_range_is_refused_and_adds_nothing(bigquery_sink: BigQuerySink) -> None:
+    check_append_from_a_stale_mark_is_refused(bigquery_sink)
+
+
+def check_append_from_a_stale_mark_is_refused(bigquery_sink: BigQuerySink) -> None:
     """A run that read from the old mark while an earlier run's transaction committed meanwhile
     (more rows arrived, so its range differs): nothing lands twice, the next run goes on from the mark."""
     key = "acme/items_sync/public.items"
@@ -297,10 +306,8 @@ def test_append_replay_of_a_wider_range_is_refused_and_adds_nothing(bigquery_sin
     assert [r["id"] for r in read_rows(bigquery_sink, "items")] == [1]
     write_items(bigquery_sink, late[1:], WriteStrategy.APPEND, checkpoint=Checkpoint(key, "2", previous="1"))
     assert [r["id"] for r in read_rows(bigquery_sink, "items")] == [1, 2]
-    assert {t.table_id for t in bigquery_sink.client.list_tables(bigquery_sink.dataset)} == {
-        "items",
-        "_nilus_checkpoints",
-    }  # no staging table left behind
+    tables = {t.table_id for t in bigquery_sink.client.list_tables(bigquery_sink.dataset)}
+    assert "items" in tables and not [t for t in tables if t.startswith("_nilus_stage_")]  # no staging table left
 
 
 def test_schema_evolution_adds_columns_and_tolerates_dropped_ones(bigquery_sink: BigQuerySink) -> None:
@@ -512,6 +519,10 @@ def test_cdc_without_primary_key_is_refused(bigquery_sink: BigQuerySink) -> None
 
 @pytest.mark.parametrize("soft_delete", [False, True])
 def test_cdc_key_change_carries_unchanged_toast_and_replays(bigquery_sink: BigQuerySink, soft_delete: bool) -> None:
+    check_key_change_carries_toast(bigquery_sink, soft_delete)
+
+
+def check_key_change_carries_toast(bigquery_sink: BigQuerySink, soft_delete: bool) -> None:
     apply(
         bigquery_sink,
         change_set(DOCS, [doc(1, 10, title="t1", body="long body", n=1), doc(2, 11, title="t2", body="b2", n=2)]),
@@ -563,16 +574,38 @@ def live_sink() -> Iterator[BigQuerySink]:
         sink.close()
 
 
+def empty(sink: BigQuerySink, *tables: str) -> None:
+    for name in tables:
+        sink.client.query(f"DELETE FROM `{sink.project}.{sink.dataset}.{name}` WHERE TRUE").result()
+
+
 @pytest.mark.bigquery_live
 def test_live_round_trip_and_cdc(live_sink: BigQuerySink) -> None:
+    """Everything the emulator shows, on real BigQuery, plus what it cannot: NUMERIC precision kept
+    and widened in place, BIGNUMERIC beyond 38 digits."""
     check_all_types_round_trip(live_sink)
+    check_append_replay_adds_nothing(live_sink)
+    empty(live_sink, "items", CHECKPOINT_TABLE)
+    check_append_from_a_stale_mark_is_refused(live_sink)
     check_cdc_scenario(live_sink)
-    wide = table_schema("wide", [col("id", "int64"), col("amount", "decimal", precision=60, scale=20)])
-    value = Decimal("1234567890123456789012345678901234567890.12345678901234567890")
-    live_sink.write(
-        target(live_sink, "wide"), wide, [batch(wide, [{"id": 1, "amount": value}])], WriteStrategy.APPEND
+    empty(live_sink, "docs")
+    check_key_change_carries_toast(live_sink, soft_delete=False)
+    wide = table_schema(
+        "wide",
+        [col("id", "int64"), col("amount", "decimal", precision=50, scale=12), col("money", "decimal", precision=12, scale=2)],
     )
-    assert read_rows(live_sink, "wide") == [{"id": 1, "amount": value}]
+    value = Decimal("12345678901234567890123456789012345678.123456789012")  # 50 digits: BIGNUMERIC(50, 12)
+    rows = [{"id": 1, "amount": value, "money": Decimal("9999999999.99")}]
+    live_sink.write(target(live_sink, "wide"), wide, [batch(wide, rows)], WriteStrategy.APPEND)
+    assert read_rows(live_sink, "wide") == rows
+    live_sink.widen_columns(target(live_sink, "wide"), [col("money", "decimal", precision=20, scale=2)])
+    fields = {f.name: (f.field_type, f.precision, f.scale) for f in live_sink.client.get_table(
+        f"{live_sink.project}.{live_sink.dataset}.wide").schema}
+    assert fields["amount"] == ("BIGNUMERIC", 50, 12) and fields["money"] == ("NUMERIC", 20, 2)
+    widened = table_schema("wide", [*wide.columns[:2], col("money", "decimal", precision=20, scale=2)])
+    bigger = {"id": 2, "amount": None, "money": Decimal("123456789012345678.99")}
+    live_sink.write(target(live_sink, "wide"), widened, [batch(widened, [bigger])], WriteStrategy.APPEND)
+    assert read_rows(live_sink, "wide") == [*rows, bigger]
 
 
 def test_widening_within_one_bigquery_type_leaves_the_table_alone(bigquery_sink: BigQuerySink) -> None:
