@@ -472,11 +472,17 @@ def test_cdc_snapshot_partition_replayed_after_crash_is_not_duplicated(
     warehouse: Warehouse,
     shop: Callable[..., dg.Definitions],
     instance: dg.DagsterInstance,
-    fail_checkpoint_once: CrashBeforeCheckpoint,
+    fail_once: Callable[..., list[str]],
 ) -> None:
+    """A partition's rows and checkpoint commit in one transaction; the run dies before the state
+    store records the partition: the next run finds the checkpoint and does not load it again."""
     defs = shop(snapshot_partition_blocks=2, snapshot_workers=1)
     first_partition = "/public.orders/0"  # key: acme/shop/snapshot/<generation>/public.orders/<partition>
-    failed = fail_checkpoint_once(lambda checkpoint: "/snapshot/" in checkpoint.key and checkpoint.key.endswith(first_partition))
+
+    def first_partition_write(target: SinkTable, schema: Any, batches: Any, strategy: Any, checkpoint: Any = None) -> bool:
+        return checkpoint is not None and "/snapshot/" in checkpoint.key and checkpoint.key.endswith(first_partition)
+
+    failed = fail_once("write", first_partition_write, after=True)
     assert not run_until_caught_up(defs, "acme__shop", instance).success and failed
     assert warehouse.rows("orders", ["id"])  # the partition's rows landed before the crash
     cdc_workload(env)

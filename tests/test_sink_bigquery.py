@@ -33,6 +33,7 @@ from nilus_dagster.sinks.base import (
     UNCHANGED_COLUMN,
     ChangeSet,
     Checkpoint,
+    MarkCheckpoint,
     SinkError,
     SinkTable,
     UnsupportedColumnType,
@@ -278,13 +279,13 @@ def test_append_replay_with_same_checkpoint_adds_nothing(bigquery_sink: BigQuery
 
 
 def check_append_replay_adds_nothing(bigquery_sink: BigQuerySink) -> None:
-    checkpoint = Checkpoint("acme/items_sync/public.items", "2024-01-01T00:00:00")
+    checkpoint = MarkCheckpoint("acme/items_sync/public.items", "2024-01-01T00:00:00")
     rows = [{"id": 1, "name": "a", "qty": 1}]
     write_items(bigquery_sink, rows, WriteStrategy.APPEND, checkpoint=checkpoint)
     write_items(bigquery_sink, rows, WriteStrategy.APPEND, checkpoint=checkpoint)  # crash replay
     assert len(read_rows(bigquery_sink, "items")) == 1
     assert bigquery_sink.read_checkpoint(checkpoint.key) == checkpoint.value
-    following = Checkpoint(checkpoint.key, "next", previous=checkpoint.value)
+    following = MarkCheckpoint(checkpoint.key, "next", previous=checkpoint.value)
     write_items(bigquery_sink, rows, WriteStrategy.APPEND, checkpoint=following)
     assert len(read_rows(bigquery_sink, "items")) == 2
     assert bigquery_sink.read_checkpoint(checkpoint.key) == "next"
@@ -299,12 +300,12 @@ def check_append_from_a_stale_mark_is_refused(bigquery_sink: BigQuerySink) -> No
     """A run that read from the old mark while an earlier run's transaction committed meanwhile
     (more rows arrived, so its range differs): nothing lands twice, the next run goes on from the mark."""
     key = "acme/items_sync/public.items"
-    write_items(bigquery_sink, [{"id": 1, "name": "a", "qty": 1}], WriteStrategy.APPEND, checkpoint=Checkpoint(key, "1"))
+    write_items(bigquery_sink, [{"id": 1, "name": "a", "qty": 1}], WriteStrategy.APPEND, checkpoint=MarkCheckpoint(key, "1"))
     late = [{"id": 1, "name": "a", "qty": 1}, {"id": 2, "name": "b", "qty": 2}]
     with pytest.raises(SinkError, match=r"did not append .*checkpoint acme/items_sync/public.items is '1', not None"):
-        write_items(bigquery_sink, late, WriteStrategy.APPEND, checkpoint=Checkpoint(key, "2"))
+        write_items(bigquery_sink, late, WriteStrategy.APPEND, checkpoint=MarkCheckpoint(key, "2"))
     assert [r["id"] for r in read_rows(bigquery_sink, "items")] == [1]
-    write_items(bigquery_sink, late[1:], WriteStrategy.APPEND, checkpoint=Checkpoint(key, "2", previous="1"))
+    write_items(bigquery_sink, late[1:], WriteStrategy.APPEND, checkpoint=MarkCheckpoint(key, "2", previous="1"))
     assert [r["id"] for r in read_rows(bigquery_sink, "items")] == [1, 2]
     tables = {t.table_id for t in bigquery_sink.client.list_tables(bigquery_sink.dataset)}
     assert "items" in tables and not [t for t in tables if t.startswith("_nilus_stage_")]  # no staging table left

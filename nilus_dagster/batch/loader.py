@@ -15,7 +15,7 @@ from psycopg import sql
 
 from nilus_dagster.schema import TableSchema
 from nilus_dagster.schema.evolution import SchemaDiff, diff_schemas
-from nilus_dagster.sinks.base import Checkpoint, Sink, SinkTable, WriteStrategy
+from nilus_dagster.sinks.base import MarkCheckpoint, Sink, SinkTable, WriteStrategy
 from nilus_dagster.sources.postgres.catalog import read_table_schema
 from nilus_dagster.sources.postgres.connection import connect_source
 from nilus_dagster.sources.postgres.reader import read_table
@@ -143,7 +143,7 @@ def load_table(load: BatchTableLoad, sink: Sink, store: StateStore) -> BatchLoad
         if diff is not None and diff.widened:
             sink.widen_columns(load.target, [schema.column(name) for name, _, _ in diff.widened])
         batches = read_table(conn, schema, where=where.as_string(conn) if where else None, params=params)
-        checkpoint = Checkpoint(load.checkpoint_key, mark, previous=stored) if mark is not None else None
+        checkpoint = MarkCheckpoint(load.checkpoint_key, mark, previous=stored) if mark is not None else None
         written = sink.write(load.target, schema, batches, load.strategy, checkpoint)
         conn.execute("COMMIT")
     if diff is None or not diff.is_empty:

@@ -47,15 +47,21 @@ class SinkTable:
 
 @dataclass(frozen=True)
 class Checkpoint:
-    """A progress marker stored with the data, e.g. key 'acme/orders_sync/public.orders'.
-
-    `previous` is what the sink's checkpoint held when a batch load read the source (None: no
-    checkpoint yet). A sink that cannot commit rows and checkpoint together (BigQuery) appends only
-    while its checkpoint still holds `previous`, which makes a replay of the mark range a no-op.
-    """
+    """A progress marker stored with the data, e.g. key 'acme/orders_sync/public.orders'."""
 
     key: str
     value: str
+
+
+@dataclass(frozen=True)
+class MarkCheckpoint(Checkpoint):
+    """A batch high-water mark moving from `previous`: what the sink's checkpoint held when the load
+    read the source (None: no checkpoint yet).
+
+    A sink that cannot commit rows and checkpoint in one transaction with its reads (BigQuery)
+    appends only while its checkpoint still holds `previous`, so a replay of the range is a no-op.
+    """
+
     previous: str | None = None
 
 

@@ -22,6 +22,7 @@ from nilus_dagster.sinks.base import (
     ChangeSet,
     Checkpoint,
     ChunkedApplyUnsupported,
+    MarkCheckpoint,
     SinkError,
     SinkTable,
     WriteResult,
@@ -218,8 +219,8 @@ class BigQuerySink(BigQueryJobs):
         data: pa.Table,
         checkpoint: Checkpoint | None,
     ) -> WriteResult:
-        """Without a checkpoint: one load job. With one: stage, then insert and advance the mark in
-        one transaction guarded by the mark the load read from (`checkpoint.previous`), so a replay
+        """Without a checkpoint: one load job. With one: stage, then insert and set the checkpoint in
+        one transaction; a MarkCheckpoint also guards it by the mark the load read from, so a replay
         of the range, whatever arrived in the source since, adds nothing."""
         if checkpoint is None:
             if data.num_rows == 0:
@@ -227,26 +228,38 @@ class BigQuerySink(BigQueryJobs):
             with parquet_file(to_load_table(data, schema, table.schema)) as file:
                 self._load(file, table, f"appending to {target.qualified}")
             return WriteResult(rows=file.rows, bytes=file.bytes)
-        checkpoints = table_ref(self._checkpoint_table())
-        names = [f.name for f in table.schema]
+        if data.num_rows == 0 and not isinstance(checkpoint, MarkCheckpoint):
+            self._save_checkpoint(checkpoint)
+            return WriteResult()
         if data.num_rows == 0:
-            self._advance_mark(bq_sql.append_sql(table_ref(table), None, names, checkpoints), checkpoint, target)
+            self._advance_mark(target, table, None, checkpoint)
             return WriteResult()
         load = self._stage(target, schema, data, table.schema)
         with self._staging_table(load) as stage:
-            script = bq_sql.append_sql(table_ref(table), table_ref(stage), names, checkpoints)
-            self._advance_mark(script, checkpoint, target)
+            self._advance_mark(target, table, stage, checkpoint)
         return WriteResult(rows=load.rows, bytes=load.bytes)
 
-    def _advance_mark(self, script: str, checkpoint: Checkpoint, target: SinkTable) -> None:
-        """Run a guarded append script; fail if the checkpoint holds neither the old nor the new mark."""
-        self._query(
-            script,
-            f"appending to {target.qualified}",
+    def _advance_mark(
+        self, target: SinkTable, table: bigquery.Table, stage: bigquery.Table | None, checkpoint: Checkpoint
+    ) -> None:
+        """Insert the staged rows and set the checkpoint in one transaction. A MarkCheckpoint whose
+        `previous` the checkpoint no longer holds writes nothing: fine if it already holds the new
+        mark (a replay), else a SinkError (another run loaded meanwhile)."""
+        guarded = isinstance(checkpoint, MarkCheckpoint)
+        names = [f.name for f in table.schema]
+        checkpoints = table_ref(self._checkpoint_table())
+        script = bq_sql.append_sql(
+            table_ref(table), table_ref(stage) if stage else None, names, checkpoints, guarded=guarded
+        )
+        parameters = [
             bigquery.ScalarQueryParameter("key", "STRING", checkpoint.key),
             bigquery.ScalarQueryParameter("value", "STRING", checkpoint.value),
-            bigquery.ScalarQueryParameter("previous", "STRING", checkpoint.previous),
-        )
+        ]
+        if isinstance(checkpoint, MarkCheckpoint):
+            parameters.append(bigquery.ScalarQueryParameter("previous", "STRING", checkpoint.previous))
+        self._query(script, f"appending to {target.qualified}", *parameters)
+        if not isinstance(checkpoint, MarkCheckpoint):
+            return
         stored = self.read_checkpoint(checkpoint.key)
         if stored != checkpoint.value:
             raise SinkError(

@@ -175,22 +175,23 @@ def replace_sql(target: str, stage: str, names: Sequence[str]) -> str:
     )
 
 
-def append_sql(target: str, stage: str | None, names: Sequence[str], checkpoints: str) -> str:
-    """Insert the staged rows and advance the checkpoint `@key` from `@previous` to `@value`, in
-    one transaction, only while the checkpoint still holds `@previous`.
+def append_sql(target: str, stage: str | None, names: Sequence[str], checkpoints: str, *, guarded: bool) -> str:
+    """Insert the staged rows and set the checkpoint `@key` to `@value` in one transaction.
 
-    A replay of the same mark range, or a load that read from a mark another run has since moved
-    on from, changes nothing (the caller reads the checkpoint afterwards to tell which).
+    `guarded`: only while the checkpoint still holds `@previous`. A replay of the same mark range,
+    or a load that read from a mark another run has since moved on from, then changes nothing
+    (the caller reads the checkpoint afterwards to tell which).
     """
     columns = _columns(names)
     insert = f"INSERT INTO {target} ({columns}) SELECT {columns} FROM {stage}; " if stage else ""
-    return (
-        "BEGIN TRANSACTION; "
-        f"IF (SELECT value FROM {checkpoints} WHERE key = @key) IS NOT DISTINCT FROM @previous THEN "
+    body = (
         f"{insert}DELETE FROM {checkpoints} WHERE key = @key; "
         f"INSERT INTO {checkpoints} (key, value, updated_at) VALUES (@key, @value, CURRENT_TIMESTAMP()); "
-        "END IF; COMMIT TRANSACTION;"
     )
+    if guarded:
+        guard = f"(SELECT value FROM {checkpoints} WHERE key = @key) IS NOT DISTINCT FROM @previous"
+        body = f"IF {guard} THEN {body}END IF; "
+    return f"BEGIN TRANSACTION; {body}COMMIT TRANSACTION;"
 
 
 def checkpoint_merge_sql(checkpoints: str) -> str:
