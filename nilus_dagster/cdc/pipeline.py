@@ -276,7 +276,8 @@ class CdcRun:
     def _record_schemas(self, tables: list[CdcTable], lsn: int) -> None:
         with connect_source(self.config.source_connection, self.config.source_dsn, autocommit=True) as conn:
             for table in tables:
-                self._record_schema(table.name, table.schema, lsn, read_table_facts(conn, table.name))
+                facts = read_table_facts(conn, table.name)
+                self._record_schema(table.name, table.schema, lsn, facts and facts.restricted_to(table.schema))
 
     def _record_schema(self, table: TableName, schema: TableSchema, lsn: int, facts: TableFacts | None) -> None:
         """The schema in force from `lsn` on, with the catalog facts the next change is judged by."""
@@ -488,7 +489,7 @@ class CdcRun:
             value = text_to_arrow(pa.array([text], pa.string()), column.type, column=f"{event.table}.{name}")
             self.sink.fill_column(target, column, value, before_lsn=event.lsn)
         event.fill.update(verdict.fill)  # the open transaction's rows written before the change, too
-        self._record_schema(event.table, event.schema, event.lsn, facts)
+        self._record_schema(event.table, event.schema, event.lsn, facts and facts.restricted_to(event.schema))
         return "evolve"
 
     def _resync_after_schema_change(self, event: SchemaEvent, reason: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from nilus_dagster.schema import TableName
+from nilus_dagster.schema import TableName, TableSchema
 from nilus_dagster.schema.evolution import SchemaDiff
 
 
@@ -30,6 +30,12 @@ class TableFacts:
     attnums: dict[str, int]
     defaults: frozenset[str] = frozenset()  # columns with a default expression
     missing: dict[str, str] = field(default_factory=dict)  # column → text value older rows report
+
+    def restricted_to(self, schema: TableSchema) -> TableFacts:
+        """The facts of the columns `schema` has: the catalog may already hold later changes."""
+        names = set(schema.column_names)
+        attnums = {n: a for n, a in self.attnums.items() if n in names}
+        return TableFacts(self.storage, attnums, self.defaults, self.missing)
 
     def to_json(self) -> dict[str, Any]:
         return {"storage": list(self.storage), "attnums": self.attnums}

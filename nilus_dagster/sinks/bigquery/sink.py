@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 from google.api_core import exceptions as api_errors
 from google.cloud import bigquery
 
-from nilus_dagster.schema import Column, TableSchema
+from nilus_dagster.schema import Column, TableName, TableSchema
 from nilus_dagster.sinks.base import (
     CHECKPOINT_TABLE,
     DELETED_COLUMN,
@@ -107,6 +107,26 @@ class BigQuerySink(BigQueryJobs):
                 f"widening {column.name} of",
             )
         self._tables.pop(ref, None)
+
+    def fill_column(self, target: SinkTable, column: Column, value: pa.Array, *, before_lsn: int) -> None:
+        """Set `column` to `value` (one element) in every CDC row older than `before_lsn`."""
+        field = bigquery_field(column, target.qualified)
+        one = TableSchema(TableName(target.dataset, target.name), (column,), ())
+        loaded = to_load_table(pa.table({column.name: value}), one, [field]).column(0)[0].as_py()
+        kind = "STRING" if field.field_type == "JSON" else field.field_type
+        if field.mode == "REPEATED":
+            parameter: bigquery.ScalarQueryParameter | bigquery.ArrayQueryParameter
+            parameter = bigquery.ArrayQueryParameter("value", kind, loaded or [])
+        else:
+            parameter = bigquery.ScalarQueryParameter("value", kind, loaded)
+        expression = "PARSE_JSON(@value)" if field.field_type == "JSON" else "@value"
+        self._query(
+            f"UPDATE `{self.project}.{target.qualified}` SET {bq_sql.quote(column.name)} = {expression} "
+            f"WHERE {bq_sql.quote(LSN_COLUMN)} < @lsn",
+            f"filling {column.name} of",
+            parameter,  # type: ignore[arg-type]
+            bigquery.ScalarQueryParameter("lsn", "INT64", before_lsn),
+        )
 
     def write(
         self,
