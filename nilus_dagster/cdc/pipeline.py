@@ -5,7 +5,7 @@ it, then stream until asked to stop. Plain Python: the Dagster job calls `run_cd
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -23,8 +23,9 @@ from nilus_dagster.cdc.replication import (
     slot_status,
     system_identifier,
 )
+from nilus_dagster.cdc.resync import RESYNC_MARKER, TableResync, validate_resync_tables
 from nilus_dagster.cdc.setup import CdcTable, check_server, replication_name, resolve_tables, sync_publication
-from nilus_dagster.cdc.snapshot import SnapshotProgress, SnapshotRunner, cdc_schema
+from nilus_dagster.cdc.snapshot import SnapshotCancelled, SnapshotProgress, SnapshotRunner, cdc_schema
 from nilus_dagster.cdc.source_facts import ChangeVerdict, TableFacts, judge_schema_change, read_table_facts
 from nilus_dagster.cdc.stream import (
     ChangeApplier,
@@ -42,7 +43,7 @@ from nilus_dagster.sources.postgres.text_codec import text_to_arrow
 from nilus_dagster.state.records import PipelineKey
 from nilus_dagster.state.store import StateStore
 
-Phase = Literal["setup", "snapshot", "streaming", "stopped"]
+Phase = Literal["setup", "snapshot", "resync", "streaming", "stopped"]
 
 
 APPROVED_DETAIL = "approved_schema"  # in the pipeline state: the change an operator approved
@@ -105,6 +106,7 @@ class CdcProgress:
     snapshot_rows: int = 0
     snapshot_partitions_done: int = 0
     snapshot_partitions_total: int = 0
+    resync_tables: list[str] = field(default_factory=list)  # the tables being resynced (phase `resync`)
 
     def as_detail(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -144,6 +146,8 @@ class CdcRun:
         self._last_offset = 0.0
         self._pending_offset: int | None = None
         self._retained_wal: int | None = None
+        self._resync_due = False  # a resync was requested: the stream ends at the next safe point
+        self._last_resync_check = 0.0
         self.slot = self.config.slot_name or ""  # resolved against the source database in run()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -210,9 +214,11 @@ class CdcRun:
         result.tables_added = [t.qualified for t in added]
         if not status.exists:
             result.slot_created = True
+            requested = [r.id for r in self.store.open_resyncs(config.key.tenant, config.key.pipeline)]
             result.snapshot_rows = self._create_slot_and_snapshot(tables, identifier)
+            self.store.mark_resyncs(requested, "done", run_id=self.run_id)  # covered by the new snapshot
         else:
-            result.snapshot_rows = self._finish_snapshots(tables, added, state.detail if state else {})
+            result.snapshot_rows = self._catch_up(tables, added)
         if self.should_stop():
             return result
         result.stats = self._stream(tables)
@@ -322,30 +328,100 @@ class CdcRun:
             self.sink.prepare_table(target, table.schema, cdc=True)
             self.sink.write(target, cdc_schema(table.schema), [], WriteStrategy.REPLACE)
 
-    def _finish_snapshots(self, tables: list[CdcTable], added: list[TableName], detail: dict[str, Any]) -> int:
-        """Resume an interrupted snapshot and snapshot tables added to the pipeline since."""
+    # -- resync ----------------------------------------------------------------------------
+    def request_resync(self, tables: Sequence[str | TableName], reason: str = "") -> list[int]:
+        """Ask for tables to be re-snapshotted (validated against the pipeline; UnknownTables
+        names its tables). Callable from anywhere in the run, the streaming loop included (e.g. a
+        schema-change handler): the request is recorded in the state store and the run carries
+        it out at its next safe point (the end of the current transaction). Returns request ids."""
+        ids = request_table_resync(self.config, self.store, tables, reason)
+        self._resync_due = True
+        return ids
+
+    def _resync_requested(self) -> bool:
+        """A resync is waiting: flagged by this run, or recorded by the resync job (checked at
+        most once per heartbeat interval)."""
+        now = time.monotonic()
+        if not self._resync_due and now - self._last_resync_check >= self.heartbeat_interval_s:
+            self._last_resync_check = now
+            self._resync_due = bool(self.store.open_resyncs(self.config.key.tenant, self.config.key.pipeline))
+        return self._resync_due
+
+    def _catch_up(self, tables: list[CdcTable], added: list[TableName]) -> int:
+        """Before streaming: resync every table whose sink copy is not whole (an interrupted
+        snapshot or resync, a table added to the pipeline) or for which a resync was requested."""
         config = self.config
-        consistent = parse_lsn(detail.get("consistent_lsn", "0/0"))
-        targets = self._targets(tables)
-        unfinished = [
-            (t, target)
-            for t, target in targets
-            if t.name not in added and self.sink.read_checkpoint(config.table_checkpoint(t.name)) is None
-        ]
-        rows = 0
-        if unfinished and config.snapshot == "initial":
-            rows += self._snapshot_runner(consistent, None, format_lsn(consistent)).run(unfinished)
-        new = [(t, target) for t, target in targets if t.name in added]
-        if new:
-            # A new table is read at a fresh snapshot and every change since it joined the
-            # publication is replayed on top (from LSN 0 for this table): idempotent by key.
-            with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
-                generation = f"added-{format_lsn(_current_wal_lsn(conn))}"
-            self._record_schemas([t for t, _ in new], 0)
-            rows += self._snapshot_runner(0, None, generation).run(new)
+        wanted = set(added)
+        for table in tables:
+            checkpoint = self.sink.read_checkpoint(config.table_checkpoint(table.name))
+            if checkpoint == RESYNC_MARKER or (checkpoint is None and config.snapshot == "initial"):
+                wanted.add(table.name)
+        return self._resync(tables, wanted)
+
+    def _resync(self, tables: list[CdcTable], wanted: set[TableName]) -> int:
+        """Resync the wanted tables plus the open requests; `tables` gets their current schemas."""
+        config, key = self.config, self.config.key
+        requests = self.store.open_resyncs(key.tenant, key.pipeline)
+        self._resync_due = False
+        known = {t.name.qualified: t.name for t in tables}
+        stale = [r.id for r in requests if r.table_name not in known]
+        if stale:
+            self.store.mark_resyncs(stale, "failed", run_id=self.run_id, error="the table is not in the pipeline")
+        wanted |= {known[r.table_name] for r in requests if r.table_name in known}
+        if not wanted:
+            return 0
+        ids = [r.id for r in requests if r.table_name in known]
+        self.store.mark_resyncs(ids, "running", run_id=self.run_id)
+        names = [t.name for t in tables if t.name in wanted]
+        self._report(CdcProgress("resync", resync_tables=[n.qualified for n in names]), force=True)
+        with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
+            keys = {t.table: t.primary_key for t in config.tables if t.primary_key}
+            fresh = {t.name: t for t in resolve_tables(conn, names, keys)}
+        tables[:] = [fresh.get(t.name, t) for t in tables]
+        latest = self.store.latest_schemas(key.tenant, key.pipeline)
+        resync = TableResync(
+            config.source_dsn, self.sink, self.store, key, config.table_checkpoint, self._snapshot_runner
+        )
+        try:
+            rows, lsn = resync.run(
+                [(t, target) for t, target in self._targets(tables) if t.name in wanted],
+                {name: TableSchema.from_json(r.table_schema) for name, r in latest.items()},
+            )
+        except SnapshotCancelled:
+            self.store.mark_resyncs(ids, "pending")
+            raise
+        except Exception as error:
+            self.store.mark_resyncs(ids, "failed", error=str(error)[:2000])
+            raise
+        self.store.mark_resyncs(ids, "done")
+        self._set_state(
+            self._current_state(), last_resync={"tables": [n.qualified for n in names], "lsn": format_lsn(lsn)}
+        )
         return rows
 
+    def _current_state(self) -> str:
+        state = self.store.get_pipeline_state(self.config.key.tenant, self.config.key.pipeline)
+        return state.state if state else "active"
+
     def _stream(self, tables: list[CdcTable]) -> StreamStats:
+        """Stream until asked to stop; a resync requested meanwhile ends the stream at a
+        transaction boundary, runs, and the stream restarts from the slot."""
+        with connect_source(self.config.source_connection, self.config.source_dsn, autocommit=True) as conn:
+            stop_at = _current_wal_lsn(conn) if self.stop_at_caught_up else None
+        stats = StreamStats()
+        while True:
+            self._stream_once(tables, stop_at, stats)
+            if self.should_stop() or not self._resync_requested():
+                break
+            self._resync(tables, set())
+        if self._pending_offset is not None:
+            self._record_offset(self._pending_offset, force=True)
+        self._report(
+            CdcProgress("stopped", lsn=format_lsn(stats.applied_lsn) if stats.applied_lsn else None), force=True
+        )
+        return stats
+
+    def _stream_once(self, tables: list[CdcTable], stop_at: int | None, stats: StreamStats) -> None:
         config = self.config
         latest = self.store.latest_schemas(config.key.tenant, config.key.pipeline)
         stream_tables: dict[TableName, StreamTable] = {}
@@ -372,7 +448,6 @@ class CdcRun:
         )
         leaf_watcher.check()  # partitions attached since the last run: their rows before ATTACH
         with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
-            stop_at = _current_wal_lsn(conn) if self.stop_at_caught_up else None
             types_conn = self._catalog = conn
 
             applier = ChangeApplier(
@@ -383,6 +458,7 @@ class CdcRun:
                 batch_max_rows=config.batch_max_rows,
                 batch_max_ms=config.batch_max_ms,
                 soft_delete=config.soft_delete,
+                stats=stats,
             )
             start = min((t.applied_lsn for t in stream_tables.values()), default=0)
             progress = CdcProgress("streaming")
@@ -406,10 +482,10 @@ class CdcRun:
                     stream = replication.start(
                         self.slot, [config.publication], start, heartbeat_interval_s=self.wal_heartbeat_interval_s
                     )
-                    stats = run_stream(
+                    run_stream(
                         stream,
                         applier,
-                        should_stop=self.should_stop,
+                        should_stop=lambda: self.should_stop() or self._resync_requested(),
                         stop_at_lsn=stop_at,
                         on_progress=report,
                         on_durable=self._record_offset,
@@ -417,11 +493,6 @@ class CdcRun:
                     )
             except SlotLost as error:
                 raise self._fail(f"{error}; {RESET_HINT}", slot=self.slot) from None
-        if self._pending_offset is not None:
-            self._record_offset(self._pending_offset, force=True)
-        progress.phase = "stopped"
-        self._report(progress, force=True)
-        return stats
 
     def _schema_policy(self, event: SchemaEvent) -> str:
         config = self.config
@@ -529,3 +600,12 @@ def run_cdc_pipeline(
     """Run the pipeline until `should_stop()` (or, with `stop_at_caught_up`, until the WAL position
     seen at the start is applied). `interrupts`: see `run_stream`."""
     return CdcRun(config, sink, store, run_id, should_stop, on_progress, stop_at_caught_up, interrupts).run()
+
+
+def request_table_resync(
+    config: CdcPipelineConfig, store: StateStore, tables: Sequence[str | TableName], reason: str = ""
+) -> list[int]:
+    """Record a resync request for tables of the pipeline (UnknownTables names the valid ones);
+    the live CDC run, or else the next one, carries it out. Returns the request ids."""
+    names = validate_resync_tables(tables, [t.table for t in config.tables])
+    return store.request_resync(config.key, [n.qualified for n in names], reason)
