@@ -23,6 +23,7 @@ from nilus_dagster.cdc.replication import (
     slot_status,
     system_identifier,
 )
+from nilus_dagster.cdc.resume import FACTS_KEY, SnapshotResume, resumable, snapshot_facts
 from nilus_dagster.cdc.resync import RESYNC_MARKER, TableResync, validate_resync_tables
 from nilus_dagster.cdc.setup import CdcTable, check_server, replication_name, resolve_tables, sync_publication
 from nilus_dagster.cdc.snapshot import SnapshotCancelled, SnapshotProgress, SnapshotRunner, cdc_schema
@@ -218,7 +219,7 @@ class CdcRun:
             result.snapshot_rows = self._create_slot_and_snapshot(tables, identifier)
             self.store.mark_resyncs(requested, "done", run_id=self.run_id)  # covered by the new snapshot
         else:
-            result.snapshot_rows = self._catch_up(tables, added)
+            result.snapshot_rows = self._catch_up(tables, added, state.detail if state else {})
         if self.should_stop():
             return result
         result.stats = self._stream(tables)
@@ -302,6 +303,11 @@ class CdcRun:
         with ReplicationConnection.connect(config.source_dsn) as replication:
             slot = replication.create_slot(self.slot, export_snapshot=config.snapshot == "initial")
             self.store.clear_snapshot(config.key.tenant, config.key.pipeline)
+            facts = {}
+            if slot.snapshot_name is not None:  # read inside it while it lives: what a resume needs
+                facts[FACTS_KEY] = snapshot_facts(
+                    config.source_connection, config.source_dsn, slot.snapshot_name, tables
+                )
             self.store.set_pipeline_state(
                 config.key,
                 "active",
@@ -310,6 +316,7 @@ class CdcRun:
                     "slot": self.slot,
                     "publication": config.publication,
                     "consistent_lsn": format_lsn(slot.consistent_point),
+                    **facts,
                 },
             )
             self._record_schemas(tables, slot.consistent_point)
@@ -347,16 +354,37 @@ class CdcRun:
             self._resync_due = bool(self.store.open_resyncs(self.config.key.tenant, self.config.key.pipeline))
         return self._resync_due
 
-    def _catch_up(self, tables: list[CdcTable], added: list[TableName]) -> int:
-        """Before streaming: resync every table whose sink copy is not whole (an interrupted
-        snapshot or resync, a table added to the pipeline) or for which a resync was requested."""
+    def _catch_up(self, tables: list[CdcTable], added: list[TableName], detail: dict[str, Any]) -> int:
+        """Before streaming: finish every table whose sink copy is not whole. A keyed table whose
+        initial snapshot was interrupted resumes at its first unfinished partition (cdc/resume.py);
+        other interrupted tables, interrupted resyncs, tables added to the pipeline and requested
+        resyncs are resynced (cdc/resync.py)."""
         config = self.config
-        wanted = set(added)
+        requested = {r.table_name for r in self.store.open_resyncs(config.key.tenant, config.key.pipeline)}
+        wanted, unfinished = set(added), []
         for table in tables:
             checkpoint = self.sink.read_checkpoint(config.table_checkpoint(table.name))
-            if checkpoint == RESYNC_MARKER or (checkpoint is None and config.snapshot == "initial"):
+            if checkpoint == RESYNC_MARKER:
                 wanted.add(table.name)
-        return self._resync(tables, wanted)
+            elif checkpoint is None and config.snapshot == "initial" and table.name not in wanted:
+                unfinished.append(table)
+        with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
+            facts = detail.get(FACTS_KEY)
+            resume = [t for t in unfinished if t.name.qualified not in requested and resumable(conn, t, facts)]
+        wanted |= {t.name for t in unfinished if t not in resume}
+        rows = 0
+        if resume:
+            consistent = parse_lsn(detail["consistent_lsn"])
+            resumer = SnapshotResume(
+                config.source_connection,
+                config.source_dsn,
+                facts,
+                consistent,
+                format_lsn(consistent),
+                self._snapshot_runner,
+            )
+            rows += resumer.run([(t, target) for t, target in self._targets(tables) if t in resume])
+        return rows + self._resync(tables, wanted)
 
     def _resync(self, tables: list[CdcTable], wanted: set[TableName]) -> int:
         """Resync the wanted tables plus the open requests; `tables` gets their current schemas."""
