@@ -5,9 +5,9 @@ it, then stream until asked to stop. Plain Python: the Dagster job calls `run_cd
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import pyarrow as pa
@@ -23,10 +23,20 @@ from nilus_dagster.cdc.replication import (
     slot_status,
     system_identifier,
 )
-from nilus_dagster.cdc.resume import FACTS_KEY, SnapshotResume, resumable, snapshot_facts
-from nilus_dagster.cdc.resync import RESYNC_MARKER, TableResync, validate_resync_tables
-from nilus_dagster.cdc.setup import CdcTable, check_server, replication_name, resolve_tables, sync_publication
-from nilus_dagster.cdc.snapshot import SnapshotCancelled, SnapshotProgress, SnapshotRunner, cdc_schema
+from nilus_dagster.cdc.resume import FACTS_KEY, snapshot_facts
+from nilus_dagster.cdc.run_config import (
+    APPROVED_DETAIL,
+    RESET_HINT,
+    CdcPipelineConfig,
+    CdcPipelineFailed,
+    CdcProgress,
+    CdcRunResult,
+    CdcTableConfig,
+    Phase,
+)
+from nilus_dagster.cdc.run_resync import ResyncSteps, request_table_resync
+from nilus_dagster.cdc.setup import CdcTable, check_server, resolve_tables, sync_publication
+from nilus_dagster.cdc.snapshot import SnapshotProgress, SnapshotRunner, cdc_schema
 from nilus_dagster.cdc.source_facts import ChangeVerdict, TableFacts, judge_schema_change, read_table_facts
 from nilus_dagster.cdc.stream import (
     ChangeApplier,
@@ -41,90 +51,11 @@ from nilus_dagster.schema import TableName, TableSchema
 from nilus_dagster.sinks.base import Sink, SinkTable, WriteStrategy
 from nilus_dagster.sources.postgres.connection import connect_source
 from nilus_dagster.sources.postgres.text_codec import text_to_arrow
-from nilus_dagster.state.records import PipelineKey
 from nilus_dagster.state.store import StateStore
 
-Phase = Literal["setup", "snapshot", "resync", "streaming", "stopped"]
-
-
-APPROVED_DETAIL = "approved_schema"  # in the pipeline state: the change an operator approved
-RESET_HINT = "run the job <tenant>__<pipeline>__reset to re-snapshot the pipeline"
-
-
-class CdcPipelineFailed(Exception):
-    """The pipeline cannot continue without an operator (its state is set to `failed`)."""
-
-
-@dataclass(frozen=True)
-class CdcTableConfig:
-    table: TableName
-    target: SinkTable
-    primary_key: tuple[str, ...] | None = None
-
-
-@dataclass(frozen=True)
-class CdcPipelineConfig:
-    key: PipelineKey
-    source_connection: str
-    source_dsn: str
-    tables: tuple[CdcTableConfig, ...]
-    snapshot: Literal["initial", "never"] = "initial"
-    snapshot_workers: int = 2
-    snapshot_partition_blocks: int = 4096
-    batch_max_rows: int = 50_000
-    batch_max_ms: int = 1_000
-    soft_delete: bool = False
-    schema_changes: Literal["evolve", "pause", "fail"] = "evolve"
-    slot_name: str | None = None
-    publication_name: str | None = None
-
-    def slot(self, database: str) -> str:
-        """Slots are per cluster: the name includes the source database."""
-        return self.slot_name or replication_name("nilus", self.key.tenant, self.key.pipeline, database)
-
-    @property
-    def publication(self) -> str:
-        return self.publication_name or replication_name("nilus", self.key.tenant, self.key.pipeline)
-
-    @property
-    def checkpoint_prefix(self) -> str:
-        return f"{self.key.tenant}/{self.key.pipeline}"
-
-    def table_checkpoint(self, table: TableName) -> str:
-        return f"{self.checkpoint_prefix}/{table.qualified}"
-
 
 @dataclass
-class CdcProgress:
-    """What a run reports while it works (heartbeats, Dagster observations, metrics)."""
-
-    phase: Phase
-    lsn: str | None = None
-    lag_seconds: float = 0.0
-    events_total: int = 0
-    events_per_s: float = 0.0
-    retained_wal_bytes: int | None = None
-    snapshot_rows: int = 0
-    snapshot_partitions_done: int = 0
-    snapshot_partitions_total: int = 0
-    resync_tables: list[str] = field(default_factory=list)  # the tables being resynced (phase `resync`)
-
-    def as_detail(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class CdcRunResult:
-    snapshot_rows: int = 0
-    stats: StreamStats = field(default_factory=StreamStats)
-    slot_created: bool = False
-    tables_added: list[str] = field(default_factory=list)
-    # per table: stored generated columns left out of the sink (pgoutput before PG 18 omits them)
-    generated_columns: dict[str, list[str]] = field(default_factory=dict)
-
-
-@dataclass
-class CdcRun:
+class CdcRun(ResyncSteps):
     """State and collaborators of one run; `run()` does the work."""
 
     config: CdcPipelineConfig
@@ -335,102 +266,6 @@ class CdcRun:
             self.sink.prepare_table(target, table.schema, cdc=True)
             self.sink.write(target, cdc_schema(table.schema), [], WriteStrategy.REPLACE)
 
-    # -- resync ----------------------------------------------------------------------------
-    def request_resync(self, tables: Sequence[str | TableName], reason: str = "") -> list[int]:
-        """Ask for tables to be re-snapshotted (validated against the pipeline; UnknownTables
-        names its tables). Callable from anywhere in the run, the streaming loop included (e.g. a
-        schema-change handler): the request is recorded in the state store and the run carries
-        it out at its next safe point (the end of the current transaction). Returns request ids."""
-        ids = request_table_resync(self.config, self.store, tables, reason)
-        self._resync_due = True
-        return ids
-
-    def _resync_requested(self) -> bool:
-        """A resync is waiting: flagged by this run, or recorded by the resync job (checked at
-        most once per heartbeat interval)."""
-        now = time.monotonic()
-        if not self._resync_due and now - self._last_resync_check >= self.heartbeat_interval_s:
-            self._last_resync_check = now
-            self._resync_due = bool(self.store.open_resyncs(self.config.key.tenant, self.config.key.pipeline))
-        return self._resync_due
-
-    def _catch_up(self, tables: list[CdcTable], added: list[TableName], detail: dict[str, Any]) -> int:
-        """Before streaming: finish every table whose sink copy is not whole. A keyed table whose
-        initial snapshot was interrupted resumes at its first unfinished partition (cdc/resume.py);
-        other interrupted tables, interrupted resyncs, tables added to the pipeline and requested
-        resyncs are resynced (cdc/resync.py)."""
-        config = self.config
-        requested = {r.table_name for r in self.store.open_resyncs(config.key.tenant, config.key.pipeline)}
-        wanted, unfinished = set(added), []
-        for table in tables:
-            checkpoint = self.sink.read_checkpoint(config.table_checkpoint(table.name))
-            if checkpoint == RESYNC_MARKER:
-                wanted.add(table.name)
-            elif checkpoint is None and config.snapshot == "initial" and table.name not in wanted:
-                unfinished.append(table)
-        with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
-            facts = detail.get(FACTS_KEY)
-            resume = [t for t in unfinished if t.name.qualified not in requested and resumable(conn, t, facts)]
-        wanted |= {t.name for t in unfinished if t not in resume}
-        rows = 0
-        if resume:
-            consistent = parse_lsn(detail["consistent_lsn"])
-            resumer = SnapshotResume(
-                config.source_connection,
-                config.source_dsn,
-                facts,
-                consistent,
-                format_lsn(consistent),
-                self._snapshot_runner,
-            )
-            rows += resumer.run([(t, target) for t, target in self._targets(tables) if t in resume])
-        return rows + self._resync(tables, wanted)
-
-    def _resync(self, tables: list[CdcTable], wanted: set[TableName]) -> int:
-        """Resync the wanted tables plus the open requests; `tables` gets their current schemas."""
-        config, key = self.config, self.config.key
-        requests = self.store.open_resyncs(key.tenant, key.pipeline)
-        self._resync_due = False
-        known = {t.name.qualified: t.name for t in tables}
-        stale = [r.id for r in requests if r.table_name not in known]
-        if stale:
-            self.store.mark_resyncs(stale, "failed", run_id=self.run_id, error="the table is not in the pipeline")
-        wanted |= {known[r.table_name] for r in requests if r.table_name in known}
-        if not wanted:
-            return 0
-        ids = [r.id for r in requests if r.table_name in known]
-        self.store.mark_resyncs(ids, "running", run_id=self.run_id)
-        names = [t.name for t in tables if t.name in wanted]
-        self._report(CdcProgress("resync", resync_tables=[n.qualified for n in names]), force=True)
-        with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
-            keys = {t.table: t.primary_key for t in config.tables if t.primary_key}
-            fresh = {t.name: t for t in resolve_tables(conn, names, keys)}
-        tables[:] = [fresh.get(t.name, t) for t in tables]
-        latest = self.store.latest_schemas(key.tenant, key.pipeline)
-        resync = TableResync(
-            config.source_dsn, self.sink, self.store, key, config.table_checkpoint, self._snapshot_runner
-        )
-        try:
-            rows, lsn = resync.run(
-                [(t, target) for t, target in self._targets(tables) if t.name in wanted],
-                {name: TableSchema.from_json(r.table_schema) for name, r in latest.items()},
-            )
-        except SnapshotCancelled:
-            self.store.mark_resyncs(ids, "pending")
-            raise
-        except Exception as error:
-            self.store.mark_resyncs(ids, "failed", error=str(error)[:2000])
-            raise
-        self.store.mark_resyncs(ids, "done")
-        self._set_state(
-            self._current_state(), last_resync={"tables": [n.qualified for n in names], "lsn": format_lsn(lsn)}
-        )
-        return rows
-
-    def _current_state(self) -> str:
-        state = self.store.get_pipeline_state(self.config.key.tenant, self.config.key.pipeline)
-        return state.state if state else "active"
-
     def _stream(self, tables: list[CdcTable]) -> StreamStats:
         """Stream until asked to stop; a resync requested meanwhile ends the stream at a
         transaction boundary, runs, and the stream restarts from the slot."""
@@ -470,7 +305,10 @@ class CdcRun:
                 schema=schema,
             )
         leaf_watcher = LeafWatcher(
-            config.source_connection, config.source_dsn, self.sink, config.checkpoint_prefix,
+            config.source_connection,
+            config.source_dsn,
+            self.sink,
+            config.checkpoint_prefix,
             [t for t in stream_tables.values() if t.source.partitioned],
             self.partition_check_interval_s,
         )
@@ -630,10 +468,17 @@ def run_cdc_pipeline(
     return CdcRun(config, sink, store, run_id, should_stop, on_progress, stop_at_caught_up, interrupts).run()
 
 
-def request_table_resync(
-    config: CdcPipelineConfig, store: StateStore, tables: Sequence[str | TableName], reason: str = ""
-) -> list[int]:
-    """Record a resync request for tables of the pipeline (UnknownTables names the valid ones);
-    the live CDC run, or else the next one, carries it out. Returns the request ids."""
-    names = validate_resync_tables(tables, [t.table for t in config.tables])
-    return store.request_resync(config.key, [n.qualified for n in names], reason)
+__all__ = [
+    "APPROVED_DETAIL",
+    "RESET_HINT",
+    "CdcPipelineConfig",
+    "CdcPipelineFailed",
+    "CdcProgress",
+    "CdcRun",
+    "CdcRunResult",
+    "CdcTableConfig",
+    "Phase",
+    "current_database",
+    "request_table_resync",
+    "run_cdc_pipeline",
+]
