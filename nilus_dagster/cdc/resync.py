@@ -19,13 +19,17 @@ import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from psycopg import sql
+
 from nilus_dagster.cdc.lsn import format_lsn
 from nilus_dagster.cdc.replication import ReplicationConnection
-from nilus_dagster.cdc.setup import CdcTable
+from nilus_dagster.cdc.setup import CdcTable, resolve_tables
 from nilus_dagster.cdc.snapshot import SnapshotRunner, cdc_schema
+from nilus_dagster.cdc.source_facts import TableFacts, read_table_facts
 from nilus_dagster.schema import TableName, TableSchema
 from nilus_dagster.schema.evolution import diff_schemas
 from nilus_dagster.sinks.base import Checkpoint, Sink, SinkError, SinkTable, WriteStrategy
+from nilus_dagster.sources.postgres.connection import connect_source
 from nilus_dagster.state.records import PipelineKey
 from nilus_dagster.state.store import StateStore
 
@@ -67,44 +71,61 @@ def needs_recreate(recorded: TableSchema | None, fresh: TableSchema) -> bool:
     return bool(diff.retyped or diff.widened or diff.dropped)
 
 
+# (table, its schema, the LSN it is in force from, the catalog facts it is judged by)
+SchemaRecorder = Callable[[TableName, TableSchema, int, TableFacts | None], None]
+
+
 @dataclass
 class TableResync:
     """Resyncs tables of one pipeline; see the module docstring."""
 
+    source_connection: str
     source_dsn: str
     sink: Sink
     store: StateStore
     key: PipelineKey
+    primary_keys: dict[TableName, tuple[str, ...]]  # declared in the pipeline
     checkpoint_key: Callable[[TableName], str]  # a table's stream checkpoint in the sink
     make_runner: RunnerFactory
+    record_schema: SchemaRecorder
 
-    def run(self, tables: list[tuple[CdcTable, SinkTable]], recorded: dict[str, TableSchema]) -> tuple[int, int]:
-        """Resync the tables (their `CdcTable.schema` is the source's current one); returns the
-        rows written and the LSN from which the stream applies their changes."""
-        for table, _ in tables:  # refuse before anything is emptied
-            if needs_recreate(recorded.get(table.name.qualified), table.schema) and not callable(
-                getattr(self.sink, "recreate_table", None)
-            ):
-                raise SinkError(
-                    f"{self.sink.name} sink cannot retype the columns of {table.name} for a resync "
-                    "(the table would have to be recreated)"
-                )
+    def run(
+        self, targets: dict[TableName, SinkTable], recorded: dict[str, TableSchema]
+    ) -> tuple[int, int, list[CdcTable]]:
+        """Resync the tables; returns the rows written, the LSN from which the stream applies their
+        changes, and the tables as the copy saw them (schemas read inside its snapshot)."""
         with ReplicationConnection.connect(self.source_dsn) as replication:
             slot = replication.create_slot(f"nilus_resync_{secrets.token_hex(6)}", export_snapshot=True, temporary=True)
             assert slot.snapshot_name is not None
             lsn = slot.consistent_point
-            for table, target in tables:
-                self._empty(table, target, recorded.get(table.name.qualified))
-                self.store.append_schema(
-                    self.key,
-                    connector_name=self.key.pipeline,
-                    table_name=table.name.qualified,
-                    table_schema=table.schema.to_json(),
-                    lsn=format_lsn(lsn),
-                )
+            tables, facts = self._describe(slot.snapshot_name, list(targets))
+            for table in tables:  # refuse before anything is emptied
+                if needs_recreate(recorded.get(table.name.qualified), table.schema) and not callable(
+                    getattr(self.sink, "recreate_table", None)
+                ):
+                    raise SinkError(
+                        f"{self.sink.name} sink cannot retype the columns of {table.name} for a resync "
+                        "(the table would have to be recreated)"
+                    )
+            for table in tables:
+                self._empty(table, targets[table.name], recorded.get(table.name.qualified))
+                self.record_schema(table.name, table.schema, lsn, facts.get(table.name))
             # The connection stays open and idle while the workers read inside its snapshot.
-            rows = self.make_runner(lsn, slot.snapshot_name, f"resync-{format_lsn(lsn)}").run(tables)
-        return rows, lsn
+            runner = self.make_runner(lsn, slot.snapshot_name, f"resync-{format_lsn(lsn)}")
+            rows = runner.run([(t, targets[t.name]) for t in tables])
+        return rows, lsn, tables
+
+    def _describe(
+        self, snapshot_name: str, names: list[TableName]
+    ) -> tuple[list[CdcTable], dict[TableName, TableFacts | None]]:
+        """The tables' schemas and catalog facts as of the snapshot the copy reads."""
+        with connect_source(self.source_connection, self.source_dsn, autocommit=True) as conn:
+            conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name)))
+            tables = resolve_tables(conn, names, self.primary_keys)
+            facts = {t.name: read_table_facts(conn, t.name) for t in tables}
+            conn.execute("COMMIT")
+        return tables, facts
 
     def _empty(self, table: CdcTable, target: SinkTable, recorded: TableSchema | None) -> None:
         """Empty the sink table and mark it as being resynced, in one sink transaction."""

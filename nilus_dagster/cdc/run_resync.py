@@ -11,12 +11,14 @@ from nilus_dagster.cdc.lsn import format_lsn, parse_lsn
 from nilus_dagster.cdc.resume import FACTS_KEY, SnapshotResume, resumable
 from nilus_dagster.cdc.resync import RESYNC_MARKER, TableResync, validate_resync_tables
 from nilus_dagster.cdc.run_config import CdcPipelineConfig, CdcProgress
-from nilus_dagster.cdc.setup import CdcTable, resolve_tables
+from nilus_dagster.cdc.setup import CdcTable
 from nilus_dagster.cdc.snapshot import SnapshotCancelled, SnapshotRunner
 from nilus_dagster.schema import TableName, TableSchema
 from nilus_dagster.sinks.base import Sink, SinkTable
 from nilus_dagster.sources.postgres.connection import connect_source
 from nilus_dagster.state.store import StateStore
+
+_PENDING_DETAIL = ("table", "proposed_schema", "diff", "lsn", "reason")  # of a held schema change
 
 
 class ResyncSteps:
@@ -31,7 +33,7 @@ class ResyncSteps:
         _resync_due: bool
         _last_resync_check: float
         _report: Callable[..., None]
-        _set_state: Callable[..., None]
+        _record_schema: Callable[[TableName, TableSchema, int, Any], None]
         _snapshot_runner: Callable[[int, str | None, str], SnapshotRunner]
         _targets: Callable[[list[CdcTable]], list[tuple[CdcTable, SinkTable]]]
 
@@ -101,17 +103,21 @@ class ResyncSteps:
         self.store.mark_resyncs(ids, "running", run_id=self.run_id)
         names = [t.name for t in tables if t.name in wanted]
         self._report(CdcProgress("resync", resync_tables=[n.qualified for n in names]), force=True)
-        with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
-            keys = {t.table: t.primary_key for t in config.tables if t.primary_key}
-            fresh = {t.name: t for t in resolve_tables(conn, names, keys)}
-        tables[:] = [fresh.get(t.name, t) for t in tables]
         latest = self.store.latest_schemas(key.tenant, key.pipeline)
         resync = TableResync(
-            config.source_dsn, self.sink, self.store, key, config.table_checkpoint, self._snapshot_runner
+            config.source_connection,
+            config.source_dsn,
+            self.sink,
+            self.store,
+            key,
+            {t.table: t.primary_key for t in config.tables if t.primary_key},
+            config.table_checkpoint,
+            self._snapshot_runner,
+            self._record_schema,
         )
         try:
-            rows, lsn = resync.run(
-                [(t, target) for t, target in self._targets(tables) if t.name in wanted],
+            rows, lsn, fresh = resync.run(
+                {t.name: target for t, target in self._targets(tables) if t.name in wanted},
                 {name: TableSchema.from_json(r.table_schema) for name, r in latest.items()},
             )
         except SnapshotCancelled:
@@ -120,15 +126,23 @@ class ResyncSteps:
         except Exception as error:
             self.store.mark_resyncs(ids, "failed", error=str(error)[:2000])
             raise
+        by_name = {t.name: t for t in fresh}
+        tables[:] = [by_name.get(t.name, t) for t in tables]
         self.store.mark_resyncs(ids, "done")
-        self._set_state(
-            self._current_state(), last_resync={"tables": [n.qualified for n in names], "lsn": format_lsn(lsn)}
-        )
+        self._after_resync(names, lsn)
         return rows
 
-    def _current_state(self) -> str:
+    def _after_resync(self, names: list[TableName], lsn: int) -> None:
+        """Record the resync; a schema change held on a resynced table is settled by it (the
+        table now follows the source's current schema)."""
         state = self.store.get_pipeline_state(self.config.key.tenant, self.config.key.pipeline)
-        return state.state if state else "active"
+        detail = dict(state.detail) if state else {}
+        status = state.state if state else "active"
+        if status == "pending_schema_approval" and detail.get("table") in {n.qualified for n in names}:
+            status = "active"
+            detail = {k: v for k, v in detail.items() if k not in _PENDING_DETAIL}
+        detail["last_resync"] = {"tables": [n.qualified for n in names], "lsn": format_lsn(lsn)}
+        self.store.set_pipeline_state(self.config.key, status, detail)
 
 
 def request_table_resync(
