@@ -12,6 +12,7 @@ import random
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 import dagster as dg
 import duckdb
@@ -40,8 +41,29 @@ def sink(sql_sink: SinkTarget) -> SinkTarget:
 
 
 @pytest.fixture
-def env(pipeline_env: str) -> str:
-    return pipeline_env
+def env(pipeline_env: str) -> Iterator[str]:
+    yield pipeline_env
+    drop_slots(pipeline_env)
+
+
+def drop_slots(dsn: str) -> None:
+    """The test cluster has few replication slots for the whole session: give this test's back."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots "
+            "WHERE database = current_database() AND active_pid IS NOT NULL"
+        )
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            slots = conn.execute(
+                "SELECT slot_name, active FROM pg_replication_slots WHERE database = current_database()"
+            ).fetchall()
+            for name, active in slots:
+                if not active:
+                    conn.execute("SELECT pg_drop_replication_slot(%s)", (name,))
+            if all(not active for _, active in slots):
+                return
+            time.sleep(0.1)
 
 
 def spec_dict(sink: SinkTarget, **cdc: object) -> dict:
@@ -271,6 +293,50 @@ def test_resync_after_a_table_rewrite_retypes_the_sink_columns(env: str, state_d
     finish_worker(json.dumps(spec))
     assert_exact(env, sink)
     assert sink_rows(sink, "items", ["id", "counter"])[0] == (1, "5!")
+
+
+def test_a_table_held_after_a_rewrite_is_resynced_by_the_job_while_streaming(
+    env: str, state_dsn: str, sink: SinkTarget, instance: dg.DagsterInstance
+) -> None:
+    """The schema-change path holds a table whose rows PostgreSQL rewrote without streaming them;
+    the resync job re-reads it inside the live run, which goes on streaming."""
+    create_tables(env, 500, 100)
+    spec = spec_dict(sink)
+    finish_worker(json.dumps(spec))
+    defs = cdc_project(sink, *spec["pipelines"])
+    worker = start_worker(json.dumps(spec))
+    try:
+        with StateStore(state_dsn).open() as store, psycopg.connect(env, autocommit=True) as conn:
+            wait_for(lambda: streaming_again(store), 120, "the run to stream")
+            conn.execute("ALTER TABLE public.items ALTER COLUMN counter TYPE text USING (counter::text || '!')")
+            conn.execute("UPDATE public.items SET label = 'after the rewrite' WHERE id <= 5")
+
+            def held() -> bool:
+                state = store.get_pipeline_state("acme", "crashy")
+                return state is not None and state.state == "pending_schema_approval"
+
+            wait_for(held, 60, "the rewritten table to be held")
+            result = defs.resolve_job_def("acme__crashy__resync").execute_in_process(
+                instance=instance,
+                run_config={
+                    "ops": {"acme__crashy__resync_op": {"config": {"tables": ["public.items"], "wait_s": 120}}}
+                },
+                raise_on_error=False,
+            )
+            assert result.success, failure_message(result)
+            state = store.get_pipeline_state("acme", "crashy")
+            assert state is not None and state.state == "active"
+            conn.execute("UPDATE public.items SET counter = 'streamed' WHERE id = 7")
+            conn.execute("INSERT INTO public.notes VALUES (9999, 'after the resync', 1)")
+            time.sleep(1.0)
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait(timeout=30)
+    finish_worker(json.dumps(spec))
+    assert_exact(env, sink)
 
 
 def test_resync_job_names_the_valid_tables(env: str, sink: SinkTarget, instance: dg.DagsterInstance) -> None:
