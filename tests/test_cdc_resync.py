@@ -66,8 +66,10 @@ def drop_slots(dsn: str) -> None:
             time.sleep(0.1)
 
 
-def spec_dict(sink: SinkTarget, **cdc: object) -> dict:
-    pipeline = cdc_pipeline("crashy", TABLES, cdc={"batch_max_ms": 100, "batch_max_rows": 500, **cdc})
+def spec_dict(sink: SinkTarget, schema_changes: str = "evolve", **cdc: object) -> dict:
+    pipeline = cdc_pipeline(
+        "crashy", TABLES, schema_changes=schema_changes, cdc={"batch_max_ms": 100, "batch_max_rows": 500, **cdc}
+    )
     return {
         "connections": {"src": {"type": "postgres", "dsn_env": "SOURCE_DSN"}, "sink": sink.connection},
         "pipelines": [pipeline],
@@ -298,10 +300,10 @@ def test_resync_after_a_table_rewrite_retypes_the_sink_columns(env: str, state_d
 def test_a_table_held_after_a_rewrite_is_resynced_by_the_job_while_streaming(
     env: str, state_dsn: str, sink: SinkTarget, instance: dg.DagsterInstance
 ) -> None:
-    """The schema-change path holds a table whose rows PostgreSQL rewrote without streaming them;
-    the resync job re-reads it inside the live run, which goes on streaming."""
+    """`pause` holds a table whose column was retyped (its rows rewritten without being streamed);
+    the resync job re-reads it inside the live run, which settles the held change and streams on."""
     create_tables(env, 500, 100)
-    spec = spec_dict(sink)
+    spec = spec_dict(sink, schema_changes="pause")
     finish_worker(json.dumps(spec))
     defs = cdc_project(sink, *spec["pipelines"])
     worker = start_worker(json.dumps(spec))

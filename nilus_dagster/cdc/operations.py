@@ -76,6 +76,10 @@ def resync_tables(
     """Request a resync of `tables` and wait (at most `wait_s`) for the live CDC run to carry it
     out. With no live run it returns at once: the next run resyncs them before it streams."""
     key = config.key
+    state = store.get_pipeline_state(key.tenant, key.pipeline)
+    if state is not None and state.state == "failed":
+        reason_failed = state.detail.get("reason", "see its state")
+        raise ResyncFailed(f"pipeline {key.pipeline} is failed ({reason_failed}): reset it, a resync cannot help")
     ids = request_table_resync(config, store, tables, reason)
     names = ", ".join(dict.fromkeys(tables))
     log(f"resync of {names} requested (request ids {ids})")

@@ -255,7 +255,7 @@ def _resync_job(spec: PipelinesSpec, pipeline: Pipeline) -> dg.JobDefinition:
 
     @dg.op(name=f"{name}_op", tags=operation_tags(pipeline, "resync"))
     def _act(context: dg.OpExecutionContext, config: ResyncConfig, nilus_state: NilusStateStore) -> None:
-        from nilus_dagster.cdc.operations import resync_tables
+        from nilus_dagster.cdc.operations import ResyncFailed, resync_tables
         from nilus_dagster.cdc.resync import UnknownTables
 
         try:
@@ -267,7 +267,7 @@ def _resync_job(spec: PipelinesSpec, pipeline: Pipeline) -> dg.JobDefinition:
                 wait_s=config.wait_s,
                 log=context.log.info,
             )
-        except UnknownTables as error:
+        except (UnknownTables, ResyncFailed) as error:
             raise dg.Failure(str(error)) from None
         context.log.info(message)
 
