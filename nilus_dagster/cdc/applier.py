@@ -268,7 +268,8 @@ class ChangeApplier:
         known = self._relations.get(relation.relation_id)
         if known is not None and known[2] != names:
             self._remap_buffered_rows(relation.relation_id, known[2], names)
-        if diff.is_empty:
+        if diff.is_empty or self._commit_lsn < table.applied_lsn:
+            # (the second: a replayed transaction the table skips; a resync's copy is newer)
             self._relations[relation.relation_id] = (relation.columns, table, names)
             return
         # Changes committed before the schema change land first, under the schema they had.

@@ -1,17 +1,22 @@
-"""Operator actions on a CDC pipeline: approve a held schema change, reset (re-snapshot)."""
+"""Operator actions on a CDC pipeline: approve a held schema change, reset (re-snapshot all),
+resync (re-snapshot some tables while the others keep their place)."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from nilus_dagster.cdc.pipeline import APPROVED_DETAIL, CdcPipelineConfig, current_database
+from nilus_dagster.cdc.pipeline import APPROVED_DETAIL, CdcPipelineConfig, current_database, request_table_resync
 from nilus_dagster.cdc.replication import drop_slot
 from nilus_dagster.sources.postgres.connection import connect_source
-from nilus_dagster.state.records import PipelineKey
+from nilus_dagster.state.records import PipelineKey, ResyncRequest
 from nilus_dagster.state.store import StateStore
 
 # Keys of a pipeline state's detail that describe a held schema change (the rest is identity).
 PENDING_DETAIL = ("table", "proposed_schema", "diff", "lsn")
+LIVE_HEARTBEAT = timedelta(seconds=60)  # a CDC run that beat more recently is live
 
 
 class NothingToApprove(Exception):
@@ -52,3 +57,66 @@ def reset_pipeline(config: CdcPipelineConfig, store: StateStore) -> str:
     store.clear_snapshot(config.key.tenant, config.key.pipeline)
     store.set_pipeline_state(config.key, "active", {"reset": True})
     return slot
+
+
+class ResyncFailed(Exception):
+    """A CDC run tried the requested resync and failed (its error is in the request)."""
+
+
+def resync_tables(
+    config: CdcPipelineConfig,
+    store: StateStore,
+    tables: Sequence[str],
+    reason: str = "operator request",
+    *,
+    wait_s: float = 600.0,
+    poll_s: float = 1.0,
+    log: Callable[[str], Any] = lambda message: None,
+) -> str:
+    """Request a resync of `tables` and wait (at most `wait_s`) for the live CDC run to carry it
+    out. With no live run it returns at once: the next run resyncs them before it streams."""
+    key = config.key
+    state = store.get_pipeline_state(key.tenant, key.pipeline)
+    if state is not None and state.state == "failed":
+        reason_failed = state.detail.get("reason", "see its state")
+        raise ResyncFailed(f"pipeline {key.pipeline} is failed ({reason_failed}): reset it, a resync cannot help")
+    ids = request_table_resync(config, store, tables, reason)
+    names = ", ".join(dict.fromkeys(tables))
+    log(f"resync of {names} requested (request ids {ids})")
+    deadline = time.monotonic() + wait_s
+    last_log = 0.0
+    while True:
+        requests = store.resync_requests(ids)
+        failed = [r for r in requests if r.status == "failed"]
+        if failed:
+            raise ResyncFailed("; ".join(f"resync of {r.table_name} failed: {r.error}" for r in failed))
+        if all(r.status == "done" for r in requests):
+            return f"resynced {names}"
+        if not _run_is_live(store, key):
+            return (
+                f"no CDC run of {key.pipeline} is live: the next run resyncs {names} before it streams "
+                "(the keep-alive sensor starts one)"
+            )
+        if time.monotonic() >= deadline:
+            return f"the resync of {names} is still under way after {wait_s:.0f}s; the live run finishes it"
+        if time.monotonic() - last_log >= 10:
+            last_log = time.monotonic()
+            log(_progress_line(store, key, requests))
+        time.sleep(poll_s)
+
+
+def _run_is_live(store: StateStore, key: PipelineKey) -> bool:
+    beat = store.last_heartbeat(key.tenant, key.pipeline)
+    if beat is None or beat.detail.get("phase") == "stopped":
+        return False
+    return datetime.now(UTC) - beat.beat_at < LIVE_HEARTBEAT
+
+
+def _progress_line(store: StateStore, key: PipelineKey, requests: Sequence[ResyncRequest]) -> str:
+    progress = {p.table: p for p in store.snapshot_progress(key.tenant, key.pipeline)}
+    parts = []
+    for request in requests:
+        table = progress.get(request.table_name)
+        done = f", {table.percent}% copied" if request.status == "running" and table else ""
+        parts.append(f"{request.table_name}: {request.status}{done}")
+    return "waiting for the live CDC run: " + "; ".join(parts)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import pyarrow as pa
@@ -23,7 +23,19 @@ from nilus_dagster.cdc.replication import (
     slot_status,
     system_identifier,
 )
-from nilus_dagster.cdc.setup import CdcTable, check_server, replication_name, resolve_tables, sync_publication
+from nilus_dagster.cdc.resume import FACTS_KEY, snapshot_facts
+from nilus_dagster.cdc.run_config import (
+    APPROVED_DETAIL,
+    RESET_HINT,
+    CdcPipelineConfig,
+    CdcPipelineFailed,
+    CdcProgress,
+    CdcRunResult,
+    CdcTableConfig,
+    Phase,
+)
+from nilus_dagster.cdc.run_resync import ResyncSteps, request_table_resync
+from nilus_dagster.cdc.setup import CdcTable, check_server, resolve_tables, sync_publication
 from nilus_dagster.cdc.snapshot import SnapshotProgress, SnapshotRunner, cdc_schema
 from nilus_dagster.cdc.source_facts import ChangeVerdict, TableFacts, judge_schema_change, read_table_facts
 from nilus_dagster.cdc.stream import (
@@ -39,89 +51,11 @@ from nilus_dagster.schema import TableName, TableSchema
 from nilus_dagster.sinks.base import Sink, SinkTable, WriteStrategy
 from nilus_dagster.sources.postgres.connection import connect_source
 from nilus_dagster.sources.postgres.text_codec import text_to_arrow
-from nilus_dagster.state.records import PipelineKey
 from nilus_dagster.state.store import StateStore
 
-Phase = Literal["setup", "snapshot", "streaming", "stopped"]
-
-
-APPROVED_DETAIL = "approved_schema"  # in the pipeline state: the change an operator approved
-RESET_HINT = "run the job <tenant>__<pipeline>__reset to re-snapshot the pipeline"
-
-
-class CdcPipelineFailed(Exception):
-    """The pipeline cannot continue without an operator (its state is set to `failed`)."""
-
-
-@dataclass(frozen=True)
-class CdcTableConfig:
-    table: TableName
-    target: SinkTable
-    primary_key: tuple[str, ...] | None = None
-
-
-@dataclass(frozen=True)
-class CdcPipelineConfig:
-    key: PipelineKey
-    source_connection: str
-    source_dsn: str
-    tables: tuple[CdcTableConfig, ...]
-    snapshot: Literal["initial", "never"] = "initial"
-    snapshot_workers: int = 2
-    snapshot_partition_blocks: int = 4096
-    batch_max_rows: int = 50_000
-    batch_max_ms: int = 1_000
-    soft_delete: bool = False
-    schema_changes: Literal["evolve", "pause", "fail"] = "evolve"
-    slot_name: str | None = None
-    publication_name: str | None = None
-
-    def slot(self, database: str) -> str:
-        """Slots are per cluster: the name includes the source database."""
-        return self.slot_name or replication_name("nilus", self.key.tenant, self.key.pipeline, database)
-
-    @property
-    def publication(self) -> str:
-        return self.publication_name or replication_name("nilus", self.key.tenant, self.key.pipeline)
-
-    @property
-    def checkpoint_prefix(self) -> str:
-        return f"{self.key.tenant}/{self.key.pipeline}"
-
-    def table_checkpoint(self, table: TableName) -> str:
-        return f"{self.checkpoint_prefix}/{table.qualified}"
-
 
 @dataclass
-class CdcProgress:
-    """What a run reports while it works (heartbeats, Dagster observations, metrics)."""
-
-    phase: Phase
-    lsn: str | None = None
-    lag_seconds: float = 0.0
-    events_total: int = 0
-    events_per_s: float = 0.0
-    retained_wal_bytes: int | None = None
-    snapshot_rows: int = 0
-    snapshot_partitions_done: int = 0
-    snapshot_partitions_total: int = 0
-
-    def as_detail(self) -> dict[str, Any]:
-        return dict(self.__dict__)
-
-
-@dataclass
-class CdcRunResult:
-    snapshot_rows: int = 0
-    stats: StreamStats = field(default_factory=StreamStats)
-    slot_created: bool = False
-    tables_added: list[str] = field(default_factory=list)
-    # per table: stored generated columns left out of the sink (pgoutput before PG 18 omits them)
-    generated_columns: dict[str, list[str]] = field(default_factory=dict)
-
-
-@dataclass
-class CdcRun:
+class CdcRun(ResyncSteps):
     """State and collaborators of one run; `run()` does the work."""
 
     config: CdcPipelineConfig
@@ -144,6 +78,8 @@ class CdcRun:
         self._last_offset = 0.0
         self._pending_offset: int | None = None
         self._retained_wal: int | None = None
+        self._resync_due = False  # a resync was requested: the stream ends at the next safe point
+        self._last_resync_check = 0.0
         self.slot = self.config.slot_name or ""  # resolved against the source database in run()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -212,9 +148,11 @@ class CdcRun:
         result.tables_added = [t.qualified for t in added]
         if not status.exists:
             result.slot_created = True
+            requested = [r.id for r in self.store.open_resyncs(config.key.tenant, config.key.pipeline)]
             result.snapshot_rows = self._create_slot_and_snapshot(tables, identifier)
+            self.store.mark_resyncs(requested, "done", run_id=self.run_id)  # covered by the new snapshot
         else:
-            result.snapshot_rows = self._finish_snapshots(tables, added, state.detail if state else {})
+            result.snapshot_rows = self._catch_up(tables, added, state.detail if state else {})
         if self.should_stop():
             return result
         result.stats = self._stream(tables)
@@ -299,6 +237,11 @@ class CdcRun:
         with ReplicationConnection.connect(config.source_dsn) as replication:
             slot = replication.create_slot(self.slot, export_snapshot=config.snapshot == "initial")
             self.store.clear_snapshot(config.key.tenant, config.key.pipeline)
+            facts = {}
+            if slot.snapshot_name is not None:  # read inside it while it lives: what a resume needs
+                facts[FACTS_KEY] = snapshot_facts(
+                    config.source_connection, config.source_dsn, slot.snapshot_name, tables
+                )
             self.store.set_pipeline_state(
                 config.key,
                 "active",
@@ -307,6 +250,7 @@ class CdcRun:
                     "slot": self.slot,
                     "publication": config.publication,
                     "consistent_lsn": format_lsn(slot.consistent_point),
+                    **facts,
                 },
             )
             self._record_schemas(tables, slot.consistent_point)
@@ -325,30 +269,25 @@ class CdcRun:
             self.sink.prepare_table(target, table.schema, cdc=True)
             self.sink.write(target, cdc_schema(table.schema), [], WriteStrategy.REPLACE)
 
-    def _finish_snapshots(self, tables: list[CdcTable], added: list[TableName], detail: dict[str, Any]) -> int:
-        """Resume an interrupted snapshot and snapshot tables added to the pipeline since."""
-        config = self.config
-        consistent = parse_lsn(detail.get("consistent_lsn", "0/0"))
-        targets = self._targets(tables)
-        unfinished = [
-            (t, target)
-            for t, target in targets
-            if t.name not in added and self.sink.read_checkpoint(config.table_checkpoint(t.name)) is None
-        ]
-        rows = 0
-        if unfinished and config.snapshot == "initial":
-            rows += self._snapshot_runner(consistent, None, format_lsn(consistent)).run(unfinished)
-        new = [(t, target) for t, target in targets if t.name in added]
-        if new:
-            # A new table is read at a fresh snapshot and every change since it joined the
-            # publication is replayed on top (from LSN 0 for this table): idempotent by key.
-            with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
-                generation = f"added-{format_lsn(_current_wal_lsn(conn))}"
-            self._record_schemas([t for t, _ in new], 0)
-            rows += self._snapshot_runner(0, None, generation).run(new)
-        return rows
-
     def _stream(self, tables: list[CdcTable]) -> StreamStats:
+        """Stream until asked to stop; a resync requested meanwhile ends the stream at a
+        transaction boundary, runs, and the stream restarts from the slot."""
+        with connect_source(self.config.source_connection, self.config.source_dsn, autocommit=True) as conn:
+            stop_at = _current_wal_lsn(conn) if self.stop_at_caught_up else None
+        stats = StreamStats()
+        while True:
+            self._stream_once(tables, stop_at, stats)
+            if self.should_stop() or not self._resync_requested():
+                break
+            self._resync(tables, set())
+        if self._pending_offset is not None:
+            self._record_offset(self._pending_offset, force=True)
+        self._report(
+            CdcProgress("stopped", lsn=format_lsn(stats.applied_lsn) if stats.applied_lsn else None), force=True
+        )
+        return stats
+
+    def _stream_once(self, tables: list[CdcTable], stop_at: int | None, stats: StreamStats) -> None:
         config = self.config
         latest = self.store.latest_schemas(config.key.tenant, config.key.pipeline)
         stream_tables: dict[TableName, StreamTable] = {}
@@ -369,13 +308,15 @@ class CdcRun:
                 schema=schema,
             )
         leaf_watcher = LeafWatcher(
-            config.source_connection, config.source_dsn, self.sink, config.checkpoint_prefix,
+            config.source_connection,
+            config.source_dsn,
+            self.sink,
+            config.checkpoint_prefix,
             [t for t in stream_tables.values() if t.source.partitioned],
             self.partition_check_interval_s,
         )
         leaf_watcher.check()  # partitions attached since the last run: their rows before ATTACH
         with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
-            stop_at = _current_wal_lsn(conn) if self.stop_at_caught_up else None
             types_conn = self._catalog = conn
 
             applier = ChangeApplier(
@@ -386,6 +327,7 @@ class CdcRun:
                 batch_max_rows=config.batch_max_rows,
                 batch_max_ms=config.batch_max_ms,
                 soft_delete=config.soft_delete,
+                stats=stats,
             )
             start = min((t.applied_lsn for t in stream_tables.values()), default=0)
             progress = CdcProgress("streaming")
@@ -409,10 +351,10 @@ class CdcRun:
                     stream = replication.start(
                         self.slot, [config.publication], start, heartbeat_interval_s=self.wal_heartbeat_interval_s
                     )
-                    stats = run_stream(
+                    run_stream(
                         stream,
                         applier,
-                        should_stop=self.should_stop,
+                        should_stop=lambda: self.should_stop() or self._resync_requested(),
                         stop_at_lsn=stop_at,
                         on_progress=report,
                         on_durable=self._record_offset,
@@ -420,11 +362,6 @@ class CdcRun:
                     )
             except SlotLost as error:
                 raise self._fail(f"{error}; {RESET_HINT}", slot=self.slot) from None
-        if self._pending_offset is not None:
-            self._record_offset(self._pending_offset, force=True)
-        progress.phase = "stopped"
-        self._report(progress, force=True)
-        return stats
 
     def _schema_policy(self, event: SchemaEvent) -> str:
         config = self.config
@@ -532,3 +469,19 @@ def run_cdc_pipeline(
     """Run the pipeline until `should_stop()` (or, with `stop_at_caught_up`, until the WAL position
     seen at the start is applied). `interrupts`: see `run_stream`."""
     return CdcRun(config, sink, store, run_id, should_stop, on_progress, stop_at_caught_up, interrupts).run()
+
+
+__all__ = [
+    "APPROVED_DETAIL",
+    "RESET_HINT",
+    "CdcPipelineConfig",
+    "CdcPipelineFailed",
+    "CdcProgress",
+    "CdcRun",
+    "CdcRunResult",
+    "CdcTableConfig",
+    "Phase",
+    "current_database",
+    "request_table_resync",
+    "run_cdc_pipeline",
+]

@@ -2,11 +2,8 @@
 exported snapshot, each partition written atomically with its own checkpoint.
 
 Progress lives in the state store (the plan and done partitions) and in the sink (a checkpoint per
-partition, committed with its rows), so a crash resumes at the first unfinished partition. A
-resumed snapshot has lost the exported snapshot; it reads the remaining partitions at a newer
-snapshot and merges them by key, and the stream (which starts at the slot's consistent point)
-replays every later change on top: the end state is exact. Tables without a key cannot be
-resumed that way; the caller restarts their snapshot instead.
+partition, committed with its rows), so a crash resumes at the first unfinished partition; how a
+resumed snapshot stays exact is in `cdc/resume.py`.
 """
 
 from __future__ import annotations
@@ -15,7 +12,7 @@ import queue
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -84,6 +81,7 @@ class SnapshotTask:
     partition: SnapshotPartition
     leaf: TableName | None = None  # a partitioned table's partition: read `blocks` of this leaf
     blocks: tuple[int, int] | None = None
+    fill: bool = False  # re-reads part of a done partition (see cdc/resume.py): no checkpoint of its own
 
     def read_schema(self) -> TableSchema:
         """The table's columns, read from the leaf when the task is one leaf's range."""
@@ -91,6 +89,11 @@ class SnapshotTask:
 
     def ctid_range(self) -> tuple[int, int]:
         return self.blocks or (self.partition.start_block, self.partition.end_block)
+
+
+class TableRewritten(Exception):
+    """A table's file changed (VACUUM FULL, CLUSTER, a rewriting ALTER) while a resumed snapshot
+    relied on its rows keeping their places; the next run resyncs it."""
 
 
 @dataclass
@@ -126,6 +129,12 @@ class SnapshotRunner:
     partition_blocks: int = 4096
     should_stop: Callable[[], bool] = lambda: False
     on_progress: Callable[[SnapshotProgress], None] = lambda progress: None
+    # A resumed snapshot (cdc/resume.py): the stream's start, when it is not `consistent_lsn`; a
+    # condition (SQL, params) selecting the rows of done partitions to read again; the file each
+    # table must still have (checked under the workers' table lock).
+    stream_from_lsn: int | None = None
+    refill: tuple[str, tuple[Any, ...]] | None = None
+    expected_filenodes: dict[TableName, int] = field(default_factory=dict)
 
     def partition_checkpoint(self, table: TableName, partition_no: int) -> str:
         return f"{self.checkpoint_prefix}/snapshot/{self.generation}/{table.qualified}/{partition_no}"
@@ -144,10 +153,14 @@ class SnapshotRunner:
                 plan = self.store.plan_snapshot(self.key, table.name.qualified, ranges, rows)
                 for partition in plan:
                     if partition.done:
+                        if self.refill is not None:
+                            tasks.append(replace(_task(table, target, partition, leaves), fill=True))
                         continue
                     if self.sink.read_checkpoint(self.partition_checkpoint(table.name, partition.partition_no)):
                         # committed in the sink, not yet marked in the store (a crash in between)
                         self.store.mark_partition_done(self.key, table.name.qualified, partition.partition_no, 0)
+                        if self.refill is not None:
+                            tasks.append(replace(_task(table, target, partition, leaves), fill=True))
                         continue
                     tasks.append(_task(table, target, partition, leaves))
         return tasks
@@ -195,7 +208,10 @@ class SnapshotRunner:
                 cdc_schema(table.schema),
                 [],
                 WriteStrategy.APPEND,
-                Checkpoint(f"{self.checkpoint_prefix}/{table.name.qualified}", format_lsn(self.consistent_lsn)),
+                Checkpoint(
+                    f"{self.checkpoint_prefix}/{table.name.qualified}",
+                    format_lsn(self.consistent_lsn if self.stream_from_lsn is None else self.stream_from_lsn),
+                ),
             )
 
     def _read_and_write(self, tasks: list[SnapshotTask], progress: SnapshotProgress) -> int:
@@ -212,23 +228,26 @@ class SnapshotRunner:
         ]
         for thread in threads:
             thread.start()
-        strategy = WriteStrategy.APPEND if self.snapshot_name else WriteStrategy.MERGE
+        resumed = self.stream_from_lsn is not None or not self.snapshot_name
+        strategy = WriteStrategy.MERGE if resumed else WriteStrategy.APPEND
         try:
             for _ in range(len(tasks)):
                 item = self._next_result(results)
                 if isinstance(item, BaseException):
                     raise item
                 task, batches = item
+                checkpoint = Checkpoint(self.partition_checkpoint(task.table.name, task.partition.partition_no), "done")
                 written = self.sink.write(
                     task.target,
                     cdc_schema(task.table.schema),
                     self._arriving(batches),
                     strategy,
-                    Checkpoint(self.partition_checkpoint(task.table.name, task.partition.partition_no), "done"),
+                    None if task.fill else checkpoint,
                 )
-                self.store.mark_partition_done(
-                    self.key, task.table.name.qualified, task.partition.partition_no, written.rows
-                )
+                if not task.fill:
+                    self.store.mark_partition_done(
+                        self.key, task.table.name.qualified, task.partition.partition_no, written.rows
+                    )
                 progress.partitions_done += 1
                 progress.rows_done += written.rows
                 self.on_progress(progress)
@@ -281,7 +300,11 @@ class SnapshotRunner:
                 conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
                 if self.snapshot_name:
                     conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(self.snapshot_name)))
+                checked: set[TableName] = set()
                 for task in _drain(pending, stop):
+                    if task.table.name in self.expected_filenodes and task.table.name not in checked:
+                        _lock_and_check_file(conn, task.table.name, self.expected_filenodes[task.table.name])
+                        checked.add(task.table.name)
                     synced_at = datetime.now(UTC)
                     batches = queue.Queue()  # unbounded: at most one partition, as when read whole
                     while not stop.is_set():
@@ -290,7 +313,10 @@ class SnapshotRunner:
                             break
                         except queue.Full:
                             continue
-                    for batch in read_table(conn, task.read_schema(), ctid_range=task.ctid_range()):
+                    where, params = self.refill if task.fill and self.refill else (None, ())
+                    for batch in read_table(
+                        conn, task.read_schema(), where=where, params=params, ctid_range=task.ctid_range()
+                    ):
                         if stop.is_set():
                             raise SnapshotCancelled("snapshot stopped while reading a partition")
                         batches.put(with_snapshot_metadata(batch, self.consistent_lsn, synced_at))
@@ -311,6 +337,15 @@ def _task(
         return SnapshotTask(table, target, partition)
     leaf_index, blocks = decode_range(partition.start_block, partition.end_block)
     return SnapshotTask(table, target, partition, leaves[leaf_index], blocks)
+
+
+def _lock_and_check_file(conn: Any, table: TableName, expected: int) -> None:
+    """Hold the table (until the worker's transaction ends) and check it kept its file."""
+    name = sql.Identifier(table.schema, table.name)
+    conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS SHARE MODE").format(name))
+    row = conn.execute("SELECT pg_relation_filenode(%s::regclass)", (f"{name.as_string(conn)}",)).fetchone()
+    if row is None or row[0] != expected:
+        raise TableRewritten(f"{table} was rewritten since its snapshot began; the next run resyncs it")
 
 
 def _drain(pending: queue.Queue[SnapshotTask], stop: threading.Event) -> Iterator[SnapshotTask]:

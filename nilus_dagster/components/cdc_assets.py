@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Literal
 
 import dagster as dg
+from pydantic import Field
 
 from nilus_dagster.components.batch_assets import STATE_RESOURCE_KEY, ensure_run_tags
 from nilus_dagster.components.naming import table_asset_attributes
@@ -26,6 +27,14 @@ class CdcRunConfig(dg.Config):
     scheduled catch-up); `never` streams until the run is terminated."""
 
     stop_at: Literal["never", "caught_up"] = "never"
+
+
+class ResyncConfig(dg.Config):
+    """Run config of the `<tenant>__<pipeline>__resync` job."""
+
+    tables: list[str] = Field(description="the tables to re-snapshot, as schema.table")
+    reason: str = "operator request"
+    wait_s: float = 600.0  # how long the job waits for the live CDC run to finish the resync
 
 
 def pipeline_key(pipeline: Pipeline) -> PipelineKey:
@@ -239,6 +248,36 @@ def _operator_job(pipeline: Pipeline, operation: str, act: Callable[[StateStore]
     return _job
 
 
+def _resync_job(spec: PipelinesSpec, pipeline: Pipeline) -> dg.JobDefinition:
+    """`<tenant>__<pipeline>__resync`: re-snapshot the tables named in the run config while the
+    others keep streaming; the live CDC run (or else the next one) does it, this job waits."""
+    name = f"{pipeline.job_name}__resync"
+
+    @dg.op(name=f"{name}_op", tags=operation_tags(pipeline, "resync"))
+    def _act(context: dg.OpExecutionContext, config: ResyncConfig, nilus_state: NilusStateStore) -> None:
+        from nilus_dagster.cdc.operations import ResyncFailed, resync_tables
+        from nilus_dagster.cdc.resync import UnknownTables
+
+        try:
+            message = resync_tables(
+                cdc_config(spec, pipeline),
+                nilus_state.get_store(),
+                config.tables,
+                config.reason,
+                wait_s=config.wait_s,
+                log=context.log.info,
+            )
+        except (UnknownTables, ResyncFailed) as error:
+            raise dg.Failure(str(error)) from None
+        context.log.info(message)
+
+    @dg.job(name=name, tags=operation_tags(pipeline, "resync"))
+    def _job() -> None:
+        _act()
+
+    return _job
+
+
 def _operator_jobs(spec: PipelinesSpec, pipeline: Pipeline) -> list[dg.JobDefinition]:
     from nilus_dagster.cdc.operations import approve_schema_change, reset_pipeline
 
@@ -250,7 +289,11 @@ def _operator_jobs(spec: PipelinesSpec, pipeline: Pipeline) -> list[dg.JobDefini
         slot = reset_pipeline(cdc_config(spec, pipeline), store)
         return f"dropped slot {slot} and the snapshot progress; the next run snapshots every table again"
 
-    return [_operator_job(pipeline, "approve_schema", approve), _operator_job(pipeline, "reset", reset)]
+    return [
+        _operator_job(pipeline, "approve_schema", approve),
+        _operator_job(pipeline, "reset", reset),
+        _resync_job(spec, pipeline),
+    ]
 
 
 def cdc_pipeline_definitions(spec: PipelinesSpec, pipeline: Pipeline) -> dg.Definitions:

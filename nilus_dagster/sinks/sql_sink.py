@@ -69,6 +69,14 @@ class SqlSink(ABC):
         with self._transaction(target) as conn:
             return self._ensure_table(conn, target, schema, cdc=cdc)
 
+    def recreate_table(self, target: SinkTable, schema: TableSchema, checkpoint: Checkpoint) -> None:
+        """Drop the table and create it empty for `schema` (CDC columns included), with the
+        checkpoint, in one transaction: a resync whose source columns changed type."""
+        with self._transaction(target) as conn:
+            self._runner(conn)(sql.SQL("DROP TABLE IF EXISTS {}").format(table_ident(target)))
+            self._ensure_table(conn, target, schema, cdc=True)
+            self._save_checkpoint(conn, checkpoint)
+
     def widen_columns(self, target: SinkTable, columns: list[Column]) -> None:
         with self._transaction(target) as conn:
             widen_columns(self._runner(conn), self.dialect, target, columns)

@@ -85,4 +85,22 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX ON {schema}.pipeline_runs (tenant, pipeline, id DESC);
         """,
     ),
+    (
+        2,
+        """
+        CREATE TABLE {schema}.resync_requests (
+            id bigserial PRIMARY KEY,
+            tenant text NOT NULL,
+            pipeline text NOT NULL,
+            table_name text NOT NULL,
+            reason text NOT NULL DEFAULT '',
+            status text NOT NULL DEFAULT 'pending',
+            run_id text,
+            error text,
+            requested_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX ON {schema}.resync_requests (tenant, pipeline, status);
+        """,
+    ),
 ]

@@ -86,6 +86,26 @@ class SnapshotTableProgress:
         return round(100.0 * self.partitions_done / self.partitions_total, 2)
 
 
+# A resync request's life: pending → running (a CDC run works on it) → done | failed.
+RESYNC_OPEN = ("pending", "running")
+
+
+@dataclass(frozen=True)
+class ResyncRequest:
+    """An operator's (or a schema change's) request to re-snapshot one table of a CDC pipeline."""
+
+    id: int
+    tenant: str
+    pipeline: str
+    table_name: str
+    reason: str
+    status: str
+    run_id: str | None
+    error: str | None
+    requested_at: datetime
+    updated_at: datetime
+
+
 @dataclass(frozen=True)
 class Heartbeat:
     run_id: str

@@ -1,25 +1,19 @@
 """The state store: cursors, CDC offsets, schema history, snapshot progress, pipeline state.
 
-Plain Python over a psycopg connection pool; all SQL of the state store lives here. The Dagster
-resource (`resource.py`) and the monitoring API both use this class.
+Plain Python over a psycopg connection pool; all SQL of the state store lives in this package
+(`base.py`: pool and migrations, `snapshots.py`: snapshot progress and resync requests). The
+Dagster resource (`resource.py`) and the monitoring API both use `StateStore`.
 """
 
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from typing import Any
 
-import psycopg
-from psycopg import sql
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
-from psycopg_pool import ConnectionPool, PoolTimeout
 
-from nilus_dagster.state.migrations import MIGRATIONS
+from nilus_dagster.state.base import StateStoreError
 from nilus_dagster.state.records import (
     Heartbeat,
     OffsetRecord,
@@ -27,113 +21,14 @@ from nilus_dagster.state.records import (
     PipelineKey,
     PipelineState,
     SchemaHistoryRecord,
-    SnapshotPartition,
-    SnapshotTableProgress,
 )
+from nilus_dagster.state.snapshots import SnapshotStore
 
-_MIGRATION_LOCK_ID = 0x6E696C7573  # "nilus": serializes concurrent migrators
-
-
-class StateStoreError(Exception):
-    """The state store is unreachable or refused an operation."""
+__all__ = ["StateStore", "StateStoreError"]
 
 
-class StateStore:
+class StateStore(SnapshotStore):
     """All persistent pipeline state, in one PostgreSQL schema that this class migrates."""
-
-    def __init__(
-        self,
-        dsn: str,
-        *,
-        schema: str = "nilus",
-        max_connections: int = 4,
-        wait_s: float = 30.0,
-        cooldown_s: float = 0.0,
-    ):
-        """`wait_s`: how long a call waits for a connection before StateStoreError. `cooldown_s`:
-        after such a failure, calls fail at once for that long (a server answers 503 quickly)."""
-        self.schema = schema
-        self._wait_s = wait_s
-        self._cooldown_s = cooldown_s
-        self._down_until = 0.0
-        self._schema_sql = sql.Identifier(schema)
-        self._pool = ConnectionPool(
-            dsn,
-            min_size=0,
-            max_size=max_connections,
-            kwargs={"autocommit": True, "row_factory": dict_row},
-            open=False,
-        )
-        self._opened = False
-
-    # -- lifecycle -------------------------------------------------------------------------
-    def open(self, *, migrate: bool = True, timeout_s: float = 10.0) -> StateStore:
-        if not self._opened:
-            self._pool.open(wait=False)
-            self._opened = True
-        if migrate:
-            try:
-                self.migrate()
-            except psycopg.OperationalError as exc:
-                raise StateStoreError(f"state store unreachable: {exc}") from exc
-        return self
-
-    def close(self) -> None:
-        if self._opened:
-            self._pool.close()
-            self._opened = False
-
-    def __enter__(self) -> StateStore:
-        return self.open()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    @contextmanager
-    def _conn(self) -> Iterator[psycopg.Connection[dict[str, Any]]]:
-        if time.monotonic() < self._down_until:
-            raise StateStoreError("state store unreachable (failed moments ago)")
-        if not self._opened:
-            self.open(migrate=False)
-        with ExitStack() as stack:
-            try:
-                conn = stack.enter_context(self._pool.connection(timeout=self._wait_s))
-            except (PoolTimeout, psycopg.OperationalError) as exc:
-                self._down_until = time.monotonic() + self._cooldown_s
-                raise StateStoreError(f"state store unreachable: {exc}") from exc
-            yield conn
-
-    def _q(self, text: str) -> sql.Composed:
-        """A statement whose `{schema}` placeholder is the store's (quoted) schema."""
-        return sql.SQL(text).format(schema=self._schema_sql)  # type: ignore[arg-type]
-
-    def migrate(self) -> int:
-        """Create or upgrade the schema; returns the version now in force."""
-        with self._conn() as conn, conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(%s)", (_MIGRATION_LOCK_ID,))
-            conn.execute(self._q("CREATE SCHEMA IF NOT EXISTS {schema}"))
-            conn.execute(
-                self._q(
-                    "CREATE TABLE IF NOT EXISTS {schema}.schema_migrations "
-                    "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
-                )
-            )
-            row = conn.execute(self._q("SELECT max(version) AS v FROM {schema}.schema_migrations")).fetchone()
-            current = (row or {}).get("v") or 0
-            for version, statement in MIGRATIONS:
-                if version > current:
-                    conn.execute(self._q(statement))
-                    conn.execute(self._q("INSERT INTO {schema}.schema_migrations (version) VALUES (%s)"), (version,))
-                    current = version
-            return current
-
-    def ping(self) -> None:
-        """Raise StateStoreError unless the store answers a query."""
-        try:
-            with self._conn() as conn:
-                conn.execute(self._q("SELECT 1 FROM {schema}.schema_migrations LIMIT 1"))
-        except (psycopg.Error, Exception) as exc:  # pool timeouts are not psycopg errors
-            raise StateStoreError(f"state store unreachable: {exc}") from exc
 
     # -- pipeline state --------------------------------------------------------------------
     def set_pipeline_state(self, key: PipelineKey, state: str, detail: dict[str, Any] | None = None) -> None:
@@ -303,109 +198,6 @@ class StateStore:
         }
         rows, total = self._page("schema_history", tenant, filters, limit, offset)
         return Page([SchemaHistoryRecord(**r) for r in rows], total)
-
-    def _page(
-        self, table: str, tenant: str, filters: dict[str, Any], limit: int, offset: int
-    ) -> tuple[list[dict[str, Any]], int]:
-        """Newest-first page of a tenant's rows in an append-only table, with the total count."""
-        clauses = ["tenant = %s"] + [clause for clause, value in filters.items() if value is not None]
-        params: list[Any] = [tenant] + [value for value in filters.values() if value is not None]
-        where = sql.SQL(" AND ".join(clauses))  # type: ignore[arg-type]
-        target = sql.SQL("{schema}.{table}").format(schema=self._schema_sql, table=sql.Identifier(table))
-        with self._conn() as conn:
-            total_row = conn.execute(
-                sql.SQL("SELECT count(*) AS n FROM {t} WHERE {w}").format(t=target, w=where), params
-            ).fetchone()
-            rows = conn.execute(
-                sql.SQL("SELECT * FROM {t} WHERE {w} ORDER BY id DESC LIMIT %s OFFSET %s").format(t=target, w=where),
-                [*params, limit, offset],
-            ).fetchall()
-        return rows, int(total_row["n"]) if total_row else 0
-
-    # -- snapshot progress -----------------------------------------------------------------
-    def plan_snapshot(
-        self, key: PipelineKey, table: str, partitions: Sequence[tuple[int, int]], rows_estimate: int
-    ) -> list[SnapshotPartition]:
-        """Record a table's CTID partitions unless already planned; return the plan in force.
-
-        A plan is written once: a resumed snapshot keeps its partitions and their progress.
-        """
-        per_partition = rows_estimate // max(1, len(partitions))
-        with self._conn() as conn, conn.transaction():
-            exists = conn.execute(
-                self._q(
-                    "SELECT 1 FROM {schema}.snapshot_partitions "
-                    "WHERE tenant = %s AND pipeline = %s AND table_name = %s LIMIT 1"
-                ),
-                (key.tenant, key.pipeline, table),
-            ).fetchone()
-            if not exists:
-                with conn.cursor() as cur:
-                    cur.executemany(
-                        self._q(
-                            "INSERT INTO {schema}.snapshot_partitions (tenant, pipeline, table_name, partition_no, "
-                            "start_block, end_block, rows_estimate) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-                        ),
-                        [
-                            (key.tenant, key.pipeline, table, no, start, end, per_partition)
-                            for no, (start, end) in enumerate(partitions)
-                        ],
-                    )
-        return self.snapshot_partitions(key.tenant, key.pipeline, table)
-
-    def snapshot_partitions(self, tenant: str, pipeline: str, table: str) -> list[SnapshotPartition]:
-        with self._conn() as conn:
-            rows = conn.execute(
-                self._q(
-                    "SELECT table_name, partition_no, start_block, end_block, rows_estimate, rows_done, done "
-                    "FROM {schema}.snapshot_partitions WHERE tenant = %s AND pipeline = %s AND table_name = %s "
-                    "ORDER BY partition_no"
-                ),
-                (tenant, pipeline, table),
-            ).fetchall()
-        return [SnapshotPartition(**r) for r in rows]
-
-    def mark_partition_done(self, key: PipelineKey, table: str, partition_no: int, rows: int) -> None:
-        with self._conn() as conn:
-            conn.execute(
-                self._q(
-                    "UPDATE {schema}.snapshot_partitions SET done = true, rows_done = %s, updated_at = now() "
-                    "WHERE tenant = %s AND pipeline = %s AND table_name = %s AND partition_no = %s"
-                ),
-                (rows, key.tenant, key.pipeline, table, partition_no),
-            )
-
-    def clear_snapshot(self, tenant: str, pipeline: str, table: str | None = None) -> None:
-        """Forget a snapshot plan (a new slot means a new snapshot)."""
-        with self._conn() as conn:
-            if table is None:
-                conn.execute(
-                    self._q("DELETE FROM {schema}.snapshot_partitions WHERE tenant = %s AND pipeline = %s"),
-                    (tenant, pipeline),
-                )
-            else:
-                conn.execute(
-                    self._q(
-                        "DELETE FROM {schema}.snapshot_partitions "
-                        "WHERE tenant = %s AND pipeline = %s AND table_name = %s"
-                    ),
-                    (tenant, pipeline, table),
-                )
-
-    def snapshot_progress(self, tenant: str, pipeline: str) -> list[SnapshotTableProgress]:
-        with self._conn() as conn:
-            rows = conn.execute(
-                self._q(
-                    "SELECT table_name AS table, count(*) AS partitions_total, "
-                    "count(*) FILTER (WHERE done) AS partitions_done, "
-                    "sum(greatest(rows_estimate, rows_done))::bigint AS rows_total, "
-                    "sum(rows_done)::bigint AS rows_done "
-                    "FROM {schema}.snapshot_partitions WHERE tenant = %s AND pipeline = %s "
-                    "GROUP BY table_name ORDER BY table_name"
-                ),
-                (tenant, pipeline),
-            ).fetchall()
-        return [SnapshotTableProgress(**r) for r in rows]
 
     # -- heartbeats ------------------------------------------------------------------------
     def beat(self, key: PipelineKey, run_id: str, detail: dict[str, Any] | None = None) -> None:

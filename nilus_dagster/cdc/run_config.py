@@ -1,0 +1,90 @@
+"""What a CDC run is given and what it reports: pipeline and table settings, progress, result."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from nilus_dagster.cdc.setup import replication_name
+from nilus_dagster.cdc.stream import StreamStats
+from nilus_dagster.schema import TableName
+from nilus_dagster.sinks.base import SinkTable
+from nilus_dagster.state.records import PipelineKey
+
+Phase = Literal["setup", "snapshot", "resync", "streaming", "stopped"]
+
+
+APPROVED_DETAIL = "approved_schema"  # in the pipeline state: the change an operator approved
+RESET_HINT = "run the job <tenant>__<pipeline>__reset to re-snapshot the pipeline"
+
+
+class CdcPipelineFailed(Exception):
+    """The pipeline cannot continue without an operator (its state is set to `failed`)."""
+
+
+@dataclass(frozen=True)
+class CdcTableConfig:
+    table: TableName
+    target: SinkTable
+    primary_key: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class CdcPipelineConfig:
+    key: PipelineKey
+    source_connection: str
+    source_dsn: str
+    tables: tuple[CdcTableConfig, ...]
+    snapshot: Literal["initial", "never"] = "initial"
+    snapshot_workers: int = 2
+    snapshot_partition_blocks: int = 4096
+    batch_max_rows: int = 50_000
+    batch_max_ms: int = 1_000
+    soft_delete: bool = False
+    schema_changes: Literal["evolve", "pause", "fail"] = "evolve"
+    slot_name: str | None = None
+    publication_name: str | None = None
+
+    def slot(self, database: str) -> str:
+        """Slots are per cluster: the name includes the source database."""
+        return self.slot_name or replication_name("nilus", self.key.tenant, self.key.pipeline, database)
+
+    @property
+    def publication(self) -> str:
+        return self.publication_name or replication_name("nilus", self.key.tenant, self.key.pipeline)
+
+    @property
+    def checkpoint_prefix(self) -> str:
+        return f"{self.key.tenant}/{self.key.pipeline}"
+
+    def table_checkpoint(self, table: TableName) -> str:
+        return f"{self.checkpoint_prefix}/{table.qualified}"
+
+
+@dataclass
+class CdcProgress:
+    """What a run reports while it works (heartbeats, Dagster observations, metrics)."""
+
+    phase: Phase
+    lsn: str | None = None
+    lag_seconds: float = 0.0
+    events_total: int = 0
+    events_per_s: float = 0.0
+    retained_wal_bytes: int | None = None
+    snapshot_rows: int = 0
+    snapshot_partitions_done: int = 0
+    snapshot_partitions_total: int = 0
+    resync_tables: list[str] = field(default_factory=list)  # the tables being resynced (phase `resync`)
+
+    def as_detail(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class CdcRunResult:
+    snapshot_rows: int = 0
+    stats: StreamStats = field(default_factory=StreamStats)
+    slot_created: bool = False
+    tables_added: list[str] = field(default_factory=list)
+    # per table: stored generated columns left out of the sink (pgoutput before PG 18 omits them)
+    generated_columns: dict[str, list[str]] = field(default_factory=dict)
