@@ -430,16 +430,9 @@ class CdcRun(ResyncSteps):
         return "evolve"
 
     def _resync_after_schema_change(self, event: SchemaEvent, reason: str) -> str:
-        """PostgreSQL changed rows of the table without streaming them: hold the table until it is
-        re-read (the sink must never silently differ from the source)."""
-        self._set_state(
-            "pending_schema_approval",
-            table=event.table.qualified,
-            proposed_schema=event.schema.to_json(),
-            diff=event.diff.describe(),
-            lsn=format_lsn(event.lsn),
-            reason=f"{reason}: resync the table (job <tenant>__<pipeline>__resync) to re-read it",
-        )
+        """PostgreSQL changed rows of the table without streaming them: hold the table (its changes
+        until then are dropped, its acknowledgement frozen) and re-read it at the next safe point."""
+        self.request_resync([event.table], f"{event.diff.describe()}: {reason}")
         return "pause"
 
 
