@@ -44,14 +44,14 @@ def spec_json(sink: SinkTarget, **cdc: object) -> str:
                        "pipelines": [pipeline]})
 
 
-def start_worker(spec: str, *extra: str) -> subprocess.Popen[bytes]:
-    return subprocess.Popen([sys.executable, str(WORKER), spec, "crashy", *extra], env=dict(os.environ),
+def start_worker(spec: str, *extra: str, pipeline: str = "crashy") -> subprocess.Popen[bytes]:
+    return subprocess.Popen([sys.executable, str(WORKER), spec, pipeline, *extra], env=dict(os.environ),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def finish_worker(spec: str) -> None:
+def finish_worker(spec: str, pipeline: str = "crashy") -> None:
     """A clean run that stops once caught up (the restart after the crash)."""
-    worker = start_worker(spec, "caught_up")
+    worker = start_worker(spec, "caught_up", pipeline=pipeline)
     _, stderr = worker.communicate(timeout=300)
     assert worker.returncode == 0, stderr.decode()[-3000:]
 
@@ -95,19 +95,21 @@ def create_items(dsn: str, rows: int) -> None:
         conn.execute("INSERT INTO public.items SELECT g, 0, repeat('x', 50), now() FROM generate_series(1, %s) g", (rows,))
 
 
-def test_sigkill_mid_stream_loses_and_doubles_nothing(env: str, state_dsn: str, sink: SinkTarget) -> None:
-    create_items(env, 1000)
-    spec = spec_json(sink)
-    worker = start_worker(spec)
+def sigkill_mid_stream(
+    spec: str, state_dsn: str, write: Callable[[threading.Event], None], *, pipeline: str = "crashy", settle_s: float = 1.0
+) -> None:
+    """Start the worker, let `write` change the source once streaming, SIGKILL the worker while
+    changes still arrive, then restart it until caught up."""
+    worker = start_worker(spec, pipeline=pipeline)
     stop = threading.Event()
-    writer = threading.Thread(target=churn, args=(env, stop, 100_000))
+    writer = threading.Thread(target=write, args=(stop,))
     try:
         with StateStore(state_dsn).open() as store:
-            wait_for(lambda: store.latest_offset("acme", "crashy") is not None, 120, "the snapshot to finish")
+            wait_for(lambda: store.latest_offset("acme", pipeline) is not None, 120, "the snapshot to finish")
             writer.start()
-            first = store.latest_offset("acme", "crashy")
-            wait_for(lambda: store.latest_offset("acme", "crashy") != first, 120, "streamed batches to commit")
-        time.sleep(1.0)
+            first = store.latest_offset("acme", pipeline)
+            wait_for(lambda: store.latest_offset("acme", pipeline) != first, 120, "streamed batches to commit")
+        time.sleep(settle_s)
         worker.send_signal(signal.SIGKILL)  # mid-stream, with changes still arriving
         worker.wait(timeout=30)
         time.sleep(0.5)
@@ -117,7 +119,12 @@ def test_sigkill_mid_stream_loses_and_doubles_nothing(env: str, state_dsn: str, 
             writer.join()
         if worker.poll() is None:
             worker.kill()
-    finish_worker(spec)
+    finish_worker(spec, pipeline)
+
+
+def test_sigkill_mid_stream_loses_and_doubles_nothing(env: str, state_dsn: str, sink: SinkTarget) -> None:
+    create_items(env, 1000)
+    sigkill_mid_stream(spec_json(sink), state_dsn, lambda stop: churn(env, stop, 100_000))
     assert_exact(env, sink)
 
 

@@ -6,11 +6,7 @@ unchanged while the old row is not in the batch. Each also with a SIGKILL mid-st
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import threading
-import time
 
 import dagster as dg
 import psycopg
@@ -18,9 +14,7 @@ import pytest
 from batch_project import SinkTarget, failure_message
 from cdc_project import cdc_pipeline, cdc_project, run_until_caught_up
 from table_compare import assert_same_rows, duckdb_rows, postgres_sink_rows, source_rows
-from test_cdc_crash import WORKER, wait_for
-
-from nilus_dagster.state.store import StateStore
+from test_cdc_crash import sigkill_mid_stream
 
 LOG_COLUMNS = ["msg", "n", "payload"]
 LOG_ORDER = "msg, n NULLS FIRST, payload"
@@ -146,31 +140,5 @@ def test_sigkill_mid_stream_keeps_multisets_and_toasted_values_exact(env: str, s
         }
     )
 
-    def start(*mode: str) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [sys.executable, str(WORKER), spec, "hard", *mode], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-
-    worker = start()
-    stop = threading.Event()
-    writer = threading.Thread(target=churn, args=(env, stop))
-    try:
-        with StateStore(state_dsn).open() as store:
-            wait_for(lambda: store.latest_offset("acme", "hard") is not None, 120, "the snapshot to finish")
-            writer.start()
-            first = store.latest_offset("acme", "hard")
-            wait_for(lambda: store.latest_offset("acme", "hard") != first, 120, "streamed batches to commit")
-        time.sleep(1.5)
-        worker.send_signal(signal.SIGKILL)
-        worker.wait(timeout=30)
-        time.sleep(0.5)
-    finally:
-        stop.set()
-        if writer.is_alive():
-            writer.join()
-        if worker.poll() is None:
-            worker.kill()
-    finisher = start("caught_up")
-    _, stderr = finisher.communicate(timeout=300)
-    assert finisher.returncode == 0, stderr.decode()[-3000:]
+    sigkill_mid_stream(spec, state_dsn, lambda stop: churn(env, stop), pipeline="hard", settle_s=1.5)
     assert_exact(env, sink)
