@@ -504,13 +504,10 @@ def test_cdc_new_source_column_appears_mid_stream(
         "ALTER TABLE public.items ADD COLUMN price numeric(10, 2), ADD COLUMN seen timestamptz",
         "INSERT INTO public.items VALUES (3, 'c', 9.99, '2024-05-01 10:00:00+00')",
         "UPDATE public.items SET price = 1.25 WHERE id = 1",
-        # older rows read a constant default as PostgreSQL reports it
-        "ALTER TABLE public.items ADD COLUMN qty int DEFAULT 4, ADD COLUMN tag text DEFAULT 'it''s'",
-        "INSERT INTO public.items (id, name, qty) VALUES (4, 'd', 1)",
     )
     succeeded(run_until_caught_up(defs, "acme__items", instance))
-    assert [f.name for f in warehouse.table("items").schema][-4:] == ["price", "seen", "qty", "tag"]
-    columns = ["id", "name", "price", "seen", "qty", "tag"]
+    assert [f.name for f in warehouse.table("items").schema][-2:] == ["price", "seen"]
+    columns = ["id", "name", "price", "seen"]
     assert_same_rows(source_rows(env, "public.items", columns, "id"), warehouse.rows("items", columns, live=True))
 
 
