@@ -68,6 +68,7 @@ def cdc_config(spec: PipelinesSpec, pipeline: Pipeline):  # -> CdcPipelineConfig
         schema_changes=pipeline.schema_changes,
         slot_name=options.slot_name,
         publication_name=options.publication_name,
+        retry_for_s=options.retry_for_s,
     )
 
 
