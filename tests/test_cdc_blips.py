@@ -14,6 +14,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +65,7 @@ class LiveRun:
             self.run.run()
         except BaseException as error:  # noqa: BLE001 - reported by the test
             self.error = error
+            traceback.print_exc()
 
     def lag_since(self, start: float) -> list[float]:
         return [p.lag_seconds for at, p in self.progress if at >= start and p.phase == "streaming"]
@@ -237,3 +239,61 @@ def test_run_survives_a_source_restart(
     assert live.thread.is_alive() and live.run.reconnects >= 1
     live.finish()
     assert_same_rows(source_rows(source, "public.t", COLUMNS, "id"), read())
+
+
+def pg_port(dsn: str) -> int:
+    return int(dsn.rsplit(":", 1)[1].split("/")[0])
+
+
+def outage(proxy: FaultProxy) -> None:
+    """The server behind the proxy goes away: open connections drop, new ones are refused."""
+    proxy.refuse()
+    proxy.cut()
+
+
+def test_run_survives_a_postgres_sink_outage(source_db: str, store: StateStore, sink_pg: str) -> None:
+    make_table(source_db)
+    with FaultProxy("127.0.0.1", pg_port(sink_pg)).start() as proxy:
+        sink = PostgresSink(proxy.dsn(sink_pg))
+        read = lambda: postgres_sink_rows(sink_pg, "replica.t", COLUMNS, "id")  # noqa: E731 - not through the proxy
+        live = start_run(source_db, sink, store, "sinkdown")
+        wait_until(lambda: streaming(live) and in_sink(read, source_db)(), 30, "the snapshot to stream")
+        outage(proxy)
+        down_at = time.monotonic()
+        write(source_db, 1000, 20)
+        time.sleep(4)
+        assert max(live.lag_since(down_at)) >= 2.0, "the lag did not rise while the sink was down"
+        assert live.thread.is_alive() and read() != source_rows(source_db, "public.t", COLUMNS, "id")
+        proxy.refuse(False)
+        took = wait_until(in_sink(read, source_db), RECOVER_S, "changes after the sink came back")
+        assert took < RECOVER_S
+        assert live.thread.is_alive() and live.run.reconnects >= 1
+        live.finish()
+    assert_same_rows(source_rows(source_db, "public.t", COLUMNS, "id"), read())
+
+
+def test_data_keeps_flowing_while_the_state_store_is_down(
+    source_db: str, state_dsn: str, sink_kind: str, duckdb_path: Path, sink_pg: str
+) -> None:
+    make_table(source_db)
+    sink, read = open_test_sink(sink_kind, duckdb_path, sink_pg)
+    with FaultProxy("127.0.0.1", pg_port(state_dsn)).start() as proxy, StateStore(proxy.dsn(state_dsn)).open() as store:
+        live = start_run(source_db, sink, store, "storedown")
+        wait_until(lambda: streaming(live) and in_sink(read, source_db)(), 30, "the snapshot to stream")
+        outage(proxy)
+        down_at = datetime.now(UTC)
+        write(source_db, 1000, 20)
+        took = wait_until(in_sink(read, source_db), 10, "changes while the state store is down")
+        assert took < 10
+        write(source_db, 2000, 20)
+        wait_until(in_sink(read, source_db), 10, "more changes while the state store is down")
+        with StateStore(state_dsn).open() as direct:
+            beat = direct.last_heartbeat("acme", "storedown")
+            assert beat is not None and beat.beat_at < down_at + timedelta(seconds=1)  # none got through meanwhile
+            proxy.refuse(False)
+            back_at = datetime.now(UTC)
+            wait_until(lambda: direct.last_heartbeat("acme", "storedown").beat_at > back_at, 40,
+                       "heartbeats after the state store came back")
+        assert live.thread.is_alive() and live.run.reconnects == 0
+        live.finish()
+    assert_same_rows(source_rows(source_db, "public.t", COLUMNS, "id"), read())

@@ -115,7 +115,7 @@ class CdcRun(ResyncSteps, SchemaSteps, ReconnectSteps):
         try:
             return self._run()
         finally:
-            self._writer.close()
+            self._close_state_io()
 
     def _run(self) -> CdcRunResult:
         config, result = self.config, CdcRunResult()
@@ -361,7 +361,7 @@ class CdcRun(ResyncSteps, SchemaSteps, ReconnectSteps):
                     run_stream(
                         stream,
                         applier,
-                        should_stop=lambda: self.should_stop() or self._resync_requested(),
+                        should_stop=lambda: self.should_stop() or self._resync_requested_nonblocking(),
                         stop_at_lsn=stop_at,
                         on_progress=report,
                         on_durable=self._record_offset,

@@ -20,7 +20,7 @@ import psycopg
 from nilus_dagster.cdc.applier import SchemaChangeRefused
 from nilus_dagster.cdc.run_config import CdcPipelineFailed
 from nilus_dagster.cdc.slots import ServerClosed, SlotInUse, SlotLost, SystemMismatch
-from nilus_dagster.sinks.base import UnsupportedColumnType
+from nilus_dagster.sinks.base import SinkUnavailable, UnsupportedColumnType
 from nilus_dagster.sources.postgres.connection import SourceUnreachable
 from nilus_dagster.state.base import StateStoreError
 
@@ -43,6 +43,7 @@ _PERMANENT: tuple[type[BaseException], ...] = (
 _TRANSIENT: tuple[type[BaseException], ...] = (
     ServerClosed,
     SlotInUse,  # after a fault: the server has not yet noticed that our previous walsender is gone
+    SinkUnavailable,
     SourceUnreachable,
     StateStoreError,
     psycopg.OperationalError,

@@ -22,7 +22,7 @@ from nilus_dagster.cdc.lsn import format_lsn
 from nilus_dagster.cdc.retry import RetryBudget, is_transient
 from nilus_dagster.cdc.run_config import CdcPipelineFailed, CdcProgress
 from nilus_dagster.cdc.slots import SlotInUse, SystemMismatch, ensure_same_system
-from nilus_dagster.cdc.state_writer import StateWriter
+from nilus_dagster.cdc.state_writer import BackgroundRead, StateWriter
 from nilus_dagster.sources.postgres.connection import connect_source
 
 if TYPE_CHECKING:
@@ -41,11 +41,15 @@ class ReconnectSteps:
     run_id: str
     slot: str
     should_stop: Callable[[], bool]
+    heartbeat_interval_s: float
+    _resync_due: bool
     _report: Callable[..., None]
 
     def _init_reconnect(self) -> None:
         self._budget = RetryBudget(self.config.retry_for_s)
         self._writer = StateWriter(self._write_state)
+        self._resync_reader: BackgroundRead | None = None
+        self._attempt_started = 0.0
         self._lag = LagClock()
         self._source: SourcePosition | None = None
         self._durable_count = 0  # positions made durable: data flowed in this attempt
@@ -53,6 +57,24 @@ class ReconnectSteps:
         self._system_id: str | None = None
         self._live_stream: Any = None  # the ReplicationStream of the current attempt
         self.reconnects = 0
+
+    def _close_state_io(self) -> None:
+        if self._resync_reader is not None:
+            self._resync_reader.close()
+        self._writer.close()
+
+    def _resync_requested_nonblocking(self) -> bool:
+        """Whether a resync is waiting, as read in the background since this attempt began: a
+        state store that is down never holds the stream up."""
+        if self._resync_reader is None:
+            key = self.config.key
+            self._resync_reader = BackgroundRead(
+                lambda: bool(self.store.open_resyncs(key.tenant, key.pipeline)),
+                self.heartbeat_interval_s,
+            )
+        if not self._resync_due and self._resync_reader.value_since(self._attempt_started):
+            self._resync_due = True
+        return self._resync_due
 
     def _write_state(self, key: str, value: Any) -> None:
         if key == "heartbeat":
@@ -68,6 +90,7 @@ class ReconnectSteps:
         transient faults are retried within the budget, anything else is raised at once."""
         while True:
             started, durable = time.monotonic(), self._durable_count
+            self._attempt_started = started
             try:
                 attempt()
                 return

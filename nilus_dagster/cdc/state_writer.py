@@ -89,3 +89,31 @@ class StateWriter:
             return False
         self.failing_since = None
         return True
+
+
+class BackgroundRead:
+    """Calls `read()` every `interval_s` in a thread of its own; `value_since(t)` is the newest
+    result read after monotonic time `t` (None if none yet, or the store failed since)."""
+
+    def __init__(self, read: Callable[[], Any], interval_s: float) -> None:
+        self._read, self._interval_s = read, interval_s
+        self._value: tuple[float, Any] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="nilus-state-reader", daemon=True)
+        self._thread.start()
+
+    def value_since(self, started: float) -> Any:
+        latest = self._value
+        return latest[1] if latest is not None and latest[0] > started else None
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval_s):
+            began = time.monotonic()
+            try:
+                self._value = (began, self._read())
+            except Exception as error:  # noqa: BLE001 - the store is down: nothing new to tell
+                _log.debug("state store read failed: %s", error)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=1.0)
