@@ -174,6 +174,8 @@ def test_run_survives_cut_replication_connections(
     with FaultProxy("127.0.0.1", int(source_db.rsplit(":", 1)[1].split("/")[0])).start() as proxy:
         live = start_run(proxy.dsn(source_db), sink, store, "cut")
         wait_until(lambda: streaming(live) and in_sink(read, source_db)(), 30, "the snapshot to stream")
+        wait_until(lambda: store.last_heartbeat("acme", "cut").detail["phase"] == "streaming", 5,
+                   "the heartbeat to say streaming")
         for round_ in range(2):  # two cuts: each is a new fault with the whole budget
             proxy.cut()
             write(source_db, 1000 + 100 * round_, 20)
@@ -297,3 +299,40 @@ def test_data_keeps_flowing_while_the_state_store_is_down(
         assert live.thread.is_alive() and live.run.reconnects == 0
         live.finish()
     assert_same_rows(source_rows(source_db, "public.t", COLUMNS, "id"), read())
+
+
+def test_a_fault_longer_than_retry_for_fails_the_run_and_a_lost_slot_fails_it_at_once(
+    source_db: str, store: StateStore, duckdb_path: Path
+) -> None:
+    make_table(source_db)
+    with FaultProxy("127.0.0.1", pg_port(source_db)).start() as proxy:
+        sink = DuckDBSink(duckdb_path)  # any sink: the source is what fails
+        live = start_run(proxy.dsn(source_db), sink, store, "budget", retry_for_s=3.0)
+        wait_until(lambda: streaming(live), 30, "the run to stream")
+        outage(proxy)
+        began = time.monotonic()
+        live.thread.join(timeout=20)
+        assert not live.thread.is_alive() and time.monotonic() - began < 15
+        assert "could not recover within retry_for (3s)" in str(live.error)
+
+        proxy.refuse(False)
+        second = start_run(proxy.dsn(source_db), sink, store, "lostslot")
+        wait_until(lambda: streaming(second), 30, "the second run to stream")
+        outage(proxy)
+        with psycopg.connect(source_db, autocommit=True) as conn:  # not through the proxy
+            slot = second.run.slot
+            wait_until(lambda: conn.execute("SELECT pg_drop_replication_slot(%s)", (slot,)) is not None, 10,
+                       "the slot to be dropped")
+        proxy.refuse(False)
+        began = time.monotonic()
+        second.thread.join(timeout=10)
+        assert not second.thread.is_alive() and time.monotonic() - began < 5, "a lost slot is not retried"
+        assert "does not exist" in str(second.error) or "dropped" in str(second.error)
+
+
+def test_exported_lag_grows_once_the_heartbeat_is_stale() -> None:
+    from nilus_dagster.api.metrics import cdc_lag
+
+    assert cdc_lag({"phase": "streaming", "lag_seconds": 1.5}, beat_age_s=2.0) == 1.5
+    assert cdc_lag({"phase": "streaming", "lag_seconds": 1.5}, beat_age_s=120.0) == 121.5  # the run died
+    assert cdc_lag({"phase": "stopped", "lag_seconds": 0.0}, beat_age_s=40.0) == 40.0  # no run is alive

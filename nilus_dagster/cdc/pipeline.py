@@ -75,6 +75,7 @@ class CdcRun(ResyncSteps, SchemaSteps, ReconnectSteps):
         self._facts: dict[TableName, TableFacts] = {}  # catalog facts of each table's schema in force
         self._catalog: psycopg.Connection[Any] | None = None  # the source connection while streaming
         self._last_beat = 0.0
+        self._beat_phase = ""
         self._last_offset = 0.0
         self._pending_offset: int | None = None
         self._retained_wal: int | None = None
@@ -97,8 +98,8 @@ class CdcRun(ResyncSteps, SchemaSteps, ReconnectSteps):
         progress.retained_wal_bytes = self._retained_wal
         self.on_progress(progress)
         now = time.monotonic()
-        if force or now - self._last_beat >= self.heartbeat_interval_s:
-            self._last_beat = now
+        if force or now - self._last_beat >= self.heartbeat_interval_s or progress.phase != self._beat_phase:
+            self._last_beat, self._beat_phase = now, progress.phase  # a new phase is told at once
             self._writer.put("heartbeat", progress.as_detail())  # off the critical path (cdc/state_writer.py)
 
     def _record_offset(self, lsn: int, *, force: bool = False) -> None:
