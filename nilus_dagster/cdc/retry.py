@@ -53,6 +53,11 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 
+class FaultOutlastedBudget(Exception):
+    """A transient fault lasted longer than `retry_for`: the run ends (the pipeline is not failed;
+    the keep-alive sensor starts the next run after its backoff)."""
+
+
 def parse_duration(text: str | float | int) -> float:
     """Seconds from `600`, `"30s"`, `"10m"`, `"1.5h"`, `"500ms"`."""
     if isinstance(text, int | float):

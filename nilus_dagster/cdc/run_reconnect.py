@@ -19,7 +19,7 @@ import psycopg
 
 from nilus_dagster.cdc.lag import LagClock, SourcePosition, source_position
 from nilus_dagster.cdc.lsn import format_lsn
-from nilus_dagster.cdc.retry import RetryBudget, is_transient
+from nilus_dagster.cdc.retry import FaultOutlastedBudget, RetryBudget, is_transient
 from nilus_dagster.cdc.run_config import CdcPipelineFailed, CdcProgress
 from nilus_dagster.cdc.slots import SlotInUse, SystemMismatch, ensure_same_system
 from nilus_dagster.cdc.state_writer import BackgroundRead, StateWriter
@@ -105,7 +105,7 @@ class ReconnectSteps:
             _log.warning("stream fault (%.0fs into it), reconnecting: %s", self._budget.fault_seconds(), fault)
             self._report_stall(fault)
             if not self._budget.wait(self._stall_reporter(fault)):
-                raise CdcPipelineFailed(
+                raise FaultOutlastedBudget(
                     f"the stream could not recover within retry_for ({self.config.retry_for_s:g}s): {fault}"
                 ) from fault
             if self.should_stop():
