@@ -74,6 +74,8 @@ class ReplicationStream:
         self.dead_after_s = dead_after_s
         self._last_receive = time.monotonic()  # when the server last sent anything at all
         self._pinged = False  # a reply was requested since the last message
+        self._listening_since = time.monotonic()  # silence counts only while the caller polls
+        self._last_poll = time.monotonic()
 
     @property
     def fresh(self) -> bool:
@@ -136,6 +138,20 @@ class ReplicationStream:
         if self._stopped:
             raise ReplicationError(f"the stream of slot '{self.slot}' is stopped")
         messages: list[tuple[Lsn, Message]] = []
+        if time.monotonic() - self._last_poll > 1.0:  # the caller was busy (a long sink write): not silence
+            self._listening_since, self._pinged = time.monotonic(), False
+        try:
+            return self._poll(timeout_s, max_messages, decoder, messages)
+        finally:
+            self._last_poll = time.monotonic()
+
+    def _poll(
+        self,
+        timeout_s: float,
+        max_messages: int,
+        decoder: Callable[[bytes, int], Message | RowChange],
+        messages: list[tuple[Lsn, Message]],
+    ) -> list[tuple[Lsn, Message]]:
         deadline = time.monotonic() + timeout_s
         while True:
             self._drain(messages, max_messages, decoder)
@@ -154,12 +170,16 @@ class ReplicationStream:
     def _check_alive(self, now: float) -> None:
         """A silent server is asked for a keepalive reply after a third of `dead_after_s`; once the
         whole of it passed with nothing received, the connection is lost (a frozen network)."""
-        silent = now - self._last_receive
+        silent = self._silent_s(now)
         if silent >= self.dead_after_s:
             self._raise_lost(f"no message from the server for {silent:.1f}s (connection dead?)")
         if not self._pinged and silent >= self.dead_after_s / 3:
             self._pinged = True
             self.send_status(reply_requested=True)
+
+    def _silent_s(self, now: float) -> float:
+        """How long the server has said nothing while we were listening."""
+        return now - max(self._last_receive, self._listening_since)
 
     def stop(self) -> None:
         """Tell the server to end the stream (best effort; closing the connection also does)."""
@@ -247,7 +267,7 @@ class ReplicationStream:
             readable, _, _ = select.select([self._pgconn.socket], [self._pgconn.socket], [], 1.0)
             if readable:
                 self._consume_input()
-            silent = time.monotonic() - self._last_receive
+            silent = self._silent_s(time.monotonic())
             if silent >= self.dead_after_s:
                 self._raise_lost(f"could not send to the server for {silent:.1f}s (connection dead?)")
 
