@@ -58,6 +58,12 @@ class FaultProxy:
             w.transport.abort()
 
     async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._forward(reader, writer)
+        except (ConnectionError, OSError):
+            writer.transport.abort()  # one side dropped: so does the other
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while data := await reader.read(65536):
             while self._frozen.is_set():  # hold the data: nothing arrives, nothing is refused
                 await asyncio.sleep(0.02)
@@ -100,3 +106,7 @@ class FaultProxy:
             self._loop.call_soon_threadsafe(self._server.close)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
+        for task in asyncio.all_tasks(self._loop):  # connections still open: end them quietly
+            task.cancel()
+        self._loop.run_until_complete(asyncio.sleep(0))
+        self._loop.close()

@@ -9,155 +9,50 @@ after, and that the sink equals the source row by row at the end.
 from __future__ import annotations
 
 import sys
-import threading
 import time
-import traceback
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
-import duckdb
 import psycopg
 import pytest
+from blips_harness import (
+    COLUMNS,
+    RECOVER_S,
+    RUNS,
+    duckdb_rows_in_process,
+    in_sink,
+    make_table,
+    open_test_sink,
+    outage,
+    pg_port,
+    start_run,
+    streaming,
+    wait_until,
+    write,
+)
 from fault_proxy import FaultProxy
-from table_compare import assert_same_rows, normalize, postgres_sink_rows, source_rows
+from table_compare import assert_same_rows, postgres_sink_rows, source_rows
 
-from nilus_dagster.cdc.pipeline import CdcPipelineConfig, CdcProgress, CdcRun, CdcTableConfig
 from nilus_dagster.embedded.postgres import BIN_DIR, EmbeddedPostgres
-from nilus_dagster.schema import TableName
-from nilus_dagster.sinks.base import Sink, SinkTable
 from nilus_dagster.sinks.duckdb import DuckDBSink
 from nilus_dagster.sinks.postgres import PostgresSink
-from nilus_dagster.state.records import PipelineKey
 from nilus_dagster.state.store import StateStore
-
-COLUMNS = ["id", "v"]
-RECOVER_S = 20.0  # changes made after a fault ends are in the sink within this bound
-_RUNS: list[LiveRun] = []
 
 
 @pytest.fixture(autouse=True)
 def _stop_runs() -> Iterator[None]:
     """A failed test does not leave its run streaming."""
     yield
-    while _RUNS:
-        live = _RUNS.pop()
+    while RUNS:
+        live = RUNS.pop()
         live.stop.set()
         live.thread.join(timeout=30)
-
-
-@dataclass
-class LiveRun:
-    """One CdcRun in a thread; every progress report it makes is kept."""
-
-    run: CdcRun
-    progress: list[tuple[float, CdcProgress]] = field(default_factory=list)
-    error: BaseException | None = None
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        self.thread = threading.Thread(target=self._main, daemon=True, name=f"run-{self.run.run_id}")
-
-    def _main(self) -> None:
-        try:
-            self.run.run()
-        except BaseException as error:  # noqa: BLE001 - reported by the test
-            self.error = error
-            traceback.print_exc()
-
-    def lag_since(self, start: float) -> list[float]:
-        return [p.lag_seconds for at, p in self.progress if at >= start and p.phase == "streaming"]
-
-    def finish(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=30)
-        assert not self.thread.is_alive(), "the run did not stop"
-        assert self.error is None, f"the run failed: {self.error!r}"
-
-
-def record(live: list[LiveRun]) -> Callable[[CdcProgress], None]:
-    def on_progress(progress: CdcProgress) -> None:
-        live[0].progress.append((time.monotonic(), CdcProgress(**progress.as_detail())))
-
-    return on_progress
 
 
 @pytest.fixture(params=["duckdb", "postgres"])
 def sink_kind(request: pytest.FixtureRequest) -> str:
     return request.param
-
-
-def open_test_sink(kind: str, duckdb_path: Path, sink_dsn: str) -> tuple[Sink, Callable[[], list[tuple]]]:
-    if kind == "duckdb":
-        return DuckDBSink(duckdb_path), lambda: duckdb_rows_in_process(duckdb_path)
-    return PostgresSink(sink_dsn), lambda: postgres_sink_rows(sink_dsn, "replica.t", COLUMNS, "id")
-
-
-def duckdb_rows_in_process(path: Path) -> list[tuple]:
-    """The sink's rows, read while the run (in this process) writes: DuckDB lets one process open
-    a file only with one configuration, so this reads as the sink opens it (not read-only)."""
-    with duckdb.connect(str(path)) as conn:
-        return [tuple(normalize(v) for v in row) for row in conn.execute("SELECT id, v FROM replica.t ORDER BY id").fetchall()]
-
-
-def make_table(dsn: str, rows: int = 50) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("CREATE TABLE public.t (id int PRIMARY KEY, v text)")
-        conn.execute("INSERT INTO public.t SELECT g, 'row ' || g FROM generate_series(1, %s) g", (rows,))
-
-
-def start_run(source_dsn: str, sink: Sink, store: StateStore, name: str, **run_options: Any) -> LiveRun:
-    config = CdcPipelineConfig(
-        key=PipelineKey("acme", name, f"nilus:v1:{name}:acme"),
-        source_connection="src",
-        source_dsn=source_dsn,
-        tables=(CdcTableConfig(TableName("public", "t"), SinkTable("replica", "t")),),
-        batch_max_ms=100,
-        retry_for_s=run_options.pop("retry_for_s", 60.0),
-    )
-    holder: list[LiveRun] = []
-    stop = threading.Event()
-    run = CdcRun(config, sink, store, f"run-{name}", should_stop=stop.is_set, on_progress=record(holder),
-                 heartbeat_interval_s=0.5, **run_options)
-    live = LiveRun(run, stop=stop)
-    holder.append(live)
-    _RUNS.append(live)
-    live.thread.start()
-    return live
-
-
-def wait_until(check: Callable[[], bool], timeout_s: float, what: str) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        try:
-            if check():
-                return time.monotonic() - start
-        except Exception:  # noqa: BLE001, S110 - the sink may be busy or unreachable for a moment
-            pass
-        time.sleep(0.1)
-    stacks = "".join(
-        f"\n-- {t.name}\n" + "".join(traceback.format_stack(sys._current_frames()[t.ident]))  # noqa: SLF001
-        for t in threading.enumerate() if t.name.startswith("run-") and t.ident in sys._current_frames()  # noqa: SLF001
-    ) or "".join(f"\n(ended: {live.error!r})" for live in _RUNS)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; the run is at:{stacks}")
-
-
-def write(dsn: str, first: int, count: int) -> None:
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("INSERT INTO public.t SELECT g, 'after ' || g FROM generate_series(%s::int, %s::int) g",
-                      (first, first + count - 1))
-        conn.execute("UPDATE public.t SET v = v || ' updated' WHERE id % 7 = 0")
-        conn.execute("DELETE FROM public.t WHERE id % 11 = 0")
-
-
-def in_sink(read: Callable[[], list[tuple]], source_dsn: str) -> Callable[[], bool]:
-    return lambda: read() == source_rows(source_dsn, "public.t", COLUMNS, "id")
-
-
-def streaming(live: LiveRun) -> bool:
-    return any(p.phase == "streaming" for _, p in live.progress)
 
 
 @pytest.fixture
@@ -243,16 +138,6 @@ def test_run_survives_a_source_restart(
     assert_same_rows(source_rows(source, "public.t", COLUMNS, "id"), read())
 
 
-def pg_port(dsn: str) -> int:
-    return int(dsn.rsplit(":", 1)[1].split("/")[0])
-
-
-def outage(proxy: FaultProxy) -> None:
-    """The server behind the proxy goes away: open connections drop, new ones are refused."""
-    proxy.refuse()
-    proxy.cut()
-
-
 def test_run_survives_a_postgres_sink_outage(source_db: str, store: StateStore, sink_pg: str) -> None:
     make_table(source_db)
     with FaultProxy("127.0.0.1", pg_port(sink_pg)).start() as proxy:
@@ -330,14 +215,6 @@ def test_a_fault_longer_than_retry_for_fails_the_run_and_a_lost_slot_fails_it_at
         assert "does not exist" in str(second.error) or "dropped" in str(second.error)
 
 
-def test_exported_lag_grows_once_the_heartbeat_is_stale() -> None:
-    from nilus_dagster.api.metrics import cdc_lag
-
-    assert cdc_lag({"phase": "streaming", "lag_seconds": 1.5}, beat_age_s=2.0) == 1.5
-    assert cdc_lag({"phase": "streaming", "lag_seconds": 1.5}, beat_age_s=120.0) == 121.5  # the run died
-    assert cdc_lag({"phase": "stopped", "lag_seconds": 0.0}, beat_age_s=40.0) == 40.0  # no run is alive
-
-
 def test_run_survives_a_duckdb_file_locked_by_another_process(
     source_db: str, store: StateStore, duckdb_path: Path
 ) -> None:
@@ -362,49 +239,3 @@ def test_run_survives_a_duckdb_file_locked_by_another_process(
     assert live.thread.is_alive()
     live.finish()
     assert_same_rows(source_rows(source_db, "public.t", COLUMNS, "id"), read())
-
-
-def test_which_errors_a_run_outlives() -> None:
-    from nilus_dagster.cdc.retry import RetryBudget, is_transient, parse_duration
-    from nilus_dagster.cdc.slots import ServerClosed, SlotLost, SystemMismatch
-    from nilus_dagster.sinks.base import SinkError
-
-    def chained(outer: Exception, cause: Exception) -> Exception:
-        try:
-            raise outer from cause
-        except Exception as error:  # noqa: BLE001
-            return error
-
-    assert is_transient(ServerClosed("lost"))
-    assert is_transient(chained(SinkError("write failed"), psycopg.OperationalError("server closed")))
-    assert not is_transient(chained(SinkError("write failed"), psycopg.errors.NumericValueOutOfRange("too big")))
-    assert not is_transient(SlotLost("gone")) and not is_transient(SystemMismatch("other cluster"))
-    assert not is_transient(chained(SlotLost("dropped"), psycopg.OperationalError("server closed")))
-    assert [parse_duration(d) for d in ("10m", "30s", "1.5h", "500ms", 7)] == [600, 30, 5400, 0.5, 7]
-    now = [0.0]
-    budget = RetryBudget(5.0, clock=lambda: now[0])
-    delays = []
-    while (delay := budget.next_delay()) is not None:
-        delays.append(delay)
-        now[0] += delay
-    assert 0.1 <= delays[0] <= 0.2 and all(d <= 10.0 for d in delays) and sum(delays) == pytest.approx(5.0)
-
-
-def test_retry_for_in_the_spec() -> None:
-    from cdc_project import cdc_pipeline
-
-    from nilus_dagster.components.cdc_assets import cdc_config
-    from nilus_dagster.spec.errors import PipelineSpecError, validate_spec
-    from nilus_dagster.spec.project import PipelinesSpec
-
-    def spec(**cdc: Any) -> dict[str, Any]:
-        return {"connections": {"src": {"type": "postgres", "host": "h", "database": "db", "user": "u"},
-                                "sink": {"type": "duckdb", "path": "/tmp/x.duckdb"}},
-                "pipelines": [cdc_pipeline("p", ["public.t"], cdc=cdc)]}
-
-    loaded = validate_spec(PipelinesSpec, spec(retry_for="30s"), "defs.yaml")
-    assert cdc_config(loaded, loaded.pipelines[0]).retry_for_s == 30.0
-    default = validate_spec(PipelinesSpec, spec(), "defs.yaml")
-    assert cdc_config(default, default.pipelines[0]).retry_for_s == 600.0
-    with pytest.raises(PipelineSpecError, match="not a duration"):
-        validate_spec(PipelinesSpec, spec(retry_for="soon"), "defs.yaml")
