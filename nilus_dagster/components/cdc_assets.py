@@ -162,6 +162,8 @@ def _metadata(progress) -> dict[str, dg.MetadataValue]:  # noqa: ANN001 - CdcPro
     }
     if progress.retained_wal_bytes is not None:
         metadata["slot_retained_wal_bytes"] = dg.MetadataValue.int(progress.retained_wal_bytes)
+    if getattr(progress, "unconfirmed_wal_bytes", None) is not None:  # the source's side of the lag
+        metadata["slot_unconfirmed_wal_bytes"] = dg.MetadataValue.int(progress.unconfirmed_wal_bytes)
     if progress.phase == "snapshot":
         metadata["snapshot_rows"] = dg.MetadataValue.int(progress.snapshot_rows)
     return metadata
