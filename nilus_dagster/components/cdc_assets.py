@@ -10,6 +10,7 @@ from pydantic import Field
 
 from nilus_dagster.components.batch_assets import STATE_RESOURCE_KEY, ensure_run_tags
 from nilus_dagster.components.naming import table_asset_attributes
+from nilus_dagster.components.stale_runs import end_stale_run
 from nilus_dagster.components.tags import PIPELINE_TAG, TENANT_TAG, operation_tags, run_tags
 from nilus_dagster.spec.pipelines import Pipeline
 from nilus_dagster.spec.project import PipelinesSpec
@@ -68,6 +69,7 @@ def cdc_config(spec: PipelinesSpec, pipeline: Pipeline):  # -> CdcPipelineConfig
         schema_changes=pipeline.schema_changes,
         slot_name=options.slot_name,
         publication_name=options.publication_name,
+        retry_for_s=options.retry_for_s,
     )
 
 
@@ -160,6 +162,8 @@ def _metadata(progress) -> dict[str, dg.MetadataValue]:  # noqa: ANN001 - CdcPro
     }
     if progress.retained_wal_bytes is not None:
         metadata["slot_retained_wal_bytes"] = dg.MetadataValue.int(progress.retained_wal_bytes)
+    if getattr(progress, "unconfirmed_wal_bytes", None) is not None:  # the source's side of the lag
+        metadata["slot_unconfirmed_wal_bytes"] = dg.MetadataValue.int(progress.unconfirmed_wal_bytes)
     if progress.phase == "snapshot":
         metadata["snapshot_rows"] = dg.MetadataValue.int(progress.snapshot_rows)
     return metadata
@@ -190,7 +194,7 @@ def keep_alive_decision(instance: dg.DagsterInstance, store, pipeline: Pipeline,
         run = live[0]
         if not _is_stale(store, pipeline, run):
             return dg.SkipReason(f"run {run.run_id} is live")
-        instance.report_run_failed(run, message="CDC run stopped sending heartbeats (process died?); relaunching")
+        end_stale_run(instance, run)  # terminate it (it may be wedged, not dead), then mark it failed
         return dg.RunRequest(run_key=f"{job_name}:{run.run_id}", tags=run_tags(pipeline))  # a crash: no backoff
     latest = instance.get_runs(dg.RunsFilter(job_name=job_name, tags=tags_filter), limit=1)
     last = latest[0] if latest else None

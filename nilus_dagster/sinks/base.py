@@ -125,6 +125,10 @@ class SinkError(Exception):
     """A sink refused or failed a write; the message names the sink and what to do."""
 
 
+class SinkUnavailable(SinkError):
+    """The sink could not be reached (worth retrying: it may be restarting or the network down)."""
+
+
 class ChunkedApplyUnsupported(SinkError):
     """The sink cannot hold one transaction open across several `apply_changes` calls."""
 

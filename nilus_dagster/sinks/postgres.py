@@ -30,6 +30,7 @@ from nilus_dagster.sinks.base import (
     Checkpoint,
     SinkError,
     SinkTable,
+    SinkUnavailable,
     WriteResult,
 )
 from nilus_dagster.sinks.pg_copy import encode_csv
@@ -146,7 +147,7 @@ class PostgresSink(SqlSink):
                 self._conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
             except psycopg.Error as e:
                 message = f"postgres sink cannot connect to {self.location}: {self._scrub(e)}"
-                raise SinkError(message) from None
+                raise SinkUnavailable(message) from None
         return self._conn
 
     @contextmanager

@@ -110,6 +110,26 @@ class CdcOptions(SpecModel):
     soft_delete: bool = False
     slot_name: str | None = None
     publication_name: str | None = None
+    retry_for: str = Field(
+        default="10m",
+        description="How long a run keeps reconnecting through a transient fault (source, sink or state store "
+        "down) before it fails, e.g. 30s, 10m, 1h.",
+    )
+
+    @field_validator("retry_for")
+    @classmethod
+    def _retry_for(cls, value: str) -> str:
+        from nilus_dagster.cdc.retry import parse_duration
+
+        if parse_duration(value) < 0:
+            raise ValueError("retry_for must not be negative")
+        return value
+
+    @property
+    def retry_for_s(self) -> float:
+        from nilus_dagster.cdc.retry import parse_duration
+
+        return parse_duration(self.retry_for)
 
     @field_validator("slot_name", "publication_name")
     @classmethod
