@@ -125,6 +125,12 @@ def _cursor_bounds(
     return new_mark, upper, (*lower_params, new_mark)
 
 
+def _sink_schema(schema: TableSchema, strategy: WriteStrategy) -> TableSchema:
+    """An `append` target keeps every load's rows, so the same source key lands many times: it
+    gets no key constraint (a full-table append would violate it on its second load)."""
+    return TableSchema(schema.table, schema.columns, ()) if strategy is WriteStrategy.APPEND else schema
+
+
 def load_table(load: BatchTableLoad, sink: Sink, store: StateStore) -> BatchLoadResult:
     """Copy one table into the sink with the load's strategy; see the module docstring."""
     started = time.monotonic()
@@ -139,12 +145,13 @@ def load_table(load: BatchTableLoad, sink: Sink, store: StateStore) -> BatchLoad
             stored = sink.read_checkpoint(load.checkpoint_key)
             previous = stored or store.get_cursor(load.key, load.table.name)
         mark, where, params = _cursor_bounds(conn, load, schema, previous)
-        added = sink.prepare_table(load.target, schema)
+        sink_schema = _sink_schema(schema, load.strategy)
+        added = sink.prepare_table(load.target, sink_schema)
         if diff is not None and diff.widened:
             sink.widen_columns(load.target, [schema.column(name) for name, _, _ in diff.widened])
         batches = read_table(conn, schema, where=where.as_string(conn) if where else None, params=params)
         checkpoint = MarkCheckpoint(load.checkpoint_key, mark, previous=stored) if mark is not None else None
-        written = sink.write(load.target, schema, batches, load.strategy, checkpoint)
+        written = sink.write(load.target, sink_schema, batches, load.strategy, checkpoint)
         conn.execute("COMMIT")
     if diff is None or not diff.is_empty:
         store.append_schema(

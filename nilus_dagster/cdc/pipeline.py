@@ -337,7 +337,8 @@ class CdcRun(ResyncSteps, SchemaSteps):
                     self._retained_wal = slot_status(conn, self.slot).retained_wal_bytes
                 if not applier.in_transaction:  # never inside a spanning sink transaction
                     leaf_watcher.poll()  # partitions attached while streaming
-                progress.lsn = format_lsn(stream_progress.applied_lsn) if stream_progress.applied_lsn else None
+                progress.lsn = format_lsn(stream_progress.applied_lsn or start)  # idle: the checkpoint
+                progress.table_changes = stats.table_changes
                 progress.lag_seconds = stream_progress.lag_seconds
                 progress.events_total = stream_progress.events_total
                 progress.events_per_s = stream_progress.events_per_s

@@ -75,6 +75,8 @@ class CdcProgress:
     snapshot_partitions_done: int = 0
     snapshot_partitions_total: int = 0
     resync_tables: list[str] = field(default_factory=list)  # the tables being resynced (phase `resync`)
+    # per table (schema.table): changes applied in this run by kind ("I", "U", "D", "T" truncate)
+    table_changes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_detail(self) -> dict[str, Any]:
         return dict(self.__dict__)
