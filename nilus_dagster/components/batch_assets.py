@@ -2,7 +2,13 @@
 
 import dagster as dg
 
-from nilus_dagster.components.naming import table_asset_attributes
+from nilus_dagster.components.batch_checks import (
+    batch_check_specs,
+    column_schema,
+    has_row_count_check,
+    row_count_result,
+)
+from nilus_dagster.components.naming import asset_key, table_asset_attributes
 from nilus_dagster.components.tags import run_tags
 from nilus_dagster.sinks.base import SinkTable, WriteStrategy
 from nilus_dagster.spec.pipelines import Pipeline, SourceTable
@@ -31,6 +37,7 @@ def batch_table_asset(spec: PipelinesSpec, pipeline: Pipeline, table: SourceTabl
             **{"nilus/strategy": pipeline.sink.strategy, "nilus/cursor": table.cursor or "(full load)"},
         ),
         op_tags=run_tags(pipeline),
+        check_specs=batch_check_specs(pipeline, table, asset_key(pipeline, table)),
     )
     def _load(context: dg.AssetExecutionContext, nilus_state: NilusStateStore) -> dg.MaterializeResult:
         from nilus_dagster.batch import BatchTableLoad, load_table
@@ -49,9 +56,16 @@ def batch_table_asset(spec: PipelinesSpec, pipeline: Pipeline, table: SourceTabl
         sink = open_pipeline_sink(spec, pipeline)
         try:
             result = load_table(load, sink, nilus_state.get_store())
+            sink_rows = sink.row_count(load.target)
         finally:
             sink.close()
+        key = asset_key(pipeline, table)
+        checks = []
+        if has_row_count_check(pipeline, table):
+            checks.append(row_count_result(pipeline, key, result.rows, sink_rows))
         metadata: dict[str, object] = {
+            "dagster/row_count": dg.MetadataValue.int(sink_rows),
+            "dagster/column_schema": dg.MetadataValue.table_schema(column_schema(result.schema)),
             "rows": dg.MetadataValue.int(result.rows),
             "bytes": dg.MetadataValue.int(result.bytes),
             "duration_s": dg.MetadataValue.float(round(result.duration_s, 3)),
@@ -64,6 +78,6 @@ def batch_table_asset(spec: PipelinesSpec, pipeline: Pipeline, table: SourceTabl
             metadata["added_columns"] = dg.MetadataValue.text(", ".join(result.added_columns))
         if result.schema_change:
             metadata["schema_change"] = dg.MetadataValue.text(result.schema_change)
-        return dg.MaterializeResult(metadata=metadata)
+        return dg.MaterializeResult(metadata=metadata, check_results=checks)
 
     return _load

@@ -38,6 +38,7 @@ def table_asset_attributes(
         "tags": asset_tags(pipeline),
         "description": pipeline.description or f"{table.name} {verb} by {pipeline.type} pipeline {pipeline.name}",
         "metadata": {
+            "dagster/table_name": dg.MetadataValue.text(f"{pipeline.sink.dataset}.{table.target_name}"),
             "nilus/source_table": table.name,
             "nilus/sink": f"{pipeline.sink.connection}:{pipeline.sink.dataset}.{table.target_name}",
             **metadata,

@@ -210,5 +210,9 @@ class Sink(Protocol):
     def read_checkpoint(self, key: str) -> str | None:
         ...
 
+    def row_count(self, target: SinkTable) -> int:
+        """How many rows the table holds now (0 if it does not exist)."""
+        ...
+
     def close(self) -> None:
         ...

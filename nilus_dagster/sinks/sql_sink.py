@@ -22,6 +22,7 @@ from nilus_dagster.sinks.sql_dialect import (
     SqlRunner,
     column_ddls,
     ensure_table,
+    existing_columns,
     save_checkpoint,
     sink_columns,
     table_ident,
@@ -76,6 +77,14 @@ class SqlSink(ABC):
             self._runner(conn)(sql.SQL("DROP TABLE IF EXISTS {}").format(table_ident(target)))
             self._ensure_table(conn, target, schema, cdc=True)
             self._save_checkpoint(conn, checkpoint)
+
+    def row_count(self, target: SinkTable) -> int:
+        with self._transaction(target) as conn:
+            run = self._runner(conn)
+            if not existing_columns(run, self.dialect, target):
+                return 0
+            rows = run(sql.SQL("SELECT count(*) FROM {}").format(table_ident(target)))
+            return int(rows[0][0])
 
     def widen_columns(self, target: SinkTable, columns: list[Column]) -> None:
         with self._transaction(target) as conn:

@@ -117,6 +117,14 @@ class CdcOptions(SpecModel):
         return None if value is None else check_name(value, "slot/publication name")
 
 
+class ChecksOptions(SpecModel):
+    """Asset checks on every table of a pipeline (shown in Dagster's Checks tab)."""
+
+    severity: Literal["warn", "error"] = Field(
+        default="warn", description="How a failed check is reported: warn, or error (fails the asset's check)."
+    )
+
+
 class Pipeline(SpecModel):
     """A pipeline: tables from one source connection into one sink connection."""
 
@@ -133,6 +141,7 @@ class Pipeline(SpecModel):
     schema_changes: Literal["evolve", "pause", "fail"] = "evolve"
     run_as_user: str | None = None
     cdc: CdcOptions = Field(default_factory=CdcOptions)
+    checks: ChecksOptions = Field(default_factory=ChecksOptions)
 
     @field_validator("name")
     @classmethod

@@ -1,0 +1,55 @@
+"""A batch pipeline as Dagster shows it: standard table metadata, the row-count check per table,
+and per-table results (one failing table does not hide the others' materializations).
+
+Real Dagster instance, real PostgreSQL source, DuckDB and PostgreSQL sinks.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+import psycopg
+import pytest
+from batch_project import SinkTarget, failure_message, pipeline, project, run_job
+
+GOOD = dg.AssetKey(["acme", "shop", "public", "good"])
+KEYLESS = dg.AssetKey(["acme", "shop", "public", "keyless"])
+
+
+@pytest.fixture
+def env(pipeline_env: str) -> str:
+    with psycopg.connect(pipeline_env, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.good (id int PRIMARY KEY, name text NOT NULL, score numeric(6,2))")
+        conn.execute("INSERT INTO public.good SELECT g, 'n' || g, g / 4.0 FROM generate_series(1, 40) g")
+        conn.execute("CREATE TABLE public.keyless (v int)")
+        conn.execute("INSERT INTO public.keyless VALUES (1), (1)")
+    return pipeline_env
+
+
+def _check(result: dg.ExecuteInProcessResult) -> dg.AssetCheckEvaluation:
+    (evaluation,) = [e for e in result.get_asset_check_evaluations() if e.asset_key == GOOD]
+    return evaluation
+
+
+def test_table_metadata_row_count_check_and_per_table_failures(
+    env: str, sql_sink: SinkTarget, instance: dg.DagsterInstance
+) -> None:
+    defs = project(sql_sink, pipeline("shop", ["public.good", "public.keyless"], strategy="merge"))
+    first = run_job(defs, "acme__shop", instance)
+    assert not first.success  # merge cannot match the keyless table's rows ...
+    assert "public.keyless has no primary key" in failure_message(first)
+    (materialization,) = first.asset_materializations_for_node("acme__shop__public__good")  # ... the other landed
+    metadata = materialization.metadata
+    assert metadata["dagster/row_count"].value == 40
+    assert defs.resolve_assets_def(GOOD).metadata_by_key[GOOD]["dagster/table_name"].value == "analytics.good"
+    columns = [(c.name, c.type, c.constraints.nullable) for c in metadata["dagster/column_schema"].value.columns]
+    assert columns == [("id", "integer", False), ("name", "text", False), ("score", "numeric(6,2)", True)]
+    check = _check(first)
+    assert check.passed and check.metadata["source_rows"].value == check.metadata["sink_rows"].value == 40
+    assert not [m for m in instance.get_latest_materialization_events([KEYLESS]).values() if m is not None]
+
+    with psycopg.connect(env, autocommit=True) as conn:
+        conn.execute("DELETE FROM public.good WHERE id = 7")  # merge keeps it in the sink
+    second = run_job(defs, "acme__shop", instance)
+    check = _check(second)
+    assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
+    assert (check.metadata["source_rows"].value, check.metadata["sink_rows"].value) == (39, 40)
