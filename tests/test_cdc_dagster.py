@@ -34,7 +34,7 @@ def test_materializations_count_the_changes_applied_and_name_the_lsn(
 ) -> None:
     env = pipeline_env
     create_items(env, 10)
-    defs = cdc_project(duckdb_sink, cdc_pipeline("crashy", ["public.items"]))
+    defs = cdc_project(duckdb_sink, cdc_pipeline("crashy", ["public.items"], checks={"max_lag": "5m"}))
     instance = dg.DagsterInstance.get()
     first = run_until_caught_up(defs, "acme__crashy", instance)
     assert first.success, failure_message(first)
@@ -50,6 +50,8 @@ def test_materializations_count_the_changes_applied_and_name_the_lsn(
     counts = {name: sum(e.metadata[name].value for e in events) for name in ("rows_inserted", "rows_updated",
                                                                               "rows_deleted")}
     assert counts == {"rows_inserted": 3, "rows_updated": 2, "rows_deleted": 1}
+    lag_checks = [e for e in second.get_asset_check_evaluations() if e.check_name == "max_lag"]
+    assert lag_checks and all(e.passed and e.metadata["max_lag_seconds"].value == 300 for e in lag_checks)
 
 
 def test_selecting_one_table_of_a_cdc_pipeline_says_why_it_cannot_run(

@@ -9,7 +9,7 @@ import dagster as dg
 from nilus_dagster.components.batch_assets import STATE_RESOURCE_KEY, ensure_run_tags
 from nilus_dagster.components.cdc_config import CdcRunConfig, cdc_config, pipeline_key
 from nilus_dagster.components.cdc_operator_jobs import operator_jobs
-from nilus_dagster.components.cdc_reporting import CdcAssetReporter
+from nilus_dagster.components.cdc_reporting import CdcAssetReporter, lag_check, lag_check_specs
 from nilus_dagster.components.naming import table_asset_attributes
 from nilus_dagster.components.run_stop import DeliberateStop
 from nilus_dagster.components.tags import PIPELINE_TAG, TENANT_TAG, cdc_pool, ensure_pool_limit, run_tags
@@ -80,6 +80,7 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
         op_tags=run_tags(pipeline),
         pool=cdc_pool(pipeline),
         can_subset=True,
+        check_specs=lag_check_specs(pipeline, specs),
     )
     def _stream(context: dg.AssetExecutionContext, config: CdcRunConfig, nilus_state: NilusStateStore):
         from nilus_dagster.cdc.pipeline import run_cdc_pipeline
@@ -89,7 +90,7 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
         ensure_pool_limit(context.instance, cdc_pool(pipeline))
         ensure_run_tags(context.op_execution_context, pipeline)
         store = nilus_state.get_store()
-        reporter = CdcAssetReporter(context, specs)
+        reporter = CdcAssetReporter(context, specs, pipeline)
         stop = DeliberateStop(context.instance, context.run.run_id)
         approved = _approval_watch(store, pipeline)
         sink = open_pipeline_sink(spec, pipeline)
@@ -120,7 +121,8 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
             extra = {name: dg.MetadataValue.int(n) for name, n in changes.items()}
             if excluded := result.generated_columns.get(table):
                 extra["excluded_generated_columns"] = dg.MetadataValue.text(", ".join(excluded))
-            yield dg.MaterializeResult(asset_key=asset_spec.key, metadata={**summary, **extra})
+            checks = [lag_check(pipeline, asset_spec.key, reporter.last_lag)] if pipeline.checks.max_lag else []
+            yield dg.MaterializeResult(asset_key=asset_spec.key, metadata={**summary, **extra}, check_results=checks)
         stop.end_canceled(context.log, f"{result.stats.events_total} changes applied in this run")
 
     return _stream

@@ -37,11 +37,35 @@ def progress_metadata(progress: Any) -> dict[str, dg.MetadataValue]:  # CdcProgr
     return metadata
 
 
+LAG_CHECK = "max_lag"
+
+
+def lag_check_specs(pipeline: Any, specs: list[dg.AssetSpec]) -> list[dg.AssetCheckSpec]:  # a Pipeline
+    if pipeline.checks.max_lag is None:
+        return []
+    description = f"The table's replication lag stays within {pipeline.checks.max_lag} (checks.max_lag)."
+    return [dg.AssetCheckSpec(LAG_CHECK, asset=spec.key, description=description) for spec in specs]
+
+
+def lag_check(pipeline: Any, key: dg.AssetKey, lag_seconds: float) -> dg.AssetCheckResult:
+    """The lag check's result for one table (logged while streaming, yielded at the run's end)."""
+    bound = pipeline.checks.max_lag_seconds
+    return dg.AssetCheckResult(
+        asset_key=key,
+        check_name=LAG_CHECK,
+        passed=lag_seconds <= bound,
+        severity=dg.AssetCheckSeverity.ERROR if pipeline.checks.severity == "error" else dg.AssetCheckSeverity.WARN,
+        metadata={"lag_seconds": dg.MetadataValue.float(lag_seconds), "max_lag_seconds": dg.MetadataValue.float(bound)},
+    )
+
+
 class CdcAssetReporter:
     """Receives a run's progress; logs materializations and observations of its table assets."""
 
-    def __init__(self, context: dg.AssetExecutionContext, specs: list[dg.AssetSpec]) -> None:
+    def __init__(self, context: dg.AssetExecutionContext, specs: list[dg.AssetSpec], pipeline: Any) -> None:
         self._context = context
+        self._pipeline = pipeline
+        self.last_lag = 0.0
         self._tables = {str(spec.metadata["nilus/source_table"]): spec.key for spec in specs}
         self._reported: dict[str, Counter[str]] = {}  # per table: the counts of its last materialization
         self._materialized_at: dict[str, float] = {}
@@ -52,6 +76,8 @@ class CdcAssetReporter:
     def __call__(self, progress: Any) -> None:
         now = time.monotonic()
         self.last_lsn = progress.lsn or self.last_lsn
+        if progress.phase == "streaming":
+            self.last_lag = progress.lag_seconds
         became_current = progress.phase == "streaming" and self._phase != "streaming"
         self._phase = progress.phase
         if not became_current and now - self._last_report < REPORT_INTERVAL_S:
@@ -70,6 +96,17 @@ class CdcAssetReporter:
                 self._materialized_at[table] = now
             else:
                 self._context.log_event(dg.AssetObservation(asset_key=key, metadata=metadata))
+            if self._pipeline.checks.max_lag is not None:
+                result = lag_check(self._pipeline, key, progress.lag_seconds)
+                self._context.log_event(
+                    dg.AssetCheckEvaluation(
+                        asset_key=key,
+                        check_name=LAG_CHECK,
+                        passed=result.passed,
+                        metadata=result.metadata,
+                        severity=result.severity,
+                    )
+                )
 
     def changes_since_last(self, table: str, table_changes: dict[str, dict[str, int]]) -> dict[str, int]:
         """Rows inserted/updated/deleted (and truncates) since the table's last materialization."""
