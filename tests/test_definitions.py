@@ -45,6 +45,10 @@ def test_definitions_are_loadable(pipeline_env: dict[str, str]) -> None:
     assert set(spec.kinds) == {"postgres", "duckdb"}
     assert spec.tags["team"] == "sales"
     assert "merged every 15 minutes" in (spec.description or "")
+    source = dg.AssetKey(["acme", "sources", "shop", "acme", "orders"])  # lineage: source table -> sink table
+    assert source in {dep.asset_key for dep in spec.deps}
+    assert not defs.resolve_asset_graph().get(source).is_materializable  # an external asset
+    assert spec.metadata["dagster/table_name"].value == "acme.orders"
 
 
 def _run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:

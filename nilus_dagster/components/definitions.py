@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from nilus_dagster.components.batch_assets import STATE_RESOURCE_KEY, batch_table_asset
-from nilus_dagster.components.naming import asset_key
+from nilus_dagster.components.naming import asset_key, source_asset_specs
 from nilus_dagster.components.tags import run_tags
 from nilus_dagster.spec.pipelines import Pipeline
 from nilus_dagster.spec.project import PipelinesSpec
@@ -44,4 +44,5 @@ def _cdc_definitions(spec: PipelinesSpec, pipeline: Pipeline) -> dg.Definitions:
 def build_definitions(spec: PipelinesSpec) -> dg.Definitions:
     parts = [_batch_definitions(spec, p) if p.type == "batch" else _cdc_definitions(spec, p) for p in spec.pipelines]
     state_store = NilusStateStore(dsn=dg.EnvVar(spec.state_store.dsn_env), schema_name=spec.state_store.schema_name)
-    return dg.Definitions.merge(*parts, dg.Definitions(resources={STATE_RESOURCE_KEY: state_store}))
+    sources = dg.Definitions(assets=source_asset_specs(spec))
+    return dg.Definitions.merge(*parts, sources, dg.Definitions(resources={STATE_RESOURCE_KEY: state_store}))
