@@ -53,3 +53,30 @@ def test_table_metadata_row_count_check_and_per_table_failures(
     check = _check(second)
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
     assert (check.metadata["source_rows"].value, check.metadata["sink_rows"].value) == (39, 40)
+
+
+def test_a_long_load_reports_its_progress(
+    pipeline_env: str, duckdb_sink: SinkTarget, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from nilus_dagster.batch import loader
+
+    monkeypatch.setattr(loader, "PROGRESS_INTERVAL_S", 0.0)  # report after every batch read
+    with psycopg.connect(pipeline_env, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.big (id int PRIMARY KEY, pad text)")
+        conn.execute("INSERT INTO public.big SELECT g, repeat('p', 20) FROM generate_series(1, 300000) g")
+        conn.execute("ANALYZE public.big")
+    defs = project(duckdb_sink, pipeline("bulk", ["public.big"], strategy="replace"))
+    result = run_job(defs, "acme__bulk", instance)
+    assert result.success, failure_message(result)
+    key = dg.AssetKey(["acme", "bulk", "public", "big"])
+    observed = [
+        e.asset_observation_data.asset_observation.metadata
+        for e in result.all_events
+        if e.event_type == dg.DagsterEventType.ASSET_OBSERVATION
+        and e.asset_observation_data.asset_observation.asset_key == key
+    ]
+    rows = [m["rows_read"].value for m in observed]
+    assert len(rows) >= 2 and rows == sorted(rows) and rows[-1] <= 300_000
+    assert all(m["estimated_total_rows"].value == 300_000 for m in observed)
+    logs = [e.message for e in instance.all_logs(result.run_id) if "rows read" in (e.message or "")]
+    assert logs and "% of ~300,000" in logs[-1]

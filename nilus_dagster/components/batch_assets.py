@@ -53,13 +53,22 @@ def batch_table_asset(spec: PipelinesSpec, pipeline: Pipeline, table: SourceTabl
             strategy=WriteStrategy(pipeline.sink.strategy),
             schema_changes=pipeline.schema_changes,
         )
+        key = asset_key(pipeline, table)
+
+        def progress(rows: int, total: int | None) -> None:
+            share = f" (about {min(100, round(100 * rows / total))}% of ~{total:,})" if total else ""
+            context.log.info(f"{table.name}: {rows:,} rows read{share}")
+            metadata = {"rows_read": dg.MetadataValue.int(rows)}
+            if total:
+                metadata["estimated_total_rows"] = dg.MetadataValue.int(total)
+            context.log_event(dg.AssetObservation(asset_key=key, metadata=metadata))
+
         sink = open_pipeline_sink(spec, pipeline)
         try:
-            result = load_table(load, sink, nilus_state.get_store())
+            result = load_table(load, sink, nilus_state.get_store(), on_progress=progress)
             sink_rows = sink.row_count(load.target)
         finally:
             sink.close()
-        key = asset_key(pipeline, table)
         checks = []
         if has_row_count_check(pipeline, table):
             checks.append(row_count_result(pipeline, key, result.rows, sink_rows))

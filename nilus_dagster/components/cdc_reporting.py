@@ -84,6 +84,11 @@ class CdcAssetReporter:
             return
         self._last_report = now
         metadata = progress_metadata(progress)
+        if progress.phase == "snapshot":
+            self._context.log.info(
+                f"snapshot: {progress.snapshot_rows:,} rows, {progress.snapshot_partitions_done} of "
+                f"{progress.snapshot_partitions_total} partitions done"
+            )
         for table, key in self._tables.items():
             if progress.phase != "streaming":
                 self._context.log_event(dg.AssetObservation(asset_key=key, metadata=metadata))
