@@ -15,7 +15,7 @@ import dagster as dg
 import psycopg
 import pytest
 from batch_project import SinkTarget
-from test_cdc_crash import assert_exact, create_items, sink_rows, spec_json, start_worker, wait_for
+from test_cdc_crash import assert_exact, create_items, finish_worker, sink_rows, spec_json, start_worker, wait_for
 
 from nilus_dagster.components.cdc_assets import keep_alive_decision
 from nilus_dagster.spec.errors import validate_spec
@@ -71,3 +71,37 @@ def test_deliberate_stop_flushes_and_ends_canceled(
         parsed = validate_spec(PipelinesSpec, json.loads(spec), "test")
         decision = keep_alive_decision(instance, store, parsed.pipelines[0], JOB)
     assert isinstance(decision, dg.RunRequest), decision  # no backoff after a deliberate stop
+
+
+def test_stop_during_the_snapshot_ends_canceled_without_materializing(
+    pipeline_env: str, state_dsn: str, duckdb_sink: SinkTarget
+) -> None:
+    """Stopped mid-snapshot: CANCELED, no materialization of a half-copied table; the next run
+    resumes and the sink equals the source."""
+    env, sink = pipeline_env, duckdb_sink
+    create_items(env, 60_000)
+    spec = spec_json(sink, snapshot_partition_blocks=16, snapshot_workers=1)
+    worker = start_worker(spec, "dagster")
+    instance = dg.DagsterInstance.get()
+    try:
+        with StateStore(state_dsn).open() as store:
+
+            def some_partitions_done() -> bool:
+                progress = store.snapshot_progress("acme", "crashy")
+                return bool(progress) and 2 <= progress[0].partitions_done < progress[0].partitions_total
+
+            wait_for(some_partitions_done, 120, "part of the snapshot to commit")
+            worker.send_signal(signal.SIGTERM)
+            _, stderr = worker.communicate(timeout=120)
+            (progress,) = store.snapshot_progress("acme", "crashy")
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    log = stderr.decode()[-3000:]
+    assert progress.partitions_done < progress.partitions_total, "the snapshot finished before the stop"
+    (run,) = instance.get_runs(dg.RunsFilter(job_name=JOB))
+    assert run.status == dg.DagsterRunStatus.CANCELED, log
+    key = dg.AssetKey(["acme", "crashy", "public", "items"])
+    assert instance.get_latest_materialization_event(key) is None
+    finish_worker(spec)
+    assert_exact(env, sink)

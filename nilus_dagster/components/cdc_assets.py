@@ -84,6 +84,7 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
     )
     def _stream(context: dg.AssetExecutionContext, config: CdcRunConfig, nilus_state: NilusStateStore):
         from nilus_dagster.cdc.pipeline import run_cdc_pipeline
+        from nilus_dagster.cdc.snapshot import SnapshotCancelled
         from nilus_dagster.sinks.factory import open_pipeline_sink
 
         _refuse_subset(context, pipeline, specs)
@@ -91,11 +92,11 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
         ensure_run_tags(context.op_execution_context, pipeline)
         store = nilus_state.get_store()
         reporter = CdcAssetReporter(context, specs, pipeline)
-        stop = DeliberateStop(context.instance, context.run.run_id)
+        stop = DeliberateStop(context.instance, context.run.run_id, context.log)
         approved = _approval_watch(store, pipeline)
         sink = open_pipeline_sink(spec, pipeline)
         try:
-            with stop.signals():
+            with stop.signals(), stop.ending(SnapshotCancelled, "finished snapshot partitions are kept"):
                 result = run_cdc_pipeline(
                     cdc_config(spec, pipeline),
                     sink,
@@ -108,6 +109,8 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
                 )
         finally:
             sink.close()
+        if not reporter.streamed:  # stopped before the copies were current: no materialization
+            stop.end_canceled("stopped before streaming (the next run resumes the snapshot)")
         summary = {
             "snapshot_rows": dg.MetadataValue.int(result.snapshot_rows),
             "events_total": dg.MetadataValue.int(result.stats.events_total),
@@ -123,7 +126,7 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
                 extra["excluded_generated_columns"] = dg.MetadataValue.text(", ".join(excluded))
             checks = [lag_check(pipeline, asset_spec.key, reporter.last_lag)] if pipeline.checks.max_lag else []
             yield dg.MaterializeResult(asset_key=asset_spec.key, metadata={**summary, **extra}, check_results=checks)
-        stop.end_canceled(context.log, f"{result.stats.events_total} changes applied in this run")
+        stop.end_canceled(f"{result.stats.events_total} changes applied in this run")
 
     return _stream
 

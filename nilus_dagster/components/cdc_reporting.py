@@ -66,6 +66,7 @@ class CdcAssetReporter:
         self._context = context
         self._pipeline = pipeline
         self.last_lag = 0.0
+        self.streamed = False  # the tables' copies were current at some point of this run
         self._tables = {str(spec.metadata["nilus/source_table"]): spec.key for spec in specs}
         self._reported: dict[str, Counter[str]] = {}  # per table: the counts of its last materialization
         self._materialized_at: dict[str, float] = {}
@@ -78,6 +79,7 @@ class CdcAssetReporter:
         self.last_lsn = progress.lsn or self.last_lsn
         if progress.phase == "streaming":
             self.last_lag = progress.lag_seconds
+            self.streamed = True
         became_current = progress.phase == "streaming" and self._phase != "streaming"
         self._phase = progress.phase
         if not became_current and now - self._last_report < REPORT_INTERVAL_S:

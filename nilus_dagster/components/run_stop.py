@@ -24,9 +24,10 @@ CANCEL_STATUSES = (dg.DagsterRunStatus.CANCELING, dg.DagsterRunStatus.CANCELED)
 class DeliberateStop:
     """Watches for a stop request: a signal to this process, or the run marked CANCELING."""
 
-    def __init__(self, instance: dg.DagsterInstance, run_id: str, poll_interval_s: float = 2.0) -> None:
+    def __init__(self, instance: dg.DagsterInstance, run_id: str, log: Any, poll_interval_s: float = 2.0) -> None:
         self.instance = instance
         self.run_id = run_id
+        self.log = log
         self.poll_interval_s = poll_interval_s
         self.reason: str | None = None
         self._last_poll = 0.0
@@ -60,13 +61,23 @@ class DeliberateStop:
             for sig, handler in previous.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
-    def end_canceled(self, log: Any, summary: str) -> None:
+    @contextmanager
+    def ending(self, error: type[Exception], summary: str) -> Iterator[None]:
+        """`error` raised after a stop request is how the work inside says it stopped early."""
+        try:
+            yield
+        except error:
+            if self.reason is None:
+                raise
+            self.end_canceled(summary)
+
+    def end_canceled(self, summary: str) -> None:
         """After a stop request: mark the run CANCELING (if the stop came from a signal) and end
         it by the interrupt Dagster records as a cancellation, not a failure."""
         if self.reason is None:
             return
         message = f"CDC run stopped on request ({self.reason}) after flushing what it received; {summary}"
-        log.info(message)
+        self.log.info(message)
         run = self.instance.get_run_by_id(self.run_id)
         if run is not None and run.status not in CANCEL_STATUSES:
             self.instance.report_run_canceling(run, message=message)
