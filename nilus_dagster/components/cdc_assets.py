@@ -91,7 +91,7 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
         ensure_pool_limit(context.instance, cdc_pool(pipeline))
         ensure_run_tags(context.op_execution_context, pipeline)
         store = nilus_state.get_store()
-        reporter = CdcAssetReporter(context, specs, pipeline)
+        reporter = CdcAssetReporter(context, pipeline)
         stop = DeliberateStop(context.instance, context.run.run_id, context.log)
         approved = _approval_watch(store, pipeline)
         sink = open_pipeline_sink(spec, pipeline)
@@ -118,14 +118,13 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
             "events_per_s": dg.MetadataValue.float(round(result.stats.events_per_s, 1)),
             "lsn": dg.MetadataValue.text(reporter.last_lsn),
         }
-        for asset_spec in specs:
-            table = str(asset_spec.metadata["nilus/source_table"])
+        for table, key in reporter.tables.items():
             changes = reporter.changes_since_last(table, result.stats.table_changes)
             extra = {name: dg.MetadataValue.int(n) for name, n in changes.items()}
             if excluded := result.generated_columns.get(table):
                 extra["excluded_generated_columns"] = dg.MetadataValue.text(", ".join(excluded))
-            checks = [lag_check(pipeline, asset_spec.key, reporter.last_lag)] if pipeline.checks.max_lag else []
-            yield dg.MaterializeResult(asset_key=asset_spec.key, metadata={**summary, **extra}, check_results=checks)
+            checks = [lag_check(pipeline, key, reporter.last_lag)] if pipeline.checks.max_lag else []
+            yield dg.MaterializeResult(asset_key=key, metadata={**summary, **extra}, check_results=checks)
         stop.end_canceled(f"{result.stats.events_total} changes applied in this run")
 
     return _stream

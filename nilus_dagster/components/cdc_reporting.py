@@ -15,6 +15,8 @@ from typing import Any
 
 import dagster as dg
 
+from nilus_dagster.components.naming import asset_key
+
 REPORT_INTERVAL_S = 30.0
 IDLE_MATERIALIZATION_S = 600.0
 KINDS = (("I", "rows_inserted"), ("U", "rows_updated"), ("D", "rows_deleted"), ("T", "truncates"))
@@ -62,12 +64,13 @@ def lag_check(pipeline: Any, key: dg.AssetKey, lag_seconds: float) -> dg.AssetCh
 class CdcAssetReporter:
     """Receives a run's progress; logs materializations and observations of its table assets."""
 
-    def __init__(self, context: dg.AssetExecutionContext, specs: list[dg.AssetSpec], pipeline: Any) -> None:
+    def __init__(self, context: dg.AssetExecutionContext, pipeline: Any) -> None:
         self._context = context
         self._pipeline = pipeline
+        # by the source table's qualified name, as the engine counts changes
+        self.tables = {t.table.qualified: asset_key(pipeline, t) for t in pipeline.source.tables}
         self.last_lag = 0.0
         self.streamed = False  # the tables' copies were current at some point of this run
-        self._tables = {str(spec.metadata["nilus/source_table"]): spec.key for spec in specs}
         self._reported: dict[str, Counter[str]] = {}  # per table: the counts of its last materialization
         self._materialized_at: dict[str, float] = {}
         self._last_report = 0.0
@@ -91,7 +94,7 @@ class CdcAssetReporter:
                 f"snapshot: {progress.snapshot_rows:,} rows, {progress.snapshot_partitions_done} of "
                 f"{progress.snapshot_partitions_total} partitions done"
             )
-        for table, key in self._tables.items():
+        for table, key in self.tables.items():
             if progress.phase != "streaming":
                 self._context.log_event(dg.AssetObservation(asset_key=key, metadata=metadata))
                 continue
