@@ -47,12 +47,18 @@ def test_table_metadata_row_count_check_and_per_table_failures(
     assert check.passed and check.metadata["source_rows"].value == check.metadata["sink_rows"].value == 40
     assert not [m for m in instance.get_latest_materialization_events([KEYLESS]).values() if m is not None]
 
+    assert (metadata["rows_inserted"].value, metadata["rows_updated"].value) == (40, 0)
     with psycopg.connect(env, autocommit=True) as conn:
         conn.execute("DELETE FROM public.good WHERE id = 7")  # merge keeps it in the sink
+        conn.execute("INSERT INTO public.good VALUES (41, 'new', 1), (42, 'new', 2)")
     second = run_job(defs, "acme__shop", instance)
+    (materialization,) = second.asset_materializations_for_node("acme__shop__public__good")
+    metadata = materialization.metadata
+    assert (metadata["rows_inserted"].value, metadata["rows_updated"].value) == (2, 39)  # 41 read: 2 new
+    assert metadata["dagster/row_count"].value == 42
     check = _check(second)
     assert not check.passed and check.severity == dg.AssetCheckSeverity.WARN
-    assert (check.metadata["source_rows"].value, check.metadata["sink_rows"].value) == (39, 40)
+    assert (check.metadata["source_rows"].value, check.metadata["sink_rows"].value) == (41, 42)
 
 
 def test_a_long_load_reports_its_progress(

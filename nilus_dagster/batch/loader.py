@@ -58,6 +58,8 @@ class BatchLoadResult:
     high_water_mark: str | None = None
     added_columns: list[str] = field(default_factory=list)
     schema_change: str | None = None
+    table_rows: int | None = None  # rows in the sink table at the commit, if the sink says
+    inserted: int | None = None  # merge: new rows (the other rows written updated existing ones)
 
 
 def _source_schema(conn: psycopg.Connection, load: BatchTableLoad) -> TableSchema:
@@ -206,4 +208,6 @@ def load_table(
         high_water_mark=mark,
         added_columns=added,
         schema_change=diff.describe() if diff and not diff.is_empty else None,
+        table_rows=written.table_rows,
+        inserted=written.inserted,
     )

@@ -66,7 +66,7 @@ def batch_table_asset(spec: PipelinesSpec, pipeline: Pipeline, table: SourceTabl
         sink = open_pipeline_sink(spec, pipeline)
         try:
             result = load_table(load, sink, nilus_state.get_store(), on_progress=progress)
-            sink_rows = sink.row_count(load.target)
+            sink_rows = result.table_rows if result.table_rows is not None else sink.row_count(load.target)
         finally:
             sink.close()
         checks = []
@@ -80,6 +80,9 @@ def batch_table_asset(spec: PipelinesSpec, pipeline: Pipeline, table: SourceTabl
             "duration_s": dg.MetadataValue.float(round(result.duration_s, 3)),
             "rows_per_s": dg.MetadataValue.float(round(result.rows / max(result.duration_s, 1e-9), 1)),
         }
+        if result.inserted is not None:
+            metadata["rows_inserted"] = dg.MetadataValue.int(result.inserted)
+            metadata["rows_updated"] = dg.MetadataValue.int(result.rows - result.inserted)
         if table.cursor:
             metadata["high_water_mark"] = dg.MetadataValue.text(result.high_water_mark or "")
             metadata["previous_high_water_mark"] = dg.MetadataValue.text(result.previous_mark or "")
