@@ -36,7 +36,7 @@ def _terminate(instance: dg.DagsterInstance) -> None:
     instance.report_run_canceling(run, message="terminated by the test")
 
 
-@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "terminate"])
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGTERM", "terminate", "terminate_then_SIGTERM"])
 def test_deliberate_stop_flushes_and_ends_canceled(
     pipeline_env: str, state_dsn: str, duckdb_sink: SinkTarget, stop: str
 ) -> None:
@@ -52,8 +52,11 @@ def test_deliberate_stop_flushes_and_ends_canceled(
                 conn.execute("INSERT INTO public.items VALUES (777, 1, 'pending at the stop', now())")
             time.sleep(2.0)  # received, not yet flushed
             assert 777 not in [row[0] for row in sink_rows(sink)]
-            if stop == "terminate":
+            if stop.startswith("terminate"):
                 _terminate(instance)
+                if stop == "terminate_then_SIGTERM":  # what a launcher does next (e.g. the pod deleted)
+                    time.sleep(2.5)  # the run has seen CANCELING: this first signal is no second stop
+                    worker.send_signal(signal.SIGTERM)
             else:
                 worker.send_signal(getattr(signal, stop))
             _, stderr = worker.communicate(timeout=120)

@@ -31,6 +31,7 @@ class DeliberateStop:
         self.poll_interval_s = poll_interval_s
         self.reason: str | None = None
         self._last_poll = 0.0
+        self._signals = 0
 
     def requested(self) -> bool:
         """True once a stop was asked for (the run's status is read at most every poll interval)."""
@@ -42,9 +43,10 @@ class DeliberateStop:
         return self.reason is not None
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
-        if self.reason is not None:  # asked twice: stop now
+        self._signals += 1
+        if self._signals > 1:  # a second signal (not the one that follows "Terminate"): stop now
             raise dg.DagsterExecutionInterruptedError(f"{signal.Signals(signum).name} received twice")
-        self.reason = f"{signal.Signals(signum).name} received"
+        self.reason = self.reason or f"{signal.Signals(signum).name} received"
 
     @contextmanager
     def signals(self) -> Iterator[None]:
