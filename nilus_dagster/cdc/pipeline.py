@@ -345,7 +345,8 @@ class CdcRun(ResyncSteps, SchemaSteps, ReconnectSteps):
                 self._apply_source(progress)
                 if not applier.in_transaction:  # never inside a spanning sink transaction
                     leaf_watcher.poll()  # partitions attached while streaming
-                progress.lsn = format_lsn(stream_progress.applied_lsn) if stream_progress.applied_lsn else None
+                progress.lsn = format_lsn(stream_progress.applied_lsn or start)  # idle: the checkpoint
+                progress.table_changes = stats.table_changes
                 fresh = self._live_stream is not None and self._live_stream.fresh  # a frozen link is not caught up
                 progress.lag_seconds = self._lag.observe(stream_progress.caught_up and fresh, stats.last_commit_time)
                 progress.events_total = stream_progress.events_total

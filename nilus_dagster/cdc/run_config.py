@@ -80,6 +80,8 @@ class CdcProgress:
     unconfirmed_wal_bytes: int | None = None  # source WAL past the slot's confirmed (sink-durable) position
     fault: str | None = None  # set while the stream is down and being retried (cdc/run_reconnect.py)
     fault_seconds: float = 0.0
+    # per table (schema.table): changes applied in this run by kind ("I", "U", "D", "T" truncate)
+    table_changes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_detail(self) -> dict[str, Any]:
         return dict(self.__dict__)

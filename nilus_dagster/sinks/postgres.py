@@ -208,6 +208,10 @@ class PostgresSink(SqlSink):
 
     # -- Sink protocol --------------------------------------------------------------------------
 
+    def _hold_writers(self, conn: psycopg.Connection, target: SinkTable) -> None:
+        """Readers go on; another load of the table waits for this one's commit."""
+        self._runner(conn)(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(table_ident(target)))
+
     def _load_rows(
         self, conn: psycopg.Connection, target: SinkTable, schema: TableSchema, rows: CountingBatches, *, merge: bool
     ) -> None:

@@ -137,6 +137,33 @@ class CdcOptions(SpecModel):
         return None if value is None else check_name(value, "slot/publication name")
 
 
+_DURATION = re.compile(r"^(\d+)(s|m|h)$")
+
+
+class ChecksOptions(SpecModel):
+    """Asset checks on every table of a pipeline (shown in Dagster's Checks tab)."""
+
+    severity: Literal["warn", "error"] = Field(
+        default="warn", description="How a failed check is reported: warn, or error (fails the asset's check)."
+    )
+    max_lag: str | None = Field(default=None, description="CDC: the most lag a table may have, e.g. 30s, 5m, 1h.")
+
+    @field_validator("max_lag")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None and not _DURATION.match(value):
+            raise ValueError(f"'{value}' is not a duration: use a number and s, m or h, e.g. 30s, 5m or 1h")
+        return value
+
+    @property
+    def max_lag_seconds(self) -> float | None:
+        if self.max_lag is None:
+            return None
+        match = _DURATION.match(self.max_lag)
+        assert match is not None
+        return float(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2]]
+
+
 class Pipeline(SpecModel):
     """A pipeline: tables from one source connection into one sink connection."""
 
@@ -153,6 +180,7 @@ class Pipeline(SpecModel):
     schema_changes: Literal["evolve", "pause", "fail"] = "evolve"
     run_as_user: str | None = None
     cdc: CdcOptions = Field(default_factory=CdcOptions)
+    checks: ChecksOptions = Field(default_factory=ChecksOptions)
 
     @field_validator("name")
     @classmethod
