@@ -64,7 +64,8 @@ def test_deliberate_stop_flushes_and_ends_canceled(
         if worker.poll() is None:
             worker.kill()
     log = stderr.decode()[-3000:]
-    assert worker.returncode == 0, log
+    # the launcher's SIGTERM may come after the run already ended CANCELED: the process then dies of it
+    assert worker.returncode in ((0, -signal.SIGTERM) if stop == "terminate_then_SIGTERM" else (0,)), log
     assert 777 in [row[0] for row in sink_rows(sink)], log
     assert_exact(env, sink)
     (run,) = instance.get_runs(dg.RunsFilter(job_name=JOB))
