@@ -122,6 +122,7 @@ class ChangeApplier:
     soft_delete: bool = False
     stats: StreamStats = field(default_factory=StreamStats)
     on_flushed: Callable[[int], Any] | None = None  # told of flushes the applier makes by itself
+    keepalive: Callable[[], Any] | None = None  # called while a long Commit applies (the server must hear from us)
 
     def __post_init__(self) -> None:
         # relation id → the columns its tuples carry (as of the last Relation message), the table
@@ -226,7 +227,7 @@ class ChangeApplier:
         except BaseException:
             span.rollback()
             raise
-        span.commit(end_lsn)  # one sink transaction: all of it or none of it
+        span.commit(end_lsn, self.keepalive)  # one sink transaction: all of it or none of it
         self.stats.events_total += span.events
         self.stats.batches += 1
         self.stats.chunked_transactions += 1

@@ -16,8 +16,9 @@ store dies with the process, and the next run replays the transaction from the s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nilus_dagster.cdc.lsn import format_lsn
 from nilus_dagster.cdc.multiset_changes import MultisetChanges, TableChanges, new_table_changes
@@ -79,14 +80,18 @@ class SpanningTransaction:
         self.touched.pop(name, None)
         self.store.discard(name)
 
-    def commit(self, end_lsn: int) -> None:
-        """Apply the spilled net effect and every touched table's checkpoint in one sink transaction."""
+    def commit(self, end_lsn: int, keepalive: Callable[[], Any] | None = None) -> None:
+        """Apply the spilled net effect and every touched table's checkpoint in one sink
+        transaction; `keepalive` is called after each piece (the replication connection must
+        answer the server within wal_sender_timeout)."""
         value = format_lsn(end_lsn)
         try:
             with self.sink.change_transaction():
                 for name, table in self.touched.items():
                     for piece in self.store.tables[name].pieces(table.schema, self.piece_rows):
                         self._apply(table, piece, None)
+                        if keepalive is not None:
+                            keepalive()
                     self._apply(table, new_table_changes(table.schema), Checkpoint(table.checkpoint_key, value))
         finally:
             self.store.close()
