@@ -4,6 +4,7 @@ transaction, exact row by row, all or nothing (also when the worker is SIGKILLed
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
 import subprocess
@@ -19,6 +20,7 @@ from cdc_project import cdc_pipeline
 from table_compare import assert_same_rows, duckdb_rows, postgres_sink_rows, source_rows
 
 from nilus_dagster.cdc.lsn import parse_lsn
+from nilus_dagster.cdc.operations import approve_schema_change
 from nilus_dagster.cdc.pipeline import CdcRunResult, run_cdc_pipeline
 from nilus_dagster.components.cdc_assets import cdc_config
 from nilus_dagster.sinks.base import SinkError
@@ -55,14 +57,15 @@ def env(pipeline_env: str) -> str:
     return pipeline_env
 
 
-def raw_spec(sink: SinkTarget, **cdc: object) -> dict:
-    pipeline = cdc_pipeline("bigtx", list(TABLES), cdc={"batch_max_rows": BOUND, "batch_max_ms": 100, **cdc})
+def raw_spec(sink: SinkTarget, schema_changes: str = "evolve", **cdc: object) -> dict:
+    pipeline = cdc_pipeline("bigtx", list(TABLES), cdc={"batch_max_rows": BOUND, "batch_max_ms": 100, **cdc},
+                            schema_changes=schema_changes)
     return {"connections": {"src": {"type": "postgres", "dsn_env": "SOURCE_DSN"}, "sink": sink.connection},
             "pipelines": [pipeline]}
 
 
-def spec_of(sink: SinkTarget, **cdc: object) -> PipelinesSpec:
-    return validate_spec(PipelinesSpec, raw_spec(sink, **cdc), "test")
+def spec_of(sink: SinkTarget, schema_changes: str = "evolve", **cdc: object) -> PipelinesSpec:
+    return validate_spec(PipelinesSpec, raw_spec(sink, schema_changes, **cdc), "test")
 
 
 def run_caught_up(spec: PipelinesSpec, state_dsn: str) -> CdcRunResult:
@@ -137,6 +140,22 @@ def test_a_transaction_many_times_the_bound_is_exact_and_bounded(env: str, state
     assert_exact(env, sink)
 
 
+def test_soft_delete_in_a_big_transaction(env: str, state_dsn: str, sink: SinkTarget) -> None:
+    """With soft_delete the live sink rows equal the source; deleted ones stay, flagged."""
+    spec = spec_of(sink, soft_delete=True)
+    run_caught_up(spec, state_dsn)
+    with psycopg.connect(env, autocommit=True) as conn, conn.transaction():
+        big_transaction(conn, 1000, 3000)
+    assert run_caught_up(spec, state_dsn).stats.chunked_transactions == 1
+    reader = duckdb_rows if sink.kind == "duckdb" else postgres_sink_rows
+    for table, (columns, order_by) in TABLES.items():
+        live = reader(sink.location, f"replica.{table.split('.')[1]} WHERE _nilus_deleted IS NOT TRUE", columns,
+                      order_by)
+        assert_same_rows(source_rows(env, table, columns, order_by), live)
+    deleted = reader(sink.location, "replica.items WHERE _nilus_deleted", ["id"], "id")
+    assert (3,) in deleted and (1,) in deleted  # snapshot rows: deleted, and moved away from its key
+
+
 class Rollback(Exception):
     pass
 
@@ -171,6 +190,83 @@ def test_alter_table_inside_a_big_transaction(env: str, state_dsn: str, sink: Si
     stats = run_caught_up(spec, state_dsn).stats
     assert stats.chunked_transactions == 1
     assert_exact(env, sink, {"public.items": (["id", "counter", "label", "payload", "note"], "id")})
+
+
+def test_pause_holds_a_table_the_transaction_wrote_before_the_ddl(
+    env: str, state_dsn: str, sink: SinkTarget
+) -> None:
+    """Under `pause` the table gets none of the transaction (also not what was spilled before the
+    DDL); the other tables get all of it; after approval the replay gives the table all of it."""
+    spec = spec_of(sink, "pause")
+    run_caught_up(spec, state_dsn)
+    with psycopg.connect(env, autocommit=True) as conn, conn.transaction():
+        conn.execute("INSERT INTO public.items SELECT g, 0, 'before', NULL FROM generate_series(1000, 3999) g")
+        conn.execute("INSERT INTO public.tags SELECT g, 'in the transaction' FROM generate_series(1000, 3999) g")
+        conn.execute("UPDATE public.items SET counter = 1 WHERE id < 3000")
+        conn.execute("ALTER TABLE public.items ADD COLUMN note text DEFAULT 'the default'")
+        conn.execute("INSERT INTO public.items SELECT g, 0, 'after', 'n' || g FROM generate_series(4000, 5999) g")
+        conn.execute("UPDATE public.tags SET tag = 'updated' WHERE id % 3 = 0")
+        conn.execute("INSERT INTO public.loose SELECT g % 5, 'x' FROM generate_series(1, 2000) g")
+    stats = run_caught_up(spec, state_dsn).stats
+    assert stats.chunked_transactions == 1
+    with StateStore(state_dsn).open() as store:
+        state = store.get_pipeline_state("acme", "bigtx")
+        assert state is not None and state.state == "pending_schema_approval"
+        assert state.detail["table"] == "public.items"
+        assert sink_rows(sink, "public.items", ["id", "counter", "label"], "id") == [(i, 0, "snap")
+                                                                                   for i in range(1, 201)]
+        assert_exact(env, sink, {t: TABLES[t] for t in ("public.tags", "public.loose")})
+        approve_schema_change(store, cdc_config(spec, spec.pipelines[0]).key)
+    assert run_caught_up(spec, state_dsn).stats.chunked_transactions == 1  # replayed for the held table
+    assert_exact(env, sink, {**TABLES, "public.items": (["id", "counter", "label", "payload", "note"], "id")})
+
+
+@pytest.mark.parametrize("ddl", [False, True], ids=["plain", "add-column-inside"])
+def test_sigkill_while_spilling_then_the_next_run_is_exact(
+    env: str, state_dsn: str, sink: SinkTarget, ddl: bool
+) -> None:
+    """Killed while the transaction streams into its spill file: nothing of it reached the sink
+    (with `ddl`, an ADD COLUMN ... DEFAULT inside it may have reached the sink table already)."""
+    spec = spec_of(sink, batch_max_rows=1000)
+    run_caught_up(spec, state_dsn)
+    before = checkpoint_lsn(sink)
+    with psycopg.connect(env, autocommit=True) as conn, conn.transaction():
+        if ddl:
+            conn.execute("INSERT INTO public.items SELECT g, 0, 'before', NULL FROM generate_series(900000, 905999) g")
+            conn.execute("ALTER TABLE public.items ADD COLUMN note text DEFAULT 'the default'")
+        big_transaction(conn, 1000, 60_000)
+        before_commit = parse_lsn(conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+    worker = subprocess.Popen([sys.executable, str(WORKER), json.dumps(raw_spec(sink, batch_max_rows=1000)), "bigtx"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_spill_file(worker)
+        time.sleep(random.uniform(0.0, 0.3))
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    assert before <= checkpoint_lsn(sink) < before_commit, "killed after the transaction committed: nothing tested"
+    assert_same_rows([], sink_rows(sink, "public.loose", ["a", "b"], "a"))
+    stats = run_caught_up(spec, state_dsn).stats
+    assert stats.chunked_transactions == 1
+    items = (["id", "counter", "label", "payload", *(["note"] if ddl else [])], "id")
+    assert_exact(env, sink, {**TABLES, "public.items": items})
+
+
+def wait_for_spill_file(worker: subprocess.Popen[bytes], timeout_s: float = 120) -> None:
+    """Until the worker holds its (unlinked) spill file open: a transaction is being spilled."""
+    deadline = time.monotonic() + timeout_s
+    fds = Path(f"/proc/{worker.pid}/fd")
+    while time.monotonic() < deadline:
+        assert worker.poll() is None, worker.stderr.read().decode()[-3000:] if worker.stderr else ""
+        try:
+            if any("nilus-spill-" in os.readlink(fd) for fd in fds.iterdir()):
+                return
+        except (FileNotFoundError, ProcessLookupError):
+            pass
+        time.sleep(0.02)
+    raise AssertionError("the worker never spilled the transaction")
 
 
 def test_sigkill_mid_transaction_then_the_next_run_is_exact(env: str, state_dsn: str, sink: SinkTarget) -> None:

@@ -5,9 +5,10 @@ it), committed in the same sink transaction as its changes: a transaction alread
 table is skipped for that table after a restart, so nothing is applied twice.
 
 A transaction is buffered until its Commit, but never more than `batch_max_rows` of its changes:
-past that bound the batch of earlier transactions is flushed and the transaction is applied chunk
-by chunk inside one sink transaction that its Commit commits (see cdc/spanning.py), so memory
-stays bounded whatever the transaction's size. A sink that cannot (BigQuery) buffers it whole.
+past that bound the batch of earlier transactions is flushed and the transaction's net effect is
+spilled to disk chunk by chunk, then applied at its Commit in one sink transaction (see
+cdc/spanning.py), so memory stays bounded whatever the transaction's size. A sink that cannot
+apply one transaction in several calls (BigQuery) buffers it whole.
 """
 
 from __future__ import annotations
@@ -109,6 +110,7 @@ class ChangeApplier:
     soft_delete: bool = False
     stats: StreamStats = field(default_factory=StreamStats)
     on_flushed: Callable[[int], Any] | None = None  # told of flushes the applier makes by itself
+    keepalive: Callable[[], Any] | None = None  # called while a long Commit applies (the server must hear from us)
 
     def __post_init__(self) -> None:
         # relation id → the columns its tuples carry (as of the last Relation message), the table
@@ -174,17 +176,19 @@ class ChangeApplier:
         if self._span is None:
             self._flush_pending()
             try:
-                self._span = SpanningTransaction.open(self.sink, soft_delete=self.soft_delete)
+                self._span = SpanningTransaction.open(
+                    self.sink, soft_delete=self.soft_delete, piece_rows=self.batch_max_rows
+                )
             except ChunkedApplyUnsupported:
                 self._whole_only = True
                 return
         chunk: dict[TableName, TableChanges | MultisetChanges] = {}
         self._fold(chunk)
-        self._span.apply_chunk(self.tables, chunk)
+        self._span.spill_chunk(chunk)
 
     def abandon(self) -> None:
-        """The stream ends inside a transaction applied in chunks: roll the sink transaction back
-        (nothing of it becomes visible; the next run replays it from the slot)."""
+        """The stream ends inside a spilled transaction: forget it (nothing of it reached the sink;
+        the next run replays it from the slot)."""
         span, self._span = self._span, None
         self._txn_kinds = {}
         if span is not None:
@@ -213,7 +217,12 @@ class ChangeApplier:
         last: dict[TableName, TableChanges | MultisetChanges] = {}
         self._fold(last)
         self._span = None
-        span.commit(self.tables, last, end_lsn)  # rolls back itself if it fails
+        try:
+            span.spill_chunk(last)
+        except BaseException:
+            span.rollback()
+            raise
+        span.commit(end_lsn, self.keepalive)  # one sink transaction: all of it or none of it
         self.stats.events_total += span.events
         self.stats.batches += 1
         self.stats.chunked_transactions += 1
@@ -285,21 +294,15 @@ class ChangeApplier:
         decision = self.on_schema_change(event)
         self._relations[relation.relation_id] = (relation.columns, table, names)
         if decision == "pause":
-            if self._span is not None and name in self._span.touched:
-                self.abandon()
-                raise SchemaChangeRefused(
-                    f"{name}: a schema change to hold for approval inside a transaction of more than "
-                    f"batch_max_rows ({self.batch_max_rows}) changes that already wrote to the table cannot "
-                    "be held exactly (the table would keep only part of the transaction): raise "
-                    "cdc.batch_max_rows above the transaction's size, or use schema_changes: evolve"
-                )
-            table.held = True
+            table.held = True  # none of this transaction reaches it, also what was spilled before
+            if self._span is not None:
+                self._span.discard(name)
             return
         table.schema = schema
         if event.fill and known is not None:
             self._fill_buffered_rows(relation.relation_id, names, event.fill)
-        if event.fill and self._span is not None and name in self._span.touched:
-            self._span.fill_applied_rows(table, event.fill, self._commit_lsn)
+        if self._span is not None:
+            self._span.schema_changed(table, event.fill)
 
     def _fill_buffered_rows(self, relation_id: int, names: tuple[str, ...], fill: dict[str, str | None]) -> None:
         """Rows of the open transaction written before the DDL read the added columns' values."""
@@ -348,7 +351,9 @@ class ChangeApplier:
             return None  # held for approval, or already applied before a restart
         changes = into.get(table.source.name)
         if changes is None:
-            changes = into[table.source.name] = new_table_changes(table.schema)
+            span = self._span  # a spilled transaction's chunk folds on top of what is spilled
+            changes = span.changes_for(table) if span is not None else new_table_changes(table.schema)
+            into[table.source.name] = changes
         elif changes.schema is not table.schema:
             changes.schema = table.schema  # evolved: rows map onto the new columns by name
         return changes

@@ -1,29 +1,30 @@
-"""A source transaction too big to buffer whole, applied chunk by chunk inside ONE sink transaction.
+"""A source transaction too big to buffer: spilled to disk while it streams, applied at its Commit
+in pieces inside ONE sink transaction.
 
-pgoutput (protocol 1) sends a transaction only after it committed, spilled to disk on the server
-(`logical_decoding_work_mem`) while it was being decoded, so nothing received ever needs undoing
-because of the source. The engine folds each chunk of the transaction's changes per key (cdc/
-changes.py) and applies it before the next one, in WAL order: the sink ends where applying the
-whole transaction at once would have left it (every change carries the transaction's commit LSN,
-which the sinks' LSN guard lets through again). The last chunk carries the checkpoint of every
-table the transaction touched, then the sink transaction commits: all of it or none of it. An
-error, a stop request or a crash before that rolls it back, and the next run replays the
-transaction from the slot, which was never acknowledged past it.
+pgoutput (protocol 1) sends a transaction only after it committed, so nothing received ever needs
+undoing because of the source. Each chunk of `batch_max_rows` changes is folded by the batch
+collapsing code on top of what earlier chunks left in a private on-disk store (cdc/spill.py), so
+at the Commit the store holds the transaction's net effect per key (per identical row for a table
+without a key), exactly what buffering it whole would have given, and nothing of it has touched
+the sink. Then one sink transaction applies that net effect piece by piece (each piece distinct
+keys, every change at the transaction's commit LSN) and every touched table's checkpoint, and
+commits: all of it or none of it. A 5M-row insert-then-update thus reaches the sink as 5M
+inserts, which keeps the sink's own transaction small (DuckDB holds an open transaction's
+updates in memory). An error, a stop or a crash before the Commit leaves the sink untouched; the
+store dies with the process, and the next run replays the transaction from the slot.
 """
 
 from __future__ import annotations
 
-from contextlib import AbstractContextManager
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any
 
 from nilus_dagster.cdc.lsn import format_lsn
 from nilus_dagster.cdc.multiset_changes import MultisetChanges, TableChanges, new_table_changes
+from nilus_dagster.cdc.spill import SpillStore
 from nilus_dagster.schema import TableName
 from nilus_dagster.sinks.base import Checkpoint, Sink
-from nilus_dagster.sources.postgres.text_codec import text_to_arrow
 
 if TYPE_CHECKING:
     from nilus_dagster.cdc.applier import StreamTable
@@ -38,62 +39,72 @@ class TransactionAbandoned(Exception):
 
 @dataclass
 class SpanningTransaction:
-    """An open sink change transaction and what it has applied so far."""
+    """An open source transaction spilled so far, and the tables it touched."""
 
     sink: Sink
     soft_delete: bool
-    scope: AbstractContextManager[None]
+    piece_rows: int
+    store: SpillStore = field(default_factory=SpillStore)
     touched: dict[TableName, StreamTable] = field(default_factory=dict)
     events: int = 0
     chunks: int = 0
 
     @classmethod
-    def open(cls, sink: Sink, *, soft_delete: bool) -> SpanningTransaction:
-        """Begin the sink transaction; raises ChunkedApplyUnsupported if the sink cannot."""
-        scope = sink.change_transaction()
-        scope.__enter__()
-        return cls(sink, soft_delete, scope)
+    def open(cls, sink: Sink, *, soft_delete: bool, piece_rows: int) -> SpanningTransaction:
+        """Raises ChunkedApplyUnsupported (before anything is spilled) if the sink cannot apply
+        one transaction in several calls."""
+        with sink.change_transaction():
+            pass
+        return cls(sink, soft_delete, piece_rows)
 
-    def apply_chunk(self, tables: dict[TableName, StreamTable], chunk: dict[TableName, Changes]) -> None:
-        """Apply one chunk (no checkpoint: the transaction has not ended)."""
+    def changes_for(self, table: StreamTable) -> Changes:
+        """Collapsing state for the next chunk of `table`, on top of what is spilled."""
+        self.touched.setdefault(table.source.name, table)
+        return self.store.store(table.source.name, table.schema).changes(table.schema)
+
+    def spill_chunk(self, chunk: dict[TableName, Changes]) -> None:
         self.chunks += 1
         for name, changes in chunk.items():
-            self._apply(tables[name], changes, None)
+            self.events += changes.events
+            self.store.tables[name].write(changes)  # type: ignore[arg-type]
 
-    def commit(self, tables: dict[TableName, StreamTable], last: dict[TableName, Changes], end_lsn: int) -> None:
-        """Apply the last chunk with every touched table's checkpoint, then commit."""
+    def schema_changed(self, table: StreamTable, fill: dict[str, str | None]) -> None:
+        """The table's schema evolved inside the transaction (`fill`: added columns' values for
+        rows written before the change)."""
+        store = self.store.tables.get(table.source.name)
+        if store is not None:
+            store.schema_changed(table.schema, fill)
+
+    def discard(self, name: TableName) -> None:
+        """The table is held from here on: none of this transaction may reach it."""
+        self.touched.pop(name, None)
+        self.store.discard(name)
+
+    def commit(self, end_lsn: int, keepalive: Callable[[], Any] | None = None) -> None:
+        """Apply the spilled net effect and every touched table's checkpoint in one sink
+        transaction; `keepalive` is called after each piece (the replication connection must
+        answer the server within wal_sender_timeout)."""
+        value = format_lsn(end_lsn)
         try:
-            for name in last:
-                self.touched.setdefault(name, tables[name])
-            value = format_lsn(end_lsn)
-            for name, table in self.touched.items():
-                changes = last.get(name) or new_table_changes(table.schema)
-                self._apply(table, changes, Checkpoint(table.checkpoint_key, value))
-        except BaseException:
-            self.rollback()
-            raise
-        self.scope.__exit__(None, None, None)
+            with self.sink.change_transaction():
+                for name, table in self.touched.items():
+                    for piece in self.store.tables[name].pieces(table.schema, self.piece_rows):
+                        self._apply(table, piece, None)
+                        if keepalive is not None:
+                            keepalive()
+                    self._apply(table, new_table_changes(table.schema), Checkpoint(table.checkpoint_key, value))
+        finally:
+            self.store.close()
         for table in self.touched.values():
             table.applied_lsn = end_lsn
 
-    def fill_applied_rows(self, table: StreamTable, fill: dict[str, str | None], commit_lsn: int) -> None:
-        """ADD COLUMN ... DEFAULT inside the transaction: the rows its chunks already wrote precede
-        the DDL, so they read the default too (the evolve filled only rows older than the
-        transaction; these carry its commit LSN)."""
-        for name, text in fill.items():
-            column = table.schema.column(name)
-            value = text_to_arrow(pa.array([text], pa.string()), column.type, column=f"{table.source.name}.{name}")
-            self.sink.fill_column(table.target, column, value, before_lsn=commit_lsn + 1)  # type: ignore[attr-defined]
-
     def rollback(self) -> None:
-        error = TransactionAbandoned("the source transaction did not reach its commit in this run")
-        self.scope.__exit__(TransactionAbandoned, error, None)
+        """Nothing reached the sink: forget the spilled changes."""
+        self.store.close()
 
     def _apply(self, table: StreamTable, changes: Changes, checkpoint: Checkpoint | None) -> None:
-        self.touched.setdefault(table.source.name, table)
         if checkpoint is None and changes.events == 0 and not changes.truncate:
             return
-        self.events += changes.events
         self.sink.apply_changes(
             table.target, changes.schema, changes.to_change_set(), checkpoint, soft_delete=self.soft_delete
         )

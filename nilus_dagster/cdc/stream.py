@@ -65,6 +65,7 @@ def run_stream(
     transaction being applied in chunks is rolled back).
     """
     applier.on_flushed = lambda end_lsn: _confirm(stream, applier, end_lsn, on_durable)
+    applier.keepalive = stream.send_status  # a spilled transaction's Commit can outlast wal_sender_timeout
     append_row = applier._transaction.append  # what `handle` does with a row change, minus the call
     stream.send_status(reply_requested=True)  # a keepalive tells at once whether anything is newer
     last_progress = 0.0

@@ -204,12 +204,10 @@ class Sink(Protocol):
     def change_transaction(self) -> AbstractContextManager[None]:
         """One sink transaction around every `apply_changes` call made inside the block.
 
-        For a source transaction too big to apply at once: its changes are applied chunk by chunk
-        (in WAL order, each chunk collapsed per key) and the checkpoints with the last chunk; the
-        block's end commits all of it, an exception rolls all of it back. Other calls in the block
-        (`prepare_table`, `widen_columns`: DDL inside the source transaction) join the same
-        transaction. Raises ChunkedApplyUnsupported (before anything is written) when the sink
-        cannot do this exactly.
+        For a source transaction too big to apply at once: its net effect is applied in pieces
+        (distinct keys, or distinct rows of a key-less table, in each) and the checkpoints last; the
+        block's end commits all of it, an exception rolls all of it back. Raises
+        ChunkedApplyUnsupported (before anything is written) when the sink cannot do this exactly.
         """
         ...
 
