@@ -172,6 +172,23 @@ def run_real_job(instance: DagsterInstance, tenant: str, pipeline: str, resource
     return result.run_id
 
 
+def run_materialize(instance: DagsterInstance, tenant: str, pipeline: str, resource_id: str, *, fail: bool) -> str:
+    """A "Materialize" of a pipeline's asset: a run of Dagster's implicit asset job (not the
+    pipeline's job) that gets the pipeline's run tags when it starts, as the component adds them."""
+    tags = {TENANT_TAG: tenant, PIPELINE_TAG: pipeline, RESOURCE_ID_TAG: resource_id}
+
+    @dg.asset(key=[tenant, pipeline, "t"])
+    def table(context) -> None:  # a string annotation (future import) is refused by Dagster
+        context.instance.add_run_tags(context.run.run_id, tags)
+        if fail:
+            raise RuntimeError("boom")
+
+    job = dg.Definitions(assets=[table]).resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(instance=instance, raise_on_error=False)
+    assert result.success is not fail and result.dagster_run.job_name != f"{tenant}__{pipeline}"
+    return result.run_id
+
+
 def _fill_runs(world: World) -> None:
     inst, now = world.instance, world.now
     ids = world.run_ids
@@ -221,6 +238,8 @@ def _fill_runs(world: World) -> None:
         run_as_user="bob",
     )
     ids["acme/catalog/real"] = [run_real_job(inst, "acme", "catalog", "nilus:v1:catalog:acme", fail=False)]
+    # the newest catalog run: a failed "Materialize", after the pipeline job's success
+    ids["acme/catalog/materialize"] = [run_materialize(inst, "acme", "catalog", "nilus:v1:catalog:acme", fail=True)]
     ids["globex/events/real"] = [run_real_job(inst, "globex", "events", "nilus:v1:events:globex", fail=True)]
 
 

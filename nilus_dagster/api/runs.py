@@ -30,8 +30,8 @@ FAILED = (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
 FINISHED = (SUCCESS, *FAILED)
 NOT_SUCCESS = tuple(s for s in DagsterRunStatus if s is not SUCCESS)
 
-# How many of a job's newest runs `latest` looks at before falling back to the tag query, and how
-# many jobs one UNION statement reads at most.
+# How many of a job's newest runs `latest` looks at for a lower bound, and how many jobs (or
+# pipelines) one UNION statement reads at most.
 LATEST_BY_JOB = 5
 LATEST_JOBS_PER_QUERY = 50
 
@@ -86,44 +86,55 @@ class RunReader:
         return self.latest_many([(tenant, resource_id, job_name)])[0]
 
     def latest_many(self, pipelines: Sequence[tuple[str, str, str | None]]) -> list[RunRecord | None]:
-        """The newest run of each (tenant, resource_id, job_name), in order.
+        """The newest run with each (tenant, resource_id) pair of tags, in order; any job counts.
 
-        With the pipeline's job name (tenant-prefixed), the job's newest runs are read by Dagster's
-        (job, id) index and the first whose tags match is taken: ~1 ms instead of a tag join that
-        grows with the pipeline's history. On SQL storages the jobs of a whole page are read in
-        one statement and run bodies are decoded only until one matches. Without a job name, or
-        if none of the newest runs match, the tag query.
+        The same runs as the runs list and stats: a pipeline's scheduled and sensor runs (its own
+        job) and "Materialize" runs (Dagster's asset job) alike. On SQL storages two statements
+        for a whole page: the newest runs of each pipeline's job (`job_name`, tenant-prefixed) by
+        Dagster's (job, id) index, the first whose tags match giving a lower bound; then the
+        newest run with the pipeline's tags above that bound, whatever its job. The bound keeps
+        the second read short (only runs newer than the job's latest) where the tag join alone
+        would grow with the pipeline's history. Other storages: the tag query per pipeline.
         """
+        if self._sql is None:
+            return [self._latest_by_tags(tenant, resource_id) for tenant, resource_id, _ in pipelines]
         found: list[RunRecord | None] = [None] * len(pipelines)
-        resolved = [False] * len(pipelines)
-        with_job = [i for i, (_, _, job) in enumerate(pipelines) if job is not None]
-        if self._sql is not None:
-            jobs = sorted({pipelines[i][2] for i in with_job})
-            newest: dict[str, list[dict[str, Any]]] = {}
-            for chunk in _chunks(jobs, LATEST_JOBS_PER_QUERY):
-                for row in self._sql.fetchall(self._newest_of_jobs(chunk)):
-                    newest.setdefault(row["pipeline_name"], []).append(row)
-            for i in with_job:
-                tenant, resource_id, job = pipelines[i]
-                for row in sorted(newest.get(job, ()), key=lambda r: r["id"], reverse=True):
-                    record = self._record(row)
-                    tags = record.dagster_run.tags
-                    if tags.get(TENANT_TAG) == tenant and tags.get(RESOURCE_ID_TAG) == resource_id:
-                        found[i], resolved[i] = record, True
-                        break
-        else:
-            for i in with_job:
-                tenant, resource_id, job = pipelines[i]
-                for record in self.instance.get_run_records(RunsFilter(job_name=job), limit=LATEST_BY_JOB):
-                    tags = record.dagster_run.tags
-                    if tags.get(TENANT_TAG) == tenant and tags.get(RESOURCE_ID_TAG) == resource_id:
-                        found[i], resolved[i] = record, True
-                        break
-        for i, (tenant, resource_id, _) in enumerate(pipelines):
-            if not resolved[i]:
-                records = self.instance.get_run_records(pipeline_filter(tenant, resource_id), limit=1)
-                found[i] = records[0] if records else None
+        jobs = sorted({job for _, _, job in pipelines if job is not None})
+        newest: dict[str, list[dict[str, Any]]] = {}
+        for chunk in _chunks(jobs, LATEST_JOBS_PER_QUERY):
+            for row in self._sql.fetchall(self._newest_of_jobs(chunk)):
+                newest.setdefault(row["pipeline_name"], []).append(row)
+        for i, (tenant, resource_id, job) in enumerate(pipelines):
+            for row in sorted(newest.get(job, ()) if job else (), key=lambda r: r["id"], reverse=True):
+                record = self._record(row)
+                tags = record.dagster_run.tags
+                if tags.get(TENANT_TAG) == tenant and tags.get(RESOURCE_ID_TAG) == resource_id:
+                    found[i] = record
+                    break
+        for start in range(0, len(pipelines), LATEST_JOBS_PER_QUERY):
+            indexes = range(start, min(start + LATEST_JOBS_PER_QUERY, len(pipelines)))
+            for row in self._sql.fetchall(self._newest_tagged_above(pipelines, found, indexes)):
+                found[row["nilus_index"]] = self._record(row)
         return found
+
+    def _latest_by_tags(self, tenant: str, resource_id: str) -> RunRecord | None:
+        records = self.instance.get_run_records(pipeline_filter(tenant, resource_id), limit=1)
+        return records[0] if records else None
+
+    def _newest_tagged_above(
+        self, pipelines: Sequence[tuple[str, str, str | None]], found: Sequence[RunRecord | None], indexes: range
+    ) -> sa.Select | sa.CompoundSelect:
+        """Per pipeline in `indexes`: its newest tagged run newer than `found[i]` (any job), one statement."""
+        parts = []
+        for i in indexes:
+            tenant, resource_id, _ = pipelines[i]
+            query = self._matching(
+                pipeline_filter(tenant, resource_id), *self._record_columns(), sa.literal(i).label("nilus_index")
+            )
+            if found[i] is not None:
+                query = query.where(RunsTable.c.id > found[i].storage_id)
+            parts.append(sa.select(*query.order_by(RunsTable.c.id.desc()).limit(1).subquery().c))
+        return parts[0] if len(parts) == 1 else sa.union_all(*parts)
 
     def _newest_of_jobs(self, jobs: Sequence[str]) -> sa.Select | sa.CompoundSelect:
         """The `LATEST_BY_JOB` newest runs of each job (record columns + job name), one statement."""
