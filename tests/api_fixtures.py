@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
+import httpx
 import psycopg
 import pytest
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
@@ -26,6 +32,7 @@ from fastapi.testclient import TestClient
 from nilus_dagster.api.app import create_app
 from nilus_dagster.api.settings import Settings
 from nilus_dagster.components.tags import PIPELINE_TAG, RESOURCE_ID_TAG, RUN_AS_USER_TAG, TENANT_TAG
+from nilus_dagster.embedded.postgres import free_port
 from nilus_dagster.state.records import PipelineKey
 from nilus_dagster.state.store import StateStore
 
@@ -367,3 +374,44 @@ def client(world: World) -> Iterator[TestClient]:
 @pytest.fixture(scope="session")
 def sqlite_client(sqlite_world: World) -> Iterator[TestClient]:
     yield from _client(sqlite_world)
+
+
+def start_api_process(world: World, home: Path, tokens: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`nilus-api` as a process over `home` (DAGSTER_HOME) and the world's state store and defs,
+    with `tokens` (NILUS_API_TOKENS); returns it once it answers, and its base URL."""
+    port = free_port()
+    env = dict(
+        os.environ,
+        DAGSTER_HOME=str(home),
+        NILUS_STATE_DSN=world.state_dsn,
+        NILUS_DEFS_DIR=str(world.defs_dir),
+        NILUS_API_TOKENS=tokens,
+        NILUS_API_HOST="127.0.0.1",
+        NILUS_API_PORT=str(port),
+        NILUS_METRICS_HOST="127.0.0.1",
+        NILUS_METRICS_PORT=str(free_port()),
+    )
+    env.pop("NILUS_API_TOKENS_FILE", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nilus_dagster.api.server"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"{url}{BASE}/info", timeout=2)
+            return proc, url
+        except httpx.TransportError:
+            assert proc.poll() is None and time.monotonic() < deadline, "nilus-api did not start"
+            time.sleep(0.2)
+
+
+def stop_api_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT) -> str:
+    """Signal the process, wait for it (kill after 30 s) and return its output."""
+    proc.send_signal(sig)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out.decode()

@@ -4,18 +4,16 @@ GraphQL queries, and a clean Ctrl-C."""
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
-from api_fixtures import BASE, World, run_real_job
+from api_fixtures import BASE, World, run_real_job, start_api_process, stop_api_process
 from dagster import DagsterInstance
 
 from nilus_dagster.embedded.postgres import EmbeddedPostgres, free_port
@@ -44,41 +42,7 @@ def _home(tmp_path: Path, cluster: EmbeddedPostgres) -> Path:
 
 
 def _start(world: World, home: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = dict(
-        os.environ,
-        DAGSTER_HOME=str(home),
-        NILUS_STATE_DSN=world.state_dsn,
-        NILUS_DEFS_DIR=str(world.defs_dir),
-        NILUS_API_TOKENS=f"{TOKEN}:acme:read",
-        NILUS_API_HOST="127.0.0.1",
-        NILUS_API_PORT=str(port),
-        NILUS_METRICS_HOST="127.0.0.1",
-        NILUS_METRICS_PORT=str(free_port()),
-    )
-    env.pop("NILUS_API_TOKENS_FILE", None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "nilus_dagster.api.server"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            httpx.get(f"{url}{BASE}/info", timeout=2)
-            return proc, url
-        except httpx.TransportError:
-            assert proc.poll() is None and time.monotonic() < deadline, "nilus-api did not start"
-            time.sleep(0.2)
-
-
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT) -> str:
-    proc.send_signal(sig)
-    try:
-        out, _ = proc.communicate(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        out, _ = proc.communicate()
-    return out.decode()
+    return start_api_process(world, home, f"{TOKEN}:acme:read")
 
 
 GRAPHQL_RUNS = '{ runs(tenant: "acme", resourceId: "nilus:v1:catalog:acme") { total } }'
@@ -118,7 +82,7 @@ def test_dagster_storage_down_is_a_prompt_503_and_recovers(sqlite_world: World, 
         runs = httpx.get(f"{url}{BASE}{READS[1][1]}", headers=auth, timeout=30).json()
         assert runs["total"] == 1
     finally:
-        out = _stop(proc)
+        out = stop_api_process(proc)
     assert "Traceback" not in out, out[-3000:]
 
 
@@ -144,7 +108,7 @@ def test_refusals_are_json_quiet_and_ctrl_c_is_clean(sqlite_world: World) -> Non
         assert refused["errors"][0]["extensions"]["code"] == "forbidden"
         assert httpx.get(f"{url}{BASE}/tenants/acme/pipelines", headers=auth, timeout=30).status_code == 200
     finally:
-        out = _stop(proc, signal.SIGINT)
+        out = stop_api_process(proc, signal.SIGINT)
     assert proc.returncode == 0, out[-3000:]
     assert "Traceback" not in out and " ERROR " not in out, out[-3000:]
     assert "graphql forbidden" in out  # logged, at INFO
