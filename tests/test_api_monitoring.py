@@ -257,6 +257,10 @@ def test_a_resource_id_the_tenant_does_not_have_is_404(world: World, client, end
         assert (body["stats"]["total_runs"] if endpoint == "stats" else body["total"]) == 0
     # the admin token reads globex's pipeline under globex, not under acme
     admin = world.headers("admin")
+    # GraphQL: the same answer, as an error with its code
+    query = "{ " + endpoint + '(tenant: "acme", resourceId: "nilus:v1:events:globex") { resourceId } }'
+    errors = client.post("/nilus-manager/graphql", json={"query": query}, headers=h).json()["errors"]
+    assert [e["extensions"]["code"] for e in errors] == ["not_found"]
     events = "pipelines/nilus:v1:events:globex"
     assert client.get(f"{BASE}/tenants/globex/{events}/{endpoint}", headers=admin).status_code == 200
     assert client.get(f"{BASE}/tenants/acme/{events}/{endpoint}", headers=admin).status_code == 404
