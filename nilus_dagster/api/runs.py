@@ -33,6 +33,8 @@ NOT_SUCCESS = tuple(s for s in DagsterRunStatus if s is not SUCCESS)
 # How many of a job's newest runs `latest` looks at for a lower bound, and how many jobs (or
 # pipelines) one UNION statement reads at most.
 LATEST_BY_JOB = 5
+# At most this many runs newer than a pipeline job's latest are walked for a newer tagged run.
+ABOVE_BOUND_SCAN = 5000
 LATEST_JOBS_PER_QUERY = 50
 
 
@@ -111,10 +113,16 @@ class RunReader:
                 if tags.get(TENANT_TAG) == tenant and tags.get(RESOURCE_ID_TAG) == resource_id:
                     found[i] = record
                     break
+        newer: dict[int, int] = {}  # pipeline index -> id of its newest tagged run above the bound
         for start in range(0, len(pipelines), LATEST_JOBS_PER_QUERY):
             indexes = range(start, min(start + LATEST_JOBS_PER_QUERY, len(pipelines)))
             for row in self._sql.fetchall(self._newest_tagged_above(pipelines, found, indexes)):
-                found[row["nilus_index"]] = self._record(row)
+                newer[row["nilus_index"]] = row["id"]
+        if newer:  # rare (a Materialize run is the newest): read those records by primary key
+            query = sa.select(*self._record_columns()).where(RunsTable.c.id.in_(sorted(set(newer.values()))))
+            records = {row["id"]: self._record(row) for row in self._sql.fetchall(query)}
+            for i, run_id in newer.items():
+                found[i] = records[run_id]
         return found
 
     def _latest_by_tags(self, tenant: str, resource_id: str) -> RunRecord | None:
@@ -124,15 +132,25 @@ class RunReader:
     def _newest_tagged_above(
         self, pipelines: Sequence[tuple[str, str, str | None]], found: Sequence[RunRecord | None], indexes: range
     ) -> sa.Select | sa.CompoundSelect:
-        """Per pipeline in `indexes`: its newest tagged run newer than `found[i]` (any job), one statement."""
+        """Per pipeline in `indexes`: its newest tagged run newer than `found[i]` (any job), one statement.
+
+        Above a bound the runs are walked newest first by primary key and each one's few tags are
+        checked (`_has_tags`), at most `ABOVE_BOUND_SCAN` runs; a longer or unbounded range uses
+        Dagster's tag join, which grows with the pipeline's history instead.
+        """
+        newest_rows = self._sql.fetchall(sa.select(sa.func.max(RunsTable.c.id).label("id"))) if self._sql else []
+        newest = (newest_rows[0]["id"] if newest_rows else None) or 0
         parts = []
         for i in indexes:
             tenant, resource_id, _ = pipelines[i]
-            query = self._matching(
-                pipeline_filter(tenant, resource_id), *self._record_columns(), sa.literal(i).label("nilus_index")
-            )
-            if found[i] is not None:
-                query = query.where(RunsTable.c.id > found[i].storage_id)
+            columns = (RunsTable.c.id, sa.literal(i).label("nilus_index"))
+            bound = found[i].storage_id if found[i] is not None else None
+            if bound is not None and newest - bound <= ABOVE_BOUND_SCAN:
+                query = sa.select(*columns).where(RunsTable.c.id > bound, _has_tags(tenant, resource_id))
+            else:
+                query = self._matching(pipeline_filter(tenant, resource_id), *columns)
+                if bound is not None:
+                    query = query.where(RunsTable.c.id > bound)
             parts.append(sa.select(*query.order_by(RunsTable.c.id.desc()).limit(1).subquery().c))
         return parts[0] if len(parts) == 1 else sa.union_all(*parts)
 
@@ -327,6 +345,24 @@ class RunReader:
                 duration = float(r["end_time"]) - float(r["start_time"])
             result.append(LastRun(r["tenant"], r["pipeline"], r["status"], duration))
         return result
+
+
+def _has_tags(tenant: str, resource_id: str) -> sa.ColumnElement[bool]:
+    """The run (of the outer query) has both tags: its tag rows read by run_id, then filtered.
+
+    The OFFSET 0 keeps PostgreSQL from pushing the key/value condition into the tag read, where
+    it would AND in Dagster's (key, value) index: a scan of every run of the pipeline per run.
+    """
+    wanted = [(TENANT_TAG, tenant), (RESOURCE_ID_TAG, resource_id)]
+    tags = (
+        sa.select(RunTagsTable.c.key, RunTagsTable.c.value)
+        .where(RunTagsTable.c.run_id == RunsTable.c.run_id)
+        .correlate(RunsTable)
+        .offset(0)
+        .subquery("run_tags_of_run")
+    )
+    matched = sa.or_(*(sa.and_(tags.c.key == key, tags.c.value == value) for key, value in wanted))
+    return sa.select(sa.func.count()).select_from(tags).where(matched).scalar_subquery() == len(wanted)
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
