@@ -93,10 +93,10 @@ class RunReader:
         The same runs as the runs list and stats: a pipeline's scheduled and sensor runs (its own
         job) and "Materialize" runs (Dagster's asset job) alike. On SQL storages two statements
         for a whole page: the newest runs of each pipeline's job (`job_name`, tenant-prefixed) by
-        Dagster's (job, id) index, the first whose tags match giving a lower bound; then the
-        newest run with the pipeline's tags above that bound, whatever its job. The bound keeps
-        the second read short (only runs newer than the job's latest) where the tag join alone
-        would grow with the pipeline's history. Other storages: the tag query per pipeline.
+        Dagster's (job, id) index, the first whose tags match giving a lower bound; then the runs
+        above the lowest bound, whatever their job (`_newer_tagged_runs`). The bound keeps the
+        second read short (only runs newer than the jobs' latest) where the tag join alone would
+        grow with the pipeline's history. Other storages: the tag query per pipeline.
         """
         if self._sql is None:
             return [self._latest_by_tags(tenant, resource_id) for tenant, resource_id, _ in pipelines]
@@ -113,12 +113,8 @@ class RunReader:
                 if tags.get(TENANT_TAG) == tenant and tags.get(RESOURCE_ID_TAG) == resource_id:
                     found[i] = record
                     break
-        newer: dict[int, int] = {}  # pipeline index -> id of its newest tagged run above the bound
-        for start in range(0, len(pipelines), LATEST_JOBS_PER_QUERY):
-            indexes = range(start, min(start + LATEST_JOBS_PER_QUERY, len(pipelines)))
-            for row in self._sql.fetchall(self._newest_tagged_above(pipelines, found, indexes)):
-                newer[row["nilus_index"]] = row["id"]
-        if newer:  # rare (a Materialize run is the newest): read those records by primary key
+        newer = self._newer_tagged_runs(pipelines, found)
+        if newer:  # rare (e.g. a Materialize run is the newest): read those records by primary key
             query = sa.select(*self._record_columns()).where(RunsTable.c.id.in_(sorted(set(newer.values()))))
             records = {row["id"]: self._record(row) for row in self._sql.fetchall(query)}
             for i, run_id in newer.items():
@@ -129,30 +125,53 @@ class RunReader:
         records = self.instance.get_run_records(pipeline_filter(tenant, resource_id), limit=1)
         return records[0] if records else None
 
-    def _newest_tagged_above(
-        self, pipelines: Sequence[tuple[str, str, str | None]], found: Sequence[RunRecord | None], indexes: range
-    ) -> sa.Select | sa.CompoundSelect:
-        """Per pipeline in `indexes`: its newest tagged run newer than `found[i]` (any job), one statement.
+    def _newer_tagged_runs(
+        self, pipelines: Sequence[tuple[str, str, str | None]], found: Sequence[RunRecord | None]
+    ) -> dict[int, int]:
+        """Pipeline index -> id of its newest run with its tags newer than `found[i]` (any job).
 
-        Above a bound the runs are walked newest first by primary key and each one's few tags are
-        checked (`_has_tags`), at most `ABOVE_BOUND_SCAN` runs; a longer or unbounded range uses
-        Dagster's tag join, which grows with the pipeline's history instead.
+        One statement walks the `ABOVE_BOUND_SCAN` newest runs above the lowest bound, newest first
+        by primary key, with their tenant and resource_id tag rows (read by run_id). A pipeline
+        whose range that walk did not cover, or that has no bound, gets Dagster's tag join.
         """
-        newest_rows = self._sql.fetchall(sa.select(sa.func.max(RunsTable.c.id).label("id"))) if self._sql else []
-        newest = (newest_rows[0]["id"] if newest_rows else None) or 0
-        parts = []
-        for i in indexes:
-            tenant, resource_id, _ = pipelines[i]
-            columns = (RunsTable.c.id, sa.literal(i).label("nilus_index"))
-            bound = found[i].storage_id if found[i] is not None else None
-            if bound is not None and newest - bound <= ABOVE_BOUND_SCAN:
-                query = sa.select(*columns).where(RunsTable.c.id > bound, _has_tags(tenant, resource_id))
-            else:
-                query = self._matching(pipeline_filter(tenant, resource_id), *columns)
-                if bound is not None:
-                    query = query.where(RunsTable.c.id > bound)
-            parts.append(sa.select(*query.order_by(RunsTable.c.id.desc()).limit(1).subquery().c))
-        return parts[0] if len(parts) == 1 else sa.union_all(*parts)
+        assert self._sql is not None
+        bounds = {i: record.storage_id for i, record in enumerate(found) if record is not None}
+        tags: dict[int, dict[str, str]] = {}
+        if bounds:
+            recent = (
+                sa.select(RunsTable.c.id, RunsTable.c.run_id)
+                .where(RunsTable.c.id > min(bounds.values()))
+                .order_by(RunsTable.c.id.desc())
+                .limit(ABOVE_BOUND_SCAN)
+                .subquery()
+            )
+            keys = [TENANT_TAG, RESOURCE_ID_TAG]
+            on = sa.and_(RunTagsTable.c.run_id == recent.c.run_id, RunTagsTable.c.key.in_(keys))
+            query = sa.select(recent.c.id, RunTagsTable.c.key, RunTagsTable.c.value).select_from(
+                recent.outerjoin(RunTagsTable, on)
+            )
+            for row in self._sql.fetchall(query):
+                run_tags = tags.setdefault(row["id"], {})
+                if row["key"] is not None:
+                    run_tags[row["key"]] = row["value"]
+        complete = len(tags) < ABOVE_BOUND_SCAN  # the walk reached the lowest bound
+        lowest = min(tags, default=None)
+        newer: dict[int, int] = {}
+        for i, (tenant, resource_id, _) in enumerate(pipelines):
+            bound = bounds.get(i)
+            if bound is not None and (complete or (lowest is not None and bound >= lowest)):
+                wanted = {TENANT_TAG: tenant, RESOURCE_ID_TAG: resource_id}
+                ids = [run_id for run_id, t in tags.items() if run_id > bound and t == wanted]
+                if ids:
+                    newer[i] = max(ids)
+                continue
+            query = self._matching(pipeline_filter(tenant, resource_id), RunsTable.c.id)
+            if bound is not None:
+                query = query.where(RunsTable.c.id > bound)
+            rows = self._sql.fetchall(query.order_by(RunsTable.c.id.desc()).limit(1))
+            if rows:
+                newer[i] = rows[0]["id"]
+        return newer
 
     def _newest_of_jobs(self, jobs: Sequence[str]) -> sa.Select | sa.CompoundSelect:
         """The `LATEST_BY_JOB` newest runs of each job (record columns + job name), one statement."""
@@ -345,24 +364,6 @@ class RunReader:
                 duration = float(r["end_time"]) - float(r["start_time"])
             result.append(LastRun(r["tenant"], r["pipeline"], r["status"], duration))
         return result
-
-
-def _has_tags(tenant: str, resource_id: str) -> sa.ColumnElement[bool]:
-    """The run (of the outer query) has both tags: its tag rows read by run_id, then filtered.
-
-    The OFFSET 0 keeps PostgreSQL from pushing the key/value condition into the tag read, where
-    it would AND in Dagster's (key, value) index: a scan of every run of the pipeline per run.
-    """
-    wanted = [(TENANT_TAG, tenant), (RESOURCE_ID_TAG, resource_id)]
-    tags = (
-        sa.select(RunTagsTable.c.key, RunTagsTable.c.value)
-        .where(RunTagsTable.c.run_id == RunsTable.c.run_id)
-        .correlate(RunsTable)
-        .offset(0)
-        .subquery("run_tags_of_run")
-    )
-    matched = sa.or_(*(sa.and_(tags.c.key == key, tags.c.value == value) for key, value in wanted))
-    return sa.select(sa.func.count()).select_from(tags).where(matched).scalar_subquery() == len(wanted)
 
 
 def _chunks(items: Sequence[str], size: int) -> Iterator[Sequence[str]]:
