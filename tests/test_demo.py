@@ -131,7 +131,7 @@ def test_demo_serves_pipelines_materializes_and_stops_cleanly(tmp_path: Path) ->
     )
     output = _Output(demo.stdout)
     try:
-        _wait(lambda: urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/server_info", timeout=5), 180, "the UI")
+        _wait(lambda: urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/server_info", timeout=5), 300, "the UI")
         nodes = _wait(
             lambda: _graphql(ui_port, "{ assetNodes { assetKey { path } groupName } }")["assetNodes"], 60, "assets"
         )
