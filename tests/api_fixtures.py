@@ -10,6 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -17,6 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import dagster as dg
+import httpx
 import psycopg
 import pytest
 from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, RunsFilter
@@ -26,6 +32,7 @@ from fastapi.testclient import TestClient
 from nilus_dagster.api.app import create_app
 from nilus_dagster.api.settings import Settings
 from nilus_dagster.components.tags import PIPELINE_TAG, RESOURCE_ID_TAG, RUN_AS_USER_TAG, TENANT_TAG
+from nilus_dagster.embedded.postgres import free_port
 from nilus_dagster.state.records import PipelineKey
 from nilus_dagster.state.store import StateStore
 
@@ -172,6 +179,23 @@ def run_real_job(instance: DagsterInstance, tenant: str, pipeline: str, resource
     return result.run_id
 
 
+def run_materialize(instance: DagsterInstance, tenant: str, pipeline: str, resource_id: str, *, fail: bool) -> str:
+    """A "Materialize" of a pipeline's asset: a run of Dagster's implicit asset job (not the
+    pipeline's job) that gets the pipeline's run tags when it starts, as the component adds them."""
+    tags = {TENANT_TAG: tenant, PIPELINE_TAG: pipeline, RESOURCE_ID_TAG: resource_id}
+
+    @dg.asset(key=[tenant, pipeline, "t"])
+    def table(context) -> None:  # a string annotation (future import) is refused by Dagster
+        context.instance.add_run_tags(context.run.run_id, tags)
+        if fail:
+            raise RuntimeError("boom")
+
+    job = dg.Definitions(assets=[table]).resolve_implicit_global_asset_job_def()
+    result = job.execute_in_process(instance=instance, raise_on_error=False)
+    assert result.success is not fail and result.dagster_run.job_name != f"{tenant}__{pipeline}"
+    return result.run_id
+
+
 def _fill_runs(world: World) -> None:
     inst, now = world.instance, world.now
     ids = world.run_ids
@@ -221,6 +245,8 @@ def _fill_runs(world: World) -> None:
         run_as_user="bob",
     )
     ids["acme/catalog/real"] = [run_real_job(inst, "acme", "catalog", "nilus:v1:catalog:acme", fail=False)]
+    # the newest catalog run: a failed "Materialize", after the pipeline job's success
+    ids["acme/catalog/materialize"] = [run_materialize(inst, "acme", "catalog", "nilus:v1:catalog:acme", fail=True)]
     ids["globex/events/real"] = [run_real_job(inst, "globex", "events", "nilus:v1:events:globex", fail=True)]
 
 
@@ -348,3 +374,44 @@ def client(world: World) -> Iterator[TestClient]:
 @pytest.fixture(scope="session")
 def sqlite_client(sqlite_world: World) -> Iterator[TestClient]:
     yield from _client(sqlite_world)
+
+
+def start_api_process(world: World, home: Path, tokens: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`nilus-api` as a process over `home` (DAGSTER_HOME) and the world's state store and defs,
+    with `tokens` (NILUS_API_TOKENS); returns it once it answers, and its base URL."""
+    port = free_port()
+    env = dict(
+        os.environ,
+        DAGSTER_HOME=str(home),
+        NILUS_STATE_DSN=world.state_dsn,
+        NILUS_DEFS_DIR=str(world.defs_dir),
+        NILUS_API_TOKENS=tokens,
+        NILUS_API_HOST="127.0.0.1",
+        NILUS_API_PORT=str(port),
+        NILUS_METRICS_HOST="127.0.0.1",
+        NILUS_METRICS_PORT=str(free_port()),
+    )
+    env.pop("NILUS_API_TOKENS_FILE", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nilus_dagster.api.server"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"{url}{BASE}/info", timeout=2)
+            return proc, url
+        except httpx.TransportError:
+            assert proc.poll() is None and time.monotonic() < deadline, "nilus-api did not start"
+            time.sleep(0.2)
+
+
+def stop_api_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT) -> str:
+    """Signal the process, wait for it (kill after 30 s) and return its output."""
+    proc.send_signal(sig)
+    try:
+        out, _ = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        out, _ = proc.communicate()
+    return out.decode()

@@ -90,7 +90,7 @@ def test_runtime_round_trips(sqlite_world: World, runtime_client: TestClient, st
     h = sqlite_world.headers("runtime")
     base = f"{BASE}/tenants/initech/pipeline/sync"
     assert runtime_client.get(f"{base}/state", headers=h).json() == {"pipeline_name": "sync", "state": None}
-    assert runtime_client.get(f"{base}/offsets", headers=h).json() == {"pipeline_name": "sync", "offset": None}
+    assert runtime_client.get(f"{base}/offsets", headers=h).json() == {"pipeline_name": "sync", "offsets": []}
     assert runtime_client.get(f"{base}/schema-history/exists", headers=h).json()["exists"] is False
 
     r = runtime_client.post(f"{base}/state", headers=h, json={"state": "paused", "detail": {"why": "drift"}})
@@ -99,19 +99,41 @@ def test_runtime_round_trips(sqlite_world: World, runtime_client: TestClient, st
     assert state["state"] == "paused" and state["detail"] == {"why": "drift"}
     assert state["resource_id"] == "nilus:v1:sync:initech"  # undeclared: the default resource id
 
-    for lsn in ("0/10", "0/20"):
-        body = {"connector_name": "pg", "offset_key": "slot", "offset_value": {"lsn": lsn}, "run_id": "run-1"}
+    # the latest value of each offset key (per connector), newest first: not only the newest record
+    written = [("pg", "slot", "0/10"), ("pg", "other", "0/11"), ("pg", "slot", "0/20"), ("pg2", "slot", "0/5")]
+    written += [("pg", "other", "0/12"), ("pg", "slot", "0/30")]
+    for connector, offset_key, lsn in written:
+        body = {"connector_name": connector, "offset_key": offset_key, "offset_value": {"lsn": lsn}, "run_id": "run-1"}
         assert runtime_client.post(f"{base}/offsets", headers=h, json=body).status_code == 201
-    latest = runtime_client.get(f"{base}/offsets", headers=h).json()["offset"]
-    assert latest["offset_value"] == {"lsn": "0/20"} and latest["run_id"] == "run-1"
+    latest = runtime_client.get(f"{base}/offsets", headers=h).json()["offsets"]
+    assert [(r["connector_name"], r["offset_key"], r["offset_value"]["lsn"]) for r in latest] == [
+        ("pg", "slot", "0/30"),
+        ("pg", "other", "0/12"),
+        ("pg2", "slot", "0/5"),
+    ]
+    assert latest[0]["run_id"] == "run-1" and latest[0]["id"] > latest[1]["id"] > latest[2]["id"]
 
-    schema = {"columns": [{"name": "id", "type": "int8", "nullable": False}]}
-    for table in ("public.a", "public.b", "public.a"):
+    # the stored schema history (every row, every table), newest first, paginated
+    written_schemas = [
+        ("public.a", {"columns": [{"name": "id", "type": "int8", "nullable": False}]}),
+        ("public.b", {"columns": [{"name": "id", "type": "int4", "nullable": False}]}),
+        ("public.a", {"columns": [{"name": "id", "type": "int8"}, {"name": "note", "type": "text"}]}),
+    ]
+    for table, schema in written_schemas:
         body = {"connector_name": "pg", "table_name": table, "table_schema": schema, "lsn": "0/30"}
         assert runtime_client.post(f"{base}/schema-history", headers=h, json=body).status_code == 201
     assert runtime_client.get(f"{base}/schema-history/exists", headers=h).json()["exists"] is True
-    tables = runtime_client.get(f"{base}/schema-history", headers=h).json()["tables"]
-    assert set(tables) == {"public.a", "public.b"} and tables["public.a"]["table_schema"] == schema
+    history = runtime_client.get(f"{base}/schema-history", headers=h).json()
+    assert set(history) == {"pipeline_name", "schema_history", "limit", "offset", "total"}
+    assert history["total"] == 3 and history["pipeline_name"] == "sync"
+    rows = history["schema_history"]
+    assert [(r["table_name"], r["table_schema"]) for r in rows] == list(reversed(written_schemas))
+    pages = [
+        runtime_client.get(f"{base}/schema-history", headers=h, params={"limit": 2, "offset": o}).json()
+        for o in (0, 2, 4)
+    ]
+    assert [r for p in pages for r in p["schema_history"]] == rows and all(p["total"] == 3 for p in pages)
+    assert runtime_client.get(f"{base}/schema-history", headers=h, params={"limit": 0}).status_code == 422
 
     run = {"pipeline_name": "sync", "run_id": "run-1", "payload": {"rows": 10, "status": "success"}}
     stored = runtime_client.post(f"{BASE}/tenants/initech/pipeline/runs", headers=h, json=run)
@@ -123,11 +145,11 @@ def test_runtime_round_trips(sqlite_world: World, runtime_client: TestClient, st
     runtime_client.post(f"{BASE}/tenants/acme/pipeline/orders/offsets", headers=h, json=body)
     with StateStore(state_dsn) as store:
         assert store.latest_offset("acme", "orders").resource_id == "rid-orders"
-        assert store.latest_offset("initech", "sync").offset_value == {"lsn": "0/20"}
+        assert store.latest_offset("initech", "sync").offset_value == {"lsn": "0/30"}
         assert store.get_pipeline_state("initech", "sync").state == "paused"
     # what the runtime wrote, a reader of the tenant sees
     admin = runtime_client.get(f"{BASE}/tenants/initech/cdc/offset-storage", headers=sqlite_world.headers("admin"))
-    assert admin.json()["total"] == 2
+    assert admin.json()["total"] == len(written)
 
 
 @pytest.mark.parametrize(

@@ -60,7 +60,10 @@ def test_pipelines_lists_every_declared_pipeline_with_its_latest_run(world: Worl
         else:
             assert row["latest_run"] is None  # declared, never ran: listed anyway
     assert rows["never"]["latest_run"] is None
-    assert rows["catalog"]["latest_run"]["run_id"] == world.run_ids["acme/catalog/real"][0]
+    # a "Materialize" run (Dagster's asset job) is a run of the pipeline, as in the runs list and stats
+    assert rows["catalog"]["latest_run"]["run_id"] == world.run_ids["acme/catalog/materialize"][0]
+    assert rows["catalog"]["latest_run"]["job_name"] == "__ASSET_JOB"
+    assert rows["catalog"]["latest_run"]["is_success"] is False
     assert rows["orders"]["latest_run"]["run_id"] == world.run_ids["acme/orders"][0]
     assert rows["orders"]["latest_run"]["duration_sec"] == 10.0
     assert rows["stream"]["latest_run"]["status"] == "STARTED"
@@ -153,7 +156,7 @@ def test_pipelines_pagination_edges(world: World, client) -> None:
         params={"limit": 3, "offset": 2, "is_success": "true"},
         headers=world.headers("read_acme"),
     ).json()
-    assert body["pipelines"] == [] and body["total"] == 2
+    assert body["pipelines"] == [] and body["total"] == len(_expected_names(world, {"is_success": "true"})) == 1
     assert (
         client.get(
             f"{BASE}/tenants/acme/pipelines", params={"limit": 500}, headers=world.headers("read_acme")
@@ -231,10 +234,36 @@ def test_runs_filters_and_edges(world: World, client) -> None:
     assert body["runs"] == [] and body["total"] == 40
     body = client.get(url, params={"offset": 39, "limit": 500}, headers=h).json()
     assert [r["run_id"] for r in body["runs"]] == [records[-1].dagster_run.run_id]
-    body = client.get(f"{BASE}/tenants/acme/pipelines/unknown-rid/runs", headers=h).json()
-    assert body["runs"] == [] and body["total"] == 0
     body = client.get(f"{BASE}/tenants/acme/pipelines/nilus:v1:never:acme/runs", headers=h).json()
-    assert body["total"] == 0
+    assert body["total"] == 0  # declared, never ran: an empty list
+    body = client.get(url, params={"is_success": "true", "run_as_user": "carol"}, headers=h).json()
+    assert body["total"] == 0  # a known pipeline, no run matches
+
+
+@pytest.mark.parametrize("endpoint", ["runs", "stats"])
+def test_a_resource_id_the_tenant_does_not_have_is_404(world: World, client, endpoint: str) -> None:
+    h = world.headers("read_acme")
+    # unknown everywhere; globex's pipeline (declared and run, but not acme's)
+    for rid in ("unknown-rid", "nilus:v1:events:globex"):
+        response = client.get(f"{BASE}/tenants/acme/pipelines/{rid}/{endpoint}", headers=h)
+        assert response.status_code == 404, response.text
+        assert response.json() == {"error": "the tenant has no pipeline with this resource_id", "code": "not_found"}
+    # declared but never ran, and none of its runs selected: answers, with zeros
+    nothing_selected = {"period": "1h"} if endpoint == "stats" else {"is_success": "true"}
+    for rid, params in (("nilus:v1:never:acme", {}), ("nilus:v1:stream:acme", nothing_selected)):
+        response = client.get(f"{BASE}/tenants/acme/pipelines/{rid}/{endpoint}", params=params, headers=h)
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert (body["stats"]["total_runs"] if endpoint == "stats" else body["total"]) == 0
+    # the admin token reads globex's pipeline under globex, not under acme
+    admin = world.headers("admin")
+    # GraphQL: the same answer, as an error with its code
+    query = "{ " + endpoint + '(tenant: "acme", resourceId: "nilus:v1:events:globex") { resourceId } }'
+    errors = client.post("/nilus-manager/graphql", json={"query": query}, headers=h).json()["errors"]
+    assert [e["extensions"]["code"] for e in errors] == ["not_found"]
+    events = "pipelines/nilus:v1:events:globex"
+    assert client.get(f"{BASE}/tenants/globex/{events}/{endpoint}", headers=admin).status_code == 200
+    assert client.get(f"{BASE}/tenants/acme/{events}/{endpoint}", headers=admin).status_code == 404
 
 
 def _expected_stats(world: World, tenant: str, rid: str, period_start: str) -> dict:
@@ -297,7 +326,6 @@ def test_no_other_tenant_data_through_any_filter(world: World, client) -> None:
     urls = [
         f"{BASE}/tenants/acme/pipelines",
         f"{BASE}/tenants/acme/pipelines/rid-orders/runs",
-        f"{BASE}/tenants/acme/pipelines/nilus:v1:events:globex/runs",
         f"{BASE}/tenants/acme/pipelines/rid-orders/stats",
         f"{BASE}/tenants/acme/cdc/offset-storage",
         f"{BASE}/tenants/acme/cdc/schema-history",

@@ -43,9 +43,12 @@ def _same(a, b) -> bool:
     )
 
 
-@pytest.mark.parametrize("jobs_per_query", [50, 1, 2])
-def test_latest_many_matches_the_tag_query(world: World, monkeypatch, jobs_per_query: int) -> None:
+@pytest.mark.parametrize(("jobs_per_query", "scan"), [(50, 5000), (1, 5000), (2, 5000), (50, 0)])
+def test_latest_many_matches_the_tag_query(world: World, monkeypatch, jobs_per_query: int, scan: int) -> None:
+    """Also with a newer "Materialize" run (acme/catalog), found by the scan above the job's latest
+    run or (`scan` 0: the range is too long to walk) by the tag join above it."""
     monkeypatch.setattr(runs_module, "LATEST_JOBS_PER_QUERY", jobs_per_query)
+    monkeypatch.setattr(runs_module, "ABOVE_BOUND_SCAN", scan)
     reader = RunReader(world.instance)
     found = reader.latest_many(PIPELINES)
     assert len(found) == len(PIPELINES)
@@ -54,6 +57,7 @@ def test_latest_many_matches_the_tag_query(world: World, monkeypatch, jobs_per_q
     assert found[0] is not None and found[0].dagster_run.run_id == world.run_ids["acme/orders"][0]
     assert found[3] is None and found[-1] is None
     assert found[6].dagster_run.tags["nilus/tenant"] == "acme"  # fallback: acme's run, not globex's
+    assert found[1].dagster_run.run_id == world.run_ids["acme/catalog/materialize"][0]
     assert reader.latest_many([]) == []
     assert _same(reader.latest("acme", "rid-orders", "acme__orders"), found[0])
 

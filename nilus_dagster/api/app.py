@@ -2,7 +2,8 @@
 
 Routes: REST under `/nilus-manager/api/v1` (bearer token on every route, `/health` and `/info`
 included), GraphQL at `/nilus-manager/graphql`; Swagger `/nilus-manager/docs`, ReDoc
-`/nilus-manager/redoc` and `/nilus-manager/openapi.json` are open. The metrics server is a
+`/nilus-manager/redoc` (their assets under `/nilus-manager/static`, no internet needed) and
+`/nilus-manager/openapi.json` are open. The metrics server is a
 separate app sharing `app.state.metrics_registry` (see `metrics.py`, `server.py`).
 """
 
@@ -13,6 +14,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from nilus_dagster.api.docs import install_docs
 from nilus_dagster.api.errors import install_error_handlers
 from nilus_dagster.api.graphql import graphql_router
 from nilus_dagster.api.metrics import RequestMetricsMiddleware, build_registry
@@ -39,14 +41,15 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
         version=package_version(),
         description="Pipeline monitoring, CDC state and the internal runtime API. "
         "Every request needs `Authorization: Bearer <token>`.",
-        docs_url=f"{ROOT}/docs",
-        redoc_url=f"{ROOT}/redoc",
+        docs_url=None,  # served by install_docs from packaged assets, not from a CDN
+        redoc_url=None,
         openapi_url=f"{ROOT}/openapi.json",
         lifespan=lifespan,
     )
     app.state.services = services
     app.state.metrics_registry = registry
     install_error_handlers(app)
+    install_docs(app, ROOT)
     for module in (system, monitoring, cdc, runtime):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(graphql_router(), prefix=f"{ROOT}/graphql", include_in_schema=False)

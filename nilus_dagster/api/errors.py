@@ -17,6 +17,17 @@ from nilus_dagster.state.store import StateStoreError
 
 log = logging.getLogger(__name__)
 
+try:  # dagster-postgres' "too many retries for DB connection"
+    from dagster_postgres.utils import DagsterPostgresException
+except ImportError:  # pragma: no cover - dagster-postgres is a dependency
+
+    class DagsterPostgresException(Exception):  # type: ignore[no-redef]
+        pass
+
+
+# Exceptions meaning Dagster's run storage did not answer (a 503, never a 500).
+DAGSTER_STORAGE_ERRORS: tuple[type[Exception], ...] = (SQLAlchemyError, DagsterPostgresException)
+
 _CODES = {
     400: "invalid_parameter",
     401: "unauthorized",
@@ -108,6 +119,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return _body(422, "invalid_parameter", f"a value cannot be stored: {str(exc).splitlines()[0]}")
 
     @app.exception_handler(SQLAlchemyError)
+    @app.exception_handler(DagsterPostgresException)
     async def _dagster_down(_: Request, exc: Exception) -> JSONResponse:
         log.warning("dagster storage error: %s", exc)
         return _body(503, "unavailable", "Dagster run storage is unavailable, retry later")

@@ -6,6 +6,7 @@ with `extensions.code` `forbidden`. Arguments are validated by the REST query mo
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
@@ -14,19 +15,19 @@ import strawberry
 from fastapi import Depends
 from graphql import GraphQLError
 from pydantic import ValidationError
-from sqlalchemy.exc import SQLAlchemyError
 from starlette.concurrency import run_in_threadpool
 from strawberry.experimental.pydantic import type as pydantic_type
 from strawberry.extensions import MaskErrors
 from strawberry.fastapi import GraphQLRouter
 from strawberry.scalars import JSON
-from strawberry.types import Info
+from strawberry.types import ExecutionContext, Info
+from strawberry.utils.logging import StrawberryLogger
 
 from nilus_dagster.api import models
 from nilus_dagster.api.auth import Principal
 from nilus_dagster.api.declarations import DeclarationsUnavailable
 from nilus_dagster.api.deps import authenticate, read_model
-from nilus_dagster.api.errors import ApiError
+from nilus_dagster.api.errors import DAGSTER_STORAGE_ERRORS, ApiError
 from nilus_dagster.api.params import (
     OffsetFilters,
     PipelineFilters,
@@ -38,6 +39,7 @@ from nilus_dagster.api.read_model import ReadModel
 from nilus_dagster.state.store import StateStoreError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @pydantic_type(model=models.Run, all_fields=True)
@@ -114,7 +116,7 @@ async def _resolve(info: Info, tenant: str, build: Callable[[], Any], run: Calla
         return await run_in_threadpool(run, info.context["model"], args)
     except ApiError as exc:
         raise _Error(exc.message, exc.code) from None
-    except (StateStoreError, psycopg.OperationalError, SQLAlchemyError, DeclarationsUnavailable):
+    except (StateStoreError, psycopg.OperationalError, *DAGSTER_STORAGE_ERRORS, DeclarationsUnavailable):
         raise _Error("storage is unavailable, retry later", "unavailable") from None
     except psycopg.DataError:
         raise _Error("a value cannot be used", "invalid_parameter") from None
@@ -234,7 +236,19 @@ def _is_internal(error: GraphQLError) -> bool:
     return original is not None and not isinstance(original, _Error)
 
 
-schema = strawberry.Schema(
+class _Schema(strawberry.Schema):
+    def process_errors(self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None) -> None:
+        """Only unexpected exceptions are logged as errors (with their traceback); a refused
+        token, a bad argument, an outage or a malformed query is the caller's answer, not ours."""
+        for error in errors:
+            if _is_internal(error):
+                StrawberryLogger.error(error, execution_context)
+            else:
+                code = (error.extensions or {}).get("code", "invalid_query")
+                log.log(logging.WARNING if code == "unavailable" else logging.INFO, "graphql %s: %s", code, error)
+
+
+schema = _Schema(
     query=Query,
     # Anything but our own errors is masked: no internals (or other tenants' data) in messages.
     extensions=[lambda: MaskErrors(should_mask_error=_is_internal)],  # a fresh extension per request

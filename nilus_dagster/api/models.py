@@ -184,14 +184,15 @@ class StateResponse(BaseModel):
     state: PipelineStateOut | None
 
 
-class LatestOffsetResponse(BaseModel):
+class LatestOffsetsResponse(BaseModel):
     pipeline_name: str
-    offset: OffsetRecord | None
+    offsets: list[OffsetRecord] = Field(
+        description="The offset in force of each (connector_name, offset_key): its newest record; newest first"
+    )
 
 
-class LatestSchemasResponse(BaseModel):
+class PipelineSchemaHistoryPage(SchemaHistoryPage):
     pipeline_name: str
-    tables: dict[str, SchemaHistoryRecord] = Field(description="The schema in force per table")
 
 
 class ExistsResponse(BaseModel):

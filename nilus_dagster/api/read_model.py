@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from dagster import RunRecord
 
 from nilus_dagster.api import models
-from nilus_dagster.api.declarations import Declarations
+from nilus_dagster.api.declarations import Declarations, DeclarationsUnavailable
 from nilus_dagster.api.errors import ApiError
 from nilus_dagster.api.params import (
     OffsetFilters,
@@ -134,6 +134,8 @@ class ReadModel:
         statuses = None if q.is_success is None else ([SUCCESS] if q.is_success else NOT_SUCCESS)
         filters = pipeline_filter(tenant, resource_id, statuses=statuses, run_as_user=q.run_as_user)
         records, total = self.runs.page_and_total(filters, q.limit, q.offset)
+        if not total:
+            self._ensure_known(tenant, resource_id)
         return models.RunsPage(
             resource_id=resource_id,
             runs=[self.run(r) for r in records],
@@ -146,6 +148,8 @@ class ReadModel:
         end = now or datetime.now(UTC)
         start = end - q.span()
         agg = self.runs.stats(pipeline_filter(tenant, resource_id, created_after=start))
+        if not agg.total:
+            self._ensure_known(tenant, resource_id)
         finished = agg.successful + agg.failed
         return models.StatsResponse(
             resource_id=resource_id,
@@ -161,6 +165,19 @@ class ReadModel:
                 max_duration_sec=None if agg.max_duration is None else round(agg.max_duration, 3),
             ),
         )
+
+    def _ensure_known(self, tenant: str, resource_id: str) -> None:
+        """404 unless the tenant declares a pipeline with `resource_id` or has runs tagged with it
+        (a pipeline removed from the YAML keeps its history)."""
+        try:
+            if any(p.effective_resource_id == resource_id for p in self.declarations.for_tenant(tenant)):
+                return
+        except DeclarationsUnavailable:
+            if self.runs.count(pipeline_filter(tenant, resource_id)):
+                return
+            raise
+        if not self.runs.count(pipeline_filter(tenant, resource_id)):
+            raise ApiError(404, "not_found", "the tenant has no pipeline with this resource_id")
 
     # -- CDC state -------------------------------------------------------------------------------
     def offsets(self, tenant: str, q: OffsetFilters) -> models.OffsetsPage:

@@ -30,9 +30,11 @@ FAILED = (DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED)
 FINISHED = (SUCCESS, *FAILED)
 NOT_SUCCESS = tuple(s for s in DagsterRunStatus if s is not SUCCESS)
 
-# How many of a job's newest runs `latest` looks at before falling back to the tag query, and how
-# many jobs one UNION statement reads at most.
+# How many of a job's newest runs `latest` looks at for a lower bound, and how many jobs (or
+# pipelines) one UNION statement reads at most.
 LATEST_BY_JOB = 5
+# At most this many runs newer than a pipeline job's latest are walked for a newer tagged run.
+ABOVE_BOUND_SCAN = 5000
 LATEST_JOBS_PER_QUERY = 50
 
 
@@ -86,44 +88,90 @@ class RunReader:
         return self.latest_many([(tenant, resource_id, job_name)])[0]
 
     def latest_many(self, pipelines: Sequence[tuple[str, str, str | None]]) -> list[RunRecord | None]:
-        """The newest run of each (tenant, resource_id, job_name), in order.
+        """The newest run with each (tenant, resource_id) pair of tags, in order; any job counts.
 
-        With the pipeline's job name (tenant-prefixed), the job's newest runs are read by Dagster's
-        (job, id) index and the first whose tags match is taken: ~1 ms instead of a tag join that
-        grows with the pipeline's history. On SQL storages the jobs of a whole page are read in
-        one statement and run bodies are decoded only until one matches. Without a job name, or
-        if none of the newest runs match, the tag query.
+        The same runs as the runs list and stats: a pipeline's scheduled and sensor runs (its own
+        job) and "Materialize" runs (Dagster's asset job) alike. On SQL storages two statements
+        for a whole page: the newest runs of each pipeline's job (`job_name`, tenant-prefixed) by
+        Dagster's (job, id) index, the first whose tags match giving a lower bound; then the runs
+        above the lowest bound, whatever their job (`_newer_tagged_runs`). The bound keeps the
+        second read short (only runs newer than the jobs' latest) where the tag join alone would
+        grow with the pipeline's history. Other storages: the tag query per pipeline.
         """
+        if self._sql is None:
+            return [self._latest_by_tags(tenant, resource_id) for tenant, resource_id, _ in pipelines]
         found: list[RunRecord | None] = [None] * len(pipelines)
-        resolved = [False] * len(pipelines)
-        with_job = [i for i, (_, _, job) in enumerate(pipelines) if job is not None]
-        if self._sql is not None:
-            jobs = sorted({pipelines[i][2] for i in with_job})
-            newest: dict[str, list[dict[str, Any]]] = {}
-            for chunk in _chunks(jobs, LATEST_JOBS_PER_QUERY):
-                for row in self._sql.fetchall(self._newest_of_jobs(chunk)):
-                    newest.setdefault(row["pipeline_name"], []).append(row)
-            for i in with_job:
-                tenant, resource_id, job = pipelines[i]
-                for row in sorted(newest.get(job, ()), key=lambda r: r["id"], reverse=True):
-                    record = self._record(row)
-                    tags = record.dagster_run.tags
-                    if tags.get(TENANT_TAG) == tenant and tags.get(RESOURCE_ID_TAG) == resource_id:
-                        found[i], resolved[i] = record, True
-                        break
-        else:
-            for i in with_job:
-                tenant, resource_id, job = pipelines[i]
-                for record in self.instance.get_run_records(RunsFilter(job_name=job), limit=LATEST_BY_JOB):
-                    tags = record.dagster_run.tags
-                    if tags.get(TENANT_TAG) == tenant and tags.get(RESOURCE_ID_TAG) == resource_id:
-                        found[i], resolved[i] = record, True
-                        break
-        for i, (tenant, resource_id, _) in enumerate(pipelines):
-            if not resolved[i]:
-                records = self.instance.get_run_records(pipeline_filter(tenant, resource_id), limit=1)
-                found[i] = records[0] if records else None
+        jobs = sorted({job for _, _, job in pipelines if job is not None})
+        newest: dict[str, list[dict[str, Any]]] = {}
+        for chunk in _chunks(jobs, LATEST_JOBS_PER_QUERY):
+            for row in self._sql.fetchall(self._newest_of_jobs(chunk)):
+                newest.setdefault(row["pipeline_name"], []).append(row)
+        for i, (tenant, resource_id, job) in enumerate(pipelines):
+            for row in sorted(newest.get(job, ()) if job else (), key=lambda r: r["id"], reverse=True):
+                record = self._record(row)
+                tags = record.dagster_run.tags
+                if tags.get(TENANT_TAG) == tenant and tags.get(RESOURCE_ID_TAG) == resource_id:
+                    found[i] = record
+                    break
+        newer = self._newer_tagged_runs(pipelines, found)
+        if newer:  # rare (e.g. a Materialize run is the newest): read those records by primary key
+            query = sa.select(*self._record_columns()).where(RunsTable.c.id.in_(sorted(set(newer.values()))))
+            records = {row["id"]: self._record(row) for row in self._sql.fetchall(query)}
+            for i, run_id in newer.items():
+                found[i] = records[run_id]
         return found
+
+    def _latest_by_tags(self, tenant: str, resource_id: str) -> RunRecord | None:
+        records = self.instance.get_run_records(pipeline_filter(tenant, resource_id), limit=1)
+        return records[0] if records else None
+
+    def _newer_tagged_runs(
+        self, pipelines: Sequence[tuple[str, str, str | None]], found: Sequence[RunRecord | None]
+    ) -> dict[int, int]:
+        """Pipeline index -> id of its newest run with its tags newer than `found[i]` (any job).
+
+        One statement walks the `ABOVE_BOUND_SCAN` newest runs above the lowest bound, newest first
+        by primary key, with their tenant and resource_id tag rows (read by run_id). A pipeline
+        whose range that walk did not cover, or that has no bound, gets Dagster's tag join.
+        """
+        assert self._sql is not None
+        bounds = {i: record.storage_id for i, record in enumerate(found) if record is not None}
+        tags: dict[int, dict[str, str]] = {}
+        if bounds:
+            recent = (
+                sa.select(RunsTable.c.id, RunsTable.c.run_id)
+                .where(RunsTable.c.id > min(bounds.values()))
+                .order_by(RunsTable.c.id.desc())
+                .limit(ABOVE_BOUND_SCAN)
+                .subquery()
+            )
+            keys = [TENANT_TAG, RESOURCE_ID_TAG]
+            on = sa.and_(RunTagsTable.c.run_id == recent.c.run_id, RunTagsTable.c.key.in_(keys))
+            query = sa.select(recent.c.id, RunTagsTable.c.key, RunTagsTable.c.value).select_from(
+                recent.outerjoin(RunTagsTable, on)
+            )
+            for row in self._sql.fetchall(query):
+                run_tags = tags.setdefault(row["id"], {})
+                if row["key"] is not None:
+                    run_tags[row["key"]] = row["value"]
+        complete = len(tags) < ABOVE_BOUND_SCAN  # the walk reached the lowest bound
+        lowest = min(tags, default=None)
+        newer: dict[int, int] = {}
+        for i, (tenant, resource_id, _) in enumerate(pipelines):
+            bound = bounds.get(i)
+            if bound is not None and (complete or (lowest is not None and bound >= lowest)):
+                wanted = {TENANT_TAG: tenant, RESOURCE_ID_TAG: resource_id}
+                ids = [run_id for run_id, t in tags.items() if run_id > bound and t == wanted]
+                if ids:
+                    newer[i] = max(ids)
+                continue
+            query = self._matching(pipeline_filter(tenant, resource_id), RunsTable.c.id)
+            if bound is not None:
+                query = query.where(RunsTable.c.id > bound)
+            rows = self._sql.fetchall(query.order_by(RunsTable.c.id.desc()).limit(1))
+            if rows:
+                newer[i] = rows[0]["id"]
+        return newer
 
     def _newest_of_jobs(self, jobs: Sequence[str]) -> sa.Select | sa.CompoundSelect:
         """The `LATEST_BY_JOB` newest runs of each job (record columns + job name), one statement."""

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +29,8 @@ MAX_OVERFLOW = 20
 # (`optimize_for_webserver` hard-codes pool_size=1): with concurrent requests every connection
 # beyond it is opened and closed again per query, a new PostgreSQL backend each time.
 RUN_STORAGE_POOL_SIZE = 8
+# Seconds a new connection to Dagster's PostgreSQL storage may take before the request gets a 503.
+CONNECT_TIMEOUT_S = 3
 
 
 def open_instance(settings: Settings) -> DagsterInstance:
@@ -39,7 +43,32 @@ def open_instance(settings: Settings) -> DagsterInstance:
         statement_timeout=STATEMENT_TIMEOUT_MS, pool_recycle=POOL_RECYCLE_S, max_overflow=MAX_OVERFLOW
     )
     widen_run_storage_pool(instance, RUN_STORAGE_POOL_SIZE)
+    connect_once(instance)
     return instance
+
+
+def connect_once(instance: DagsterInstance) -> bool:
+    """Make a PostgreSQL run storage try each connection once; True if changed.
+
+    dagster-postgres retries a failed connect five times with backoff (~12 s per request when
+    the database is down, then an exception the API can only answer with 500). The API answers
+    503 at once instead (the SQLAlchemy error maps to it) and the client retries.
+    """
+    try:
+        from dagster_postgres.run_storage import PostgresRunStorage
+    except ImportError:
+        return False
+    storage = instance.run_storage
+    if not isinstance(storage, PostgresRunStorage):
+        return False
+
+    @contextmanager
+    def connect() -> Iterator[Any]:
+        with storage._engine.connect() as conn:
+            yield conn
+
+    storage.connect = connect  # type: ignore[method-assign]
+    return True
 
 
 def widen_run_storage_pool(instance: DagsterInstance, pool_size: int) -> bool:
@@ -67,9 +96,13 @@ def widen_run_storage_pool(instance: DagsterInstance, pool_size: int) -> bool:
         "pool_recycle": POOL_RECYCLE_S,
         "max_overflow": MAX_OVERFLOW,
     }
+    connect_args: dict[str, Any] = {}
+    if "connect_timeout" not in old.url.query:  # the URL's own wins
+        connect_args["connect_timeout"] = CONNECT_TIMEOUT_S
     options = old.url.query.get("options")
     if options:
-        kwargs["connect_args"] = {"options": options}
+        connect_args["options"] = options
+    kwargs["connect_args"] = connect_args
     engine = create_pg_engine(storage.postgres_url, getattr(storage, "_token_provider", None), **kwargs)
     event.listen(engine, "connect", lambda conn, _: set_pg_statement_timeout(conn, STATEMENT_TIMEOUT_MS))
     storage._engine = engine

@@ -1,4 +1,5 @@
-"""`nilus-demo`: embedded PostgreSQL + seeded shop + `dagster dev` with the sample pipelines.
+"""`nilus-demo`: embedded PostgreSQL + seeded shop + `dagster dev` with the sample pipelines and the
+monitoring API (`nilus-api`; it prints the API's URL, a token per tenant, the DSNs and DAGSTER_HOME).
 
 State lives under one folder (default `.nilus/`, or NILUS_HOME), so a second start reuses the
 database, the warehouse and Dagster's run history. Ctrl-C stops everything it started.
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import psycopg
 
+from nilus_dagster.demo.api import api_environment, demo_tokens, start_api, summary
 from nilus_dagster.demo.shop import add_activity, generate_changes, seed_shop
 from nilus_dagster.embedded.postgres import EmbeddedPostgres
 
@@ -99,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", default=os.environ.get("NILUS_HOME", ".nilus"), help="state folder")
     parser.add_argument("--port", type=int, default=3000, help="Dagster UI port")
     parser.add_argument("--pg-port", type=int, default=int(os.environ.get("NILUS_DEMO_PG_PORT", "54329")))
+    parser.add_argument("--api-port", type=int, default=8000, help="monitoring API port")
+    parser.add_argument("--metrics-port", type=int, default=9090, help="the API's Prometheus metrics port")
     parser.add_argument("--once", action="store_true", help="materialize every sample pipeline once and exit (no UI)")
     parser.add_argument("--activity", action="store_true", help="add new and changed source rows, then exit")
     parser.add_argument(
@@ -132,14 +136,20 @@ def _run(args: argparse.Namespace, env: dict[str, str]) -> int:
         return 0
     if args.once:
         return materialize_all(env)
+    home = Path(args.home).resolve()
+    api_env = api_environment(env, home, args.port, args.api_port, args.metrics_port)
+    print(summary(api_env, demo_tokens(home, Path("pipelines"))), flush=True)
     command = ["dagster", "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(args.port)]
-    print(f"nilus-demo: Dagster UI at http://127.0.0.1:{args.port} (Ctrl-C stops everything)")
-    # Its own process group: a stop reaches dagster dev and everything it started (runs too).
+    print(f"nilus-demo: Dagster UI at http://127.0.0.1:{args.port} (Ctrl-C stops everything)", flush=True)
+    # Own process groups: a stop reaches dagster dev and everything it started (runs too).
     process = subprocess.Popen(command, env=env, start_new_session=True)
+    api = start_api(api_env)
     try:
-        return process.wait()
+        code: int | None = process.wait()
     except KeyboardInterrupt:
-        return _stop_group(process)
+        code = None
+    stopped = [_stop_group(api), _stop_group(process)]  # the API first: it reads Dagster's storage
+    return code if code is not None else max(stopped)
 
 
 def _stop_group(process: subprocess.Popen[bytes]) -> int:

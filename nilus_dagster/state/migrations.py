@@ -103,4 +103,10 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX ON {schema}.resync_requests (tenant, pipeline, status);
         """,
     ),
+    (
+        3,
+        """
+        CREATE INDEX ON {schema}.cdc_offsets (tenant, pipeline, connector_name, offset_key, id DESC);
+        """,
+    ),
 ]

@@ -27,6 +27,27 @@ from nilus_dagster.state.snapshots import SnapshotStore
 __all__ = ["StateStore", "StateStoreError"]
 
 
+# The newest offset row of each (connector_name, offset_key) of a pipeline: a recursive skip scan
+# over the keys, then one index probe per key.
+_LATEST_OFFSETS = """
+WITH RECURSIVE k AS (
+    (SELECT connector_name, offset_key FROM {schema}.cdc_offsets
+     WHERE tenant = %(t)s AND pipeline = %(p)s ORDER BY connector_name, offset_key LIMIT 1)
+    UNION ALL
+    SELECT n.connector_name, n.offset_key FROM k CROSS JOIN LATERAL (
+        SELECT connector_name, offset_key FROM {schema}.cdc_offsets
+        WHERE tenant = %(t)s AND pipeline = %(p)s
+          AND (connector_name, offset_key) > (k.connector_name, k.offset_key)
+        ORDER BY connector_name, offset_key LIMIT 1) n
+)
+SELECT o.* FROM k CROSS JOIN LATERAL (
+    SELECT * FROM {schema}.cdc_offsets
+    WHERE tenant = %(t)s AND pipeline = %(p)s AND connector_name = k.connector_name AND offset_key = k.offset_key
+    ORDER BY id DESC LIMIT 1) o
+ORDER BY o.id DESC
+"""
+
+
 class StateStore(SnapshotStore):
     """All persistent pipeline state, in one PostgreSQL schema that this class migrates."""
 
@@ -112,6 +133,19 @@ class StateStore(SnapshotStore):
                 (tenant, pipeline),
             ).fetchone()
         return OffsetRecord(**row) if row else None
+
+    def latest_offsets(self, tenant: str, pipeline: str) -> list[OffsetRecord]:
+        """The offsets in force: the newest row of each (connector_name, offset_key), newest first.
+
+        A skip scan over the (tenant, pipeline, connector_name, offset_key, id) index: one probe
+        per key, however many rows each key has accumulated.
+        """
+        with self._conn() as conn:
+            rows = conn.execute(
+                self._q(_LATEST_OFFSETS),
+                {"t": tenant, "p": pipeline},
+            ).fetchall()
+        return [OffsetRecord(**r) for r in rows]
 
     def list_offsets(
         self,

@@ -8,10 +8,13 @@ from fastapi import APIRouter, Path, Query
 
 from nilus_dagster.api import models
 from nilus_dagster.api.deps import Model, ReadTenant
-from nilus_dagster.api.errors import ERROR_RESPONSES
+from nilus_dagster.api.errors import ERROR_RESPONSES, ErrorBody
 from nilus_dagster.api.params import TEXT_PATTERN, PipelineFilters, RunFilters, StatsQuery
 
 router = APIRouter(prefix="/tenants/{tenant}/pipelines", tags=["monitoring"], responses=ERROR_RESPONSES)
+NOT_FOUND: dict[int | str, dict] = {
+    404: {"model": ErrorBody, "description": "The tenant has no pipeline (declared or with runs) of this id"}
+}
 ResourceId = Annotated[str, Path(pattern=TEXT_PATTERN, description="The pipeline's resource id")]
 
 
@@ -25,7 +28,7 @@ def list_pipelines(tenant: ReadTenant, model: Model, q: Annotated[PipelineFilter
     return model.pipelines(tenant, q)
 
 
-@router.get("/{resource_id}/runs", response_model=models.RunsPage)
+@router.get("/{resource_id}/runs", response_model=models.RunsPage, responses=NOT_FOUND)
 def list_runs(
     tenant: ReadTenant, resource_id: ResourceId, model: Model, q: Annotated[RunFilters, Query()]
 ) -> models.RunsPage:
@@ -33,7 +36,7 @@ def list_runs(
     return model.runs_page(tenant, resource_id, q)
 
 
-@router.get("/{resource_id}/stats", response_model=models.StatsResponse)
+@router.get("/{resource_id}/stats", response_model=models.StatsResponse, responses=NOT_FOUND)
 def pipeline_stats(
     tenant: ReadTenant, resource_id: ResourceId, model: Model, q: Annotated[StatsQuery, Query()]
 ) -> models.StatsResponse:

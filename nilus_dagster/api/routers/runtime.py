@@ -7,13 +7,13 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path
+from fastapi import APIRouter, Path, Query
 
 from nilus_dagster.api import models
 from nilus_dagster.api.declarations import DeclarationsUnavailable
 from nilus_dagster.api.deps import Model, RuntimeTenant
 from nilus_dagster.api.errors import ERROR_RESPONSES
-from nilus_dagster.api.params import NAME_PATTERN
+from nilus_dagster.api.params import NAME_PATTERN, Paging
 from nilus_dagster.api.read_model import ReadModel, offset_record, schema_record
 from nilus_dagster.state.records import PipelineKey
 
@@ -62,11 +62,11 @@ def set_state(
     return models.Stored(stored=True)
 
 
-@router.get("/pipeline/{pipeline_name}/offsets", response_model=models.LatestOffsetResponse)
-def get_offsets(tenant: RuntimeTenant, pipeline_name: PipelineName, model: Model) -> models.LatestOffsetResponse:
-    """The offset in force (the newest stored), or null."""
-    record = model.store.latest_offset(tenant, pipeline_name)
-    return models.LatestOffsetResponse(pipeline_name=pipeline_name, offset=offset_record(record) if record else None)
+@router.get("/pipeline/{pipeline_name}/offsets", response_model=models.LatestOffsetsResponse)
+def get_offsets(tenant: RuntimeTenant, pipeline_name: PipelineName, model: Model) -> models.LatestOffsetsResponse:
+    """The latest CDC offsets: the newest record of each (connector_name, offset_key), newest first."""
+    records = model.store.latest_offsets(tenant, pipeline_name)
+    return models.LatestOffsetsResponse(pipeline_name=pipeline_name, offsets=[offset_record(r) for r in records])
 
 
 @router.post("/pipeline/{pipeline_name}/offsets", response_model=models.Stored, status_code=201)
@@ -83,14 +83,18 @@ def store_offsets(
     return models.Stored(stored=True)
 
 
-@router.get("/pipeline/{pipeline_name}/schema-history", response_model=models.LatestSchemasResponse)
+@router.get("/pipeline/{pipeline_name}/schema-history", response_model=models.PipelineSchemaHistoryPage)
 def get_schema_history(
-    tenant: RuntimeTenant, pipeline_name: PipelineName, model: Model
-) -> models.LatestSchemasResponse:
-    """The schema in force per table (the newest history row of each)."""
-    tables = model.store.latest_schemas(tenant, pipeline_name)
-    return models.LatestSchemasResponse(
-        pipeline_name=pipeline_name, tables={name: schema_record(r) for name, r in tables.items()}
+    tenant: RuntimeTenant, pipeline_name: PipelineName, model: Model, q: Annotated[Paging, Query()]
+) -> models.PipelineSchemaHistoryPage:
+    """The pipeline's stored schema history (every table), newest first."""
+    page = model.store.list_schema_history(tenant, pipeline=pipeline_name, limit=q.limit, offset=q.offset)
+    return models.PipelineSchemaHistoryPage(
+        pipeline_name=pipeline_name,
+        schema_history=[schema_record(r) for r in page.items],
+        limit=q.limit,
+        offset=q.offset,
+        total=page.total,
     )
 
 
