@@ -32,11 +32,14 @@ telemetry:
 run_coordinator:
   module: dagster.core.run_coordinator
   class: QueuedRunCoordinator
-  config:
+concurrency:
+  runs:
     tag_concurrency_limits:
       - key: nilus/cdc_pipeline
         value: {applyLimitPerUniqueValue: true}
         limit: 1
+  pools:
+    default_limit: 1  # "Materialize" on a CDC asset waits for the live run (deploy/dagster.yaml)
 """
 
 
