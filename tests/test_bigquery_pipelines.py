@@ -495,7 +495,14 @@ def test_cdc_snapshot_partition_replayed_after_crash_is_not_duplicated(
 def test_cdc_new_source_column_appears_mid_stream(
     env: str, warehouse: Warehouse, instance: dg.DagsterInstance
 ) -> None:
-    execute(env, "CREATE TABLE public.items (id int PRIMARY KEY, name text)", "INSERT INTO public.items VALUES (1, 'a')")
+    """The last transaction before caught-up carries a schema change: the batch it joins (after
+    the earlier ones were flushed ahead of the change) is still applied, so the run stops."""
+    execute(
+        env,
+        "CREATE TABLE public.items (id int PRIMARY KEY, name text)",
+        "INSERT INTO public.items VALUES (1, 'a')",
+        "CREATE TABLE public.unpublished (n int)",
+    )
     defs = project(warehouse.target, cdc_pipeline("items", ["public.items"], sink=warehouse.sink()))
     succeeded(run_until_caught_up(defs, "acme__items", instance))
     execute(
@@ -504,11 +511,18 @@ def test_cdc_new_source_column_appears_mid_stream(
         "ALTER TABLE public.items ADD COLUMN price numeric(10, 2), ADD COLUMN seen timestamptz",
         "INSERT INTO public.items VALUES (3, 'c', 9.99, '2024-05-01 10:00:00+00')",
         "UPDATE public.items SET price = 1.25 WHERE id = 1",
+        # older rows read a constant default as PostgreSQL reports it
+        "ALTER TABLE public.items ADD COLUMN qty int DEFAULT 4, ADD COLUMN tag text DEFAULT 'it''s'",
+        "INSERT INTO public.items (id, name, qty) VALUES (4, 'd', 1)",
+        # WAL the pipeline does not stream: the caught-up target lies past its last transaction
+        "INSERT INTO public.unpublished VALUES (1)",
     )
     succeeded(run_until_caught_up(defs, "acme__items", instance))
-    assert [f.name for f in warehouse.table("items").schema][-2:] == ["price", "seen"]
-    columns = ["id", "name", "price", "seen"]
-    assert_same_rows(source_rows(env, "public.items", columns, "id"), warehouse.rows("items", columns, live=True))
+    assert [f.name for f in warehouse.table("items").schema][-4:] == ["price", "seen", "qty", "tag"]
+    columns = ["id", "name", "price", "seen", "qty", "tag"]
+    rows = warehouse.rows("items", columns, live=True)
+    assert [(row[0], row[4], row[5]) for row in rows] == [(1, 4, "it's"), (2, 4, "it's"), (3, 4, "it's"), (4, 1, "it's")]
+    assert_same_rows(source_rows(env, "public.items", columns, "id"), rows)
 
 
 def test_cdc_table_without_key_is_refused_before_anything_is_created(

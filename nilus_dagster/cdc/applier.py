@@ -377,7 +377,7 @@ class ChangeApplier:
         self.stats.applied_lsn = end_lsn
         self._batch.clear()
         self._batch_events = 0
-        self._batch_started = None
+        self._batch_started = time.monotonic() if self._in_transaction else None  # the open one joins the next
         self._batch_end_lsn = 0
         return end_lsn
 
