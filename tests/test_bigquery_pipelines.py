@@ -526,6 +526,36 @@ def test_cdc_new_source_column_appears_mid_stream(
     assert_same_rows(source_rows(env, "public.items", columns, "id"), rows)
 
 
+def test_cdc_column_retyped_by_a_rewrite_resyncs_into_a_recreated_table(
+    env: str, warehouse: Warehouse, instance: dg.DagsterInstance
+) -> None:
+    """ALTER COLUMN TYPE ... USING rewrites every row without streaming them: a resync recreates
+    the BigQuery table with the new column type and copies the rewritten rows."""
+    execute(
+        env,
+        "CREATE TABLE public.items (id int PRIMARY KEY, counter int)",
+        "INSERT INTO public.items SELECT g, g FROM generate_series(1, 50) g",
+    )
+    defs = project(warehouse.target, cdc_pipeline("items", ["public.items"], sink=warehouse.sink()))
+    succeeded(run_until_caught_up(defs, "acme__items", instance))
+    assert {f.name: f.field_type for f in warehouse.table("items").schema}["counter"] == "INTEGER"
+    execute(
+        env,
+        "UPDATE public.items SET counter = 5 WHERE id <= 10",  # streamed under the old type
+        "ALTER TABLE public.items ALTER COLUMN counter TYPE text USING (counter::text || '!')",
+        "UPDATE public.items SET counter = 'after' WHERE id > 45",
+    )
+    resync = {"ops": {"acme__items__resync_op": {"config": {"tables": ["public.items"], "reason": "retyped"}}}}
+    succeeded(defs.resolve_job_def("acme__items__resync").execute_in_process(instance=instance, run_config=resync))
+    succeeded(run_until_caught_up(defs, "acme__items", instance))  # no live run: this one resyncs first
+    execute(env, "INSERT INTO public.items VALUES (51, 'new')")
+    succeeded(run_until_caught_up(defs, "acme__items", instance))
+    assert {f.name: f.field_type for f in warehouse.table("items").schema}["counter"] == "STRING"
+    rows = warehouse.rows("items", ["id", "counter"], live=True)
+    assert rows[0] == (1, "5!") and rows[-1] == (51, "new")
+    assert_same_rows(source_rows(env, "public.items", ["id", "counter"], "id"), rows)
+
+
 def test_cdc_table_without_key_is_refused_before_anything_is_created(
     env: str, warehouse: Warehouse, instance: dg.DagsterInstance, state_dsn: str
 ) -> None:

@@ -93,6 +93,18 @@ class BigQuerySink(BigQueryJobs):
         fields = [*bigquery_fields(schema), *CDC_FIELDS] if cdc else bigquery_fields(schema)
         return self._ensure_table(target, fields)[1]
 
+    def recreate_table(self, target: SinkTable, schema: TableSchema, checkpoint: Checkpoint) -> None:
+        """Drop the table and create it empty for `schema` (a resync whose source columns changed
+        type). BigQuery commits each step on its own, so the checkpoint (the resync marker) comes
+        first: a crash after it makes the next run resync the table again from scratch."""
+        self.check_table(target, schema, cdc=True)
+        self._save_checkpoint(checkpoint)
+        ref = f"{self.project}.{target.qualified}"
+        with sink_errors("dropping the table to recreate it", ref):
+            self.client.delete_table(ref, not_found_ok=True, retry=self._retry)
+        self._tables.pop(ref, None)
+        self._ensure_table(target, [*bigquery_fields(schema), *CDC_FIELDS])
+
     def widen_columns(self, target: SinkTable, columns: list[Column]) -> None:
         """`ALTER COLUMN ... SET DATA TYPE` where the BigQuery type really changes (int16 → int64
         is INT64 either way; NUMERIC → BIGNUMERIC is not)."""
