@@ -9,10 +9,11 @@ rows of the chunk's keys (and of the old keys of moved rows) not yet in the shad
 it; then the ordinary CDC MERGE runs against the shadow, letting a change at the same LSN through
 (every chunk carries the transaction's commit LSN), so unchanged TOASTed values and key changes
 read the right row. A truncate marks every shadow row deleted and stops the copying from the
-target. At the source Commit, one MERGE applies the shadow's net effect to the target (only rows
-older than the commit LSN are touched, so a replay changes nothing), then the checkpoint is saved
-and the shadow dropped. A crash or an abandoned transaction leaves the target untouched; the next
-run replays the transaction from the slot and drops the table's leftover shadows first.
+target. At the source Commit, per table, one MERGE applies the shadow's net effect to the target,
+then the checkpoint is saved and the shadow dropped (a replay after a crash between the two
+recomputes the same rows from the target it left and writes the same values again). A crash or an
+abandoned transaction before that leaves the target untouched; the next run replays the
+transaction from the slot (a new shadow of the table drops the leftovers first).
 """
 
 from __future__ import annotations
