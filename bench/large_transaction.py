@@ -1,7 +1,7 @@
 """One huge source transaction through the real CDC pipeline into DuckDB: peak RSS and time.
 
-    python bench/large_transaction.py [--rows 5000000] [--batch-max-rows 50000] [--sink duckdb|postgres]
-                                      [--out FILE]
+    python bench/large_transaction.py [--rows 5000000] [--batch-max-rows 50000]
+                                      [--sink duckdb|postgres|bigquery] [--out FILE]
 
 On a throwaway PostgreSQL 16: a pipeline streams an empty table (its slot exists), then ONE
 transaction inserts `--rows` rows and updates every one of them (2 x rows changes). A fresh
@@ -9,12 +9,15 @@ process (so that its peak RSS is the CDC run's alone) runs the pipeline until ca
 reports its peak RSS (getrusage ru_maxrss), the time and the engine's counters. Then the DuckDB
 table is compared with the source row by row, in id ranges. `--sink postgres` writes into a
 database of the same cluster instead (the sink's transaction then lives in the server, not in the
-measured process).
+measured process). `--sink bigquery` writes into the local-bigquery emulator the tests use
+(tests/bigquery_emulator.py; the chunks go to a shadow table in the emulator's process): keep
+`--rows` to what the emulator takes in reasonable time (e.g. 200000).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -26,14 +29,17 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))  # the BigQuery emulator
 
 import duckdb  # noqa: E402
 import psycopg  # noqa: E402
+from bigquery_emulator import running_emulator  # noqa: E402
 from cdcbench.common import COLUMNS_DDL, ROWS_SELECT, STATE_DB, Cluster, throwaway_cluster  # noqa: E402
 
 from nilus_dagster.cdc.pipeline import CdcPipelineConfig, CdcTableConfig, run_cdc_pipeline  # noqa: E402
 from nilus_dagster.schema import TableName  # noqa: E402
 from nilus_dagster.sinks.base import Sink, SinkTable  # noqa: E402
+from nilus_dagster.sinks.bigquery import BigQuerySink  # noqa: E402
 from nilus_dagster.sinks.duckdb import DuckDBSink  # noqa: E402
 from nilus_dagster.sinks.postgres import PostgresSink  # noqa: E402
 from nilus_dagster.state.records import PipelineKey  # noqa: E402
@@ -59,7 +65,13 @@ def config(source_dsn: str, batch_max_rows: int) -> CdcPipelineConfig:
 SINK_DB = "sink"
 
 
+BIGQUERY = "bigquery+"  # a sink location: the emulator's URL behind this prefix
+BIGQUERY_PROJECT = "test-project"
+
+
 def open_bench_sink(location: str) -> Sink:
+    if location.startswith(BIGQUERY):
+        return BigQuerySink(BIGQUERY_PROJECT, dataset=TARGET.dataset, api_endpoint=location.removeprefix(BIGQUERY))
     return PostgresSink(location) if location.startswith("postgresql://") else DuckDBSink(location)
 
 
@@ -103,7 +115,36 @@ def normalized(rows: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
     return [(i, n, a, c.astimezone(dt.UTC), q) for i, n, a, c, q in rows]
 
 
+class BigQueryReader:
+    """The few calls `compare` makes, over the emulator."""
+
+    def __init__(self, location: str) -> None:
+        self.sink = BigQuerySink(BIGQUERY_PROJECT, dataset=TARGET.dataset, api_endpoint=location.removeprefix(BIGQUERY))
+        self.rows: list[tuple[Any, ...]] = []
+
+    def __enter__(self) -> BigQueryReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.sink.close()
+
+    def execute(self, query: str) -> BigQueryReader:
+        if query.startswith("SET "):
+            return self
+        query = query.replace(f"FROM {TARGET.qualified}", f"FROM `{BIGQUERY_PROJECT}.{TARGET.qualified}`")
+        self.rows = [tuple(row.values()) for row in self.sink.client.query(query).result()]
+        return self
+
+    def fetchone(self) -> tuple[Any, ...]:
+        return self.rows[0]
+
+    def fetchall(self) -> list[tuple[Any, ...]]:
+        return self.rows
+
+
 def open_sink_reader(location: str) -> Any:
+    if location.startswith(BIGQUERY):
+        return BigQueryReader(location)
     if location.startswith("postgresql://"):
         return psycopg.connect(location, autocommit=True)
     return duckdb.connect(location, read_only=True)
@@ -133,7 +174,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=5_000_000)
     parser.add_argument("--batch-max-rows", type=int, default=50_000)
-    parser.add_argument("--sink", choices=["duckdb", "postgres"], default="duckdb")
+    parser.add_argument("--sink", choices=["duckdb", "postgres", "bigquery"], default="duckdb")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--child", nargs=4, metavar=("SOURCE", "STATE", "DUCKDB", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -141,7 +182,7 @@ def main() -> None:
         source, state, path, batch = args.child
         print(json.dumps(run_pipeline(source, state, path, int(batch))))
         return
-    with throwaway_cluster() as cluster:
+    with throwaway_cluster() as cluster, contextlib.ExitStack() as stack:
         with cluster.connect() as conn:
             conn.execute(f"CREATE TABLE {TABLE} ({COLUMNS_DDL})")
             conn.execute("ALTER SYSTEM SET logical_decoding_work_mem = '64MB'")
@@ -150,6 +191,9 @@ def main() -> None:
                 conn.execute(f"CREATE DATABASE {SINK_DB}")
         duckdb_path = cluster.pg.data_dir / "bench-bigtx.duckdb"
         sink = cluster.dsn(SINK_DB) if args.sink == "postgres" else str(duckdb_path)
+        if args.sink == "bigquery":
+            emulator = stack.enter_context(running_emulator(cluster.pg.data_dir / "bq-emulator"))
+            sink = BIGQUERY + emulator.url
         first = run_child(cluster, sink, args.batch_max_rows)  # creates the slot, snapshots the empty table
         print(f"slot created, empty snapshot in {first['seconds']} s (peak RSS {first['peak_rss_mb']} MB)")
         source_seconds = big_transaction(cluster, args.rows)

@@ -27,6 +27,7 @@ from nilus_dagster.cdc.changes import TableChanges
 from nilus_dagster.schema import Column, ColumnType, TableName, TableSchema
 from nilus_dagster.sinks.base import CHECKPOINT_TABLE, Checkpoint, SinkError, SinkTable
 from nilus_dagster.sinks.bigquery import BigQuerySink
+from nilus_dagster.sinks.bigquery.spanning import ShadowTransaction
 
 # --- fixtures and helpers -----------------------------------------------------------------------
 
@@ -495,7 +496,14 @@ def test_cdc_snapshot_partition_replayed_after_crash_is_not_duplicated(
 def test_cdc_new_source_column_appears_mid_stream(
     env: str, warehouse: Warehouse, instance: dg.DagsterInstance
 ) -> None:
-    execute(env, "CREATE TABLE public.items (id int PRIMARY KEY, name text)", "INSERT INTO public.items VALUES (1, 'a')")
+    """The last transaction before caught-up carries a schema change: the batch it joins (after
+    the earlier ones were flushed ahead of the change) is still applied, so the run stops."""
+    execute(
+        env,
+        "CREATE TABLE public.items (id int PRIMARY KEY, name text)",
+        "INSERT INTO public.items VALUES (1, 'a')",
+        "CREATE TABLE public.unpublished (n int)",
+    )
     defs = project(warehouse.target, cdc_pipeline("items", ["public.items"], sink=warehouse.sink()))
     succeeded(run_until_caught_up(defs, "acme__items", instance))
     execute(
@@ -504,11 +512,48 @@ def test_cdc_new_source_column_appears_mid_stream(
         "ALTER TABLE public.items ADD COLUMN price numeric(10, 2), ADD COLUMN seen timestamptz",
         "INSERT INTO public.items VALUES (3, 'c', 9.99, '2024-05-01 10:00:00+00')",
         "UPDATE public.items SET price = 1.25 WHERE id = 1",
+        # older rows read a constant default as PostgreSQL reports it
+        "ALTER TABLE public.items ADD COLUMN qty int DEFAULT 4, ADD COLUMN tag text DEFAULT 'it''s'",
+        "INSERT INTO public.items (id, name, qty) VALUES (4, 'd', 1)",
+        # WAL the pipeline does not stream: the caught-up target lies past its last transaction
+        "INSERT INTO public.unpublished VALUES (1)",
     )
     succeeded(run_until_caught_up(defs, "acme__items", instance))
-    assert [f.name for f in warehouse.table("items").schema][-2:] == ["price", "seen"]
-    columns = ["id", "name", "price", "seen"]
-    assert_same_rows(source_rows(env, "public.items", columns, "id"), warehouse.rows("items", columns, live=True))
+    assert [f.name for f in warehouse.table("items").schema][-4:] == ["price", "seen", "qty", "tag"]
+    columns = ["id", "name", "price", "seen", "qty", "tag"]
+    rows = warehouse.rows("items", columns, live=True)
+    assert [(row[0], row[4], row[5]) for row in rows] == [(1, 4, "it's"), (2, 4, "it's"), (3, 4, "it's"), (4, 1, "it's")]
+    assert_same_rows(source_rows(env, "public.items", columns, "id"), rows)
+
+
+def test_cdc_column_retyped_by_a_rewrite_resyncs_into_a_recreated_table(
+    env: str, warehouse: Warehouse, instance: dg.DagsterInstance
+) -> None:
+    """ALTER COLUMN TYPE ... USING rewrites every row without streaming them: a resync recreates
+    the BigQuery table with the new column type and copies the rewritten rows."""
+    execute(
+        env,
+        "CREATE TABLE public.items (id int PRIMARY KEY, counter int)",
+        "INSERT INTO public.items SELECT g, g FROM generate_series(1, 50) g",
+    )
+    defs = project(warehouse.target, cdc_pipeline("items", ["public.items"], sink=warehouse.sink()))
+    succeeded(run_until_caught_up(defs, "acme__items", instance))
+    assert {f.name: f.field_type for f in warehouse.table("items").schema}["counter"] == "INTEGER"
+    execute(
+        env,
+        "UPDATE public.items SET counter = 5 WHERE id <= 10",  # streamed under the old type
+        "ALTER TABLE public.items ALTER COLUMN counter TYPE text USING (counter::text || '!')",
+        "UPDATE public.items SET counter = 'after' WHERE id > 45",
+    )
+    resync = {"ops": {"acme__items__resync_op": {"config": {"tables": ["public.items"], "reason": "retyped"}}}}
+    succeeded(defs.resolve_job_def("acme__items__resync").execute_in_process(instance=instance, run_config=resync))
+    succeeded(run_until_caught_up(defs, "acme__items", instance))  # no live run: this one resyncs first
+    execute(env, "INSERT INTO public.items VALUES (51, 'new')")
+    succeeded(run_until_caught_up(defs, "acme__items", instance))
+    assert {f.name: f.field_type for f in warehouse.table("items").schema}["counter"] == "STRING"
+    rows = warehouse.rows("items", ["id", "counter"], live=True)
+    assert rows[0] == (1, "5!") and rows[-1] == (51, "new")
+    assert_same_rows(source_rows(env, "public.items", ["id", "counter"], "id"), rows)
 
 
 def test_cdc_table_without_key_is_refused_before_anything_is_created(
@@ -575,13 +620,104 @@ def test_change_set_reapplied_after_crash_before_checkpoint(
     assert [row[0] for row in first if row[-1]] == [2, 4]  # the tombstones
 
 
-def test_cdc_transactions_bigger_than_batch_max_rows_are_applied_whole(
-    env: str, warehouse: Warehouse, shop: Callable[..., dg.Definitions], instance: dg.DagsterInstance
+@pytest.fixture
+def chunks(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The tables of every chunk applied to a shadow table (a transaction applied in chunks)."""
+    seen: list[str] = []
+    original = ShadowTransaction.apply_chunk
+
+    def spy(span: ShadowTransaction, target: SinkTable, *args: Any, **kwargs: Any) -> None:
+        seen.append(target.name)
+        original(span, target, *args, **kwargs)
+
+    monkeypatch.setattr(ShadowTransaction, "apply_chunk", spy)
+    return seen
+
+
+def test_cdc_transactions_bigger_than_batch_max_rows_are_applied_in_chunks(
+    env: str,
+    warehouse: Warehouse,
+    shop: Callable[..., dg.Definitions],
+    instance: dg.DagsterInstance,
+    chunks: list[str],
 ) -> None:
-    """BigQuery refuses a transaction applied in chunks (BigQuerySink.change_transaction): such a
-    transaction is then held whole and applied as one MERGE per table, still exact."""
+    """Chunks of a big transaction go to shadow tables, applied to the targets at its Commit."""
     defs = shop(batch_max_rows=5)  # the workload's transactions hold 10-30 changes each
     succeeded(run_until_caught_up(defs, "acme__shop", instance))
     cdc_workload(env)
+    succeeded(run_until_caught_up(defs, "acme__shop", instance))
+    assert_replica_matches(env, warehouse)
+    assert "orders" in chunks  # (the workload's transactions on events are small)
+
+
+def big_transaction(dsn: str) -> None:
+    """One transaction of ~70 changes: inserts then updates of the same rows (TOASTed notes left
+    unchanged, so carried from an earlier chunk), key changes of TOASTed rows, deletes, a truncate."""
+    with psycopg.connect(dsn, autocommit=True) as conn, conn.transaction():
+        conn.execute(
+            "INSERT INTO public.orders SELECT g, 'new', g, now(), NULL, '{x}', repeat('z', 3000) "
+            "FROM generate_series(2000, 2019) g"
+        )
+        conn.execute("TRUNCATE public.events")
+        conn.execute("INSERT INTO public.events VALUES (1, 'in-tx', now(), NULL), (2, 'in-tx', now(), NULL)")
+        conn.execute("UPDATE public.orders SET status = 'big' WHERE id BETWEEN 2000 AND 2019")
+        conn.execute("UPDATE public.orders SET id = id + 50000 WHERE id IN (10, 20, 30)")
+        conn.execute("UPDATE public.orders SET status = 'moved' WHERE id = 50010")
+        conn.execute("DELETE FROM public.orders WHERE id BETWEEN 2015 AND 2019 OR id BETWEEN 40 AND 45")
+        conn.execute("UPDATE public.events SET kind = 'again' WHERE id = 1")
+
+
+@pytest.mark.parametrize("soft_delete", [False, True])
+def test_cdc_big_transaction_abandoned_leaves_targets_untouched_then_exact(
+    env: str,
+    warehouse: Warehouse,
+    shop: Callable[..., dg.Definitions],
+    instance: dg.DagsterInstance,
+    chunks: list[str],
+    fail_once: Callable[..., list[str]],
+    soft_delete: bool,
+) -> None:
+    defs = shop(batch_max_rows=8, soft_delete=soft_delete)
+    succeeded(run_until_caught_up(defs, "acme__shop", instance))
+    columns = [*ORDER_COLUMNS, "_nilus_lsn", "_nilus_deleted"]
+    before = warehouse.rows("orders", columns), warehouse.rows("events", [*EVENT_COLUMNS, "_nilus_deleted"])
+    big_transaction(env)
+    failed = fail_once("_save_checkpoint", lambda checkpoint: checkpoint is not None and len(chunks) > 2)
+    assert not run_until_caught_up(defs, "acme__shop", instance).success and failed
+    assert (warehouse.rows("orders", columns), warehouse.rows("events", [*EVENT_COLUMNS, "_nilus_deleted"])) != before
+    # the first table's MERGE landed, its checkpoint did not: the replay must change nothing there
+    succeeded(run_until_caught_up(defs, "acme__shop", instance))
+    assert_replica_matches(env, warehouse)
+    assert len(chunks) > 4
+    leftovers = [t.table_id for t in warehouse.client.list_tables(warehouse.dataset) if "_nilus_" in t.table_id]
+    assert leftovers == [CHECKPOINT_TABLE]
+    toasted = warehouse.rows("orders", ["id", "status", "notes"], live=True)
+    assert (2000, "big", "z" * 3000) in toasted and (50010, "moved", "x" * 3000) in toasted
+
+
+def test_cdc_big_transaction_cut_short_leaves_targets_untouched(
+    env: str,
+    warehouse: Warehouse,
+    shop: Callable[..., dg.Definitions],
+    instance: dg.DagsterInstance,
+    chunks: list[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The run fails after some chunks, before the Commit: the targets never saw any of it."""
+    defs = shop(batch_max_rows=8)
+    succeeded(run_until_caught_up(defs, "acme__shop", instance))
+    before = warehouse.rows("orders", ORDER_COLUMNS), warehouse.rows("events", EVENT_COLUMNS)
+    big_transaction(env)
+    original = ShadowTransaction.apply_chunk
+
+    def fail_third(span: ShadowTransaction, *args: Any, **kwargs: Any) -> None:
+        if len(chunks) >= 3:
+            raise SinkError("simulated crash in the middle of a transaction")
+        original(span, *args, **kwargs)
+
+    monkeypatch.setattr(ShadowTransaction, "apply_chunk", fail_third)
+    assert not run_until_caught_up(defs, "acme__shop", instance).success
+    assert (warehouse.rows("orders", ORDER_COLUMNS), warehouse.rows("events", EVENT_COLUMNS)) == before
+    monkeypatch.setattr(ShadowTransaction, "apply_chunk", original)
     succeeded(run_until_caught_up(defs, "acme__shop", instance))
     assert_replica_matches(env, warehouse)

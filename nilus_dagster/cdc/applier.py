@@ -7,8 +7,8 @@ table is skipped for that table after a restart, so nothing is applied twice.
 A transaction is buffered until its Commit, but never more than `batch_max_rows` of its changes:
 past that bound the batch of earlier transactions is flushed and the transaction's net effect is
 spilled to disk chunk by chunk, then applied at its Commit in one sink transaction (see
-cdc/spanning.py), so memory stays bounded whatever the transaction's size. A sink that cannot
-apply one transaction in several calls (BigQuery) buffers it whole.
+cdc/spanning.py), so memory stays bounded whatever the transaction's size. BigQuery, which has no
+transaction across calls, takes those pieces into shadow tables (sinks/bigquery/spanning.py).
 """
 
 from __future__ import annotations
@@ -391,7 +391,7 @@ class ChangeApplier:
         self._batch_kinds = {}
         self._batch.clear()
         self._batch_events = 0
-        self._batch_started = None
+        self._batch_started = time.monotonic() if self._in_transaction else None  # the open one joins the next
         self._batch_end_lsn = 0
         return end_lsn
 

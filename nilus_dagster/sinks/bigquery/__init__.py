@@ -17,6 +17,9 @@ point changes nothing.
   is part of that MERGE (`WHEN NOT MATCHED BY SOURCE`) and removes only rows older than the
   batch, so a replay keeps what the first attempt wrote. Moved rows (a key change with unchanged
   TOASTed values) take those values from the row at the old key inside the same MERGE.
+- CDC, a transaction of more than `batch_max_rows` changes (`change_transaction`): its chunks go
+  to a shadow table per target, whose net effect one MERGE applies at the source Commit, then the
+  checkpoint (spanning.py); an abandoned transaction never reaches the target.
 
 Loads never pass a schema: the target (or staging) table exists first and its schema applies,
 so a load can neither drop nor retype a column.
@@ -25,7 +28,8 @@ Transient errors (rate limits, quota, 5xx, concurrent-update conflicts) are retr
 backoff; everything else becomes a SinkError naming the table, the job and BigQuery's reasons.
 
 Modules: `sink` (the protocol), `jobs` (client, tables, loads, queries), `sql` (statement text),
-`files` (Arrow → Parquet), `options` (partitioning/clustering), `errors` (retries, messages).
+`files` (Arrow → Parquet), `options` (partitioning/clustering), `errors` (retries, messages),
+`spanning` (big transactions in chunks).
 """
 
 from nilus_dagster.sinks.bigquery.errors import is_transient

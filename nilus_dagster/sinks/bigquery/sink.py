@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import pyarrow as pa
@@ -21,7 +21,6 @@ from nilus_dagster.sinks.base import (
     UNCHANGED_COLUMN,
     ChangeSet,
     Checkpoint,
-    ChunkedApplyUnsupported,
     MarkCheckpoint,
     SinkError,
     SinkTable,
@@ -32,8 +31,9 @@ from nilus_dagster.sinks.base import (
 from nilus_dagster.sinks.bigquery import sql as bq_sql
 from nilus_dagster.sinks.bigquery.errors import sink_errors
 from nilus_dagster.sinks.bigquery.files import MOVED_OP, batches_table, change_rows, parquet_file
-from nilus_dagster.sinks.bigquery.jobs import BigQueryJobs, type_spelling
+from nilus_dagster.sinks.bigquery.jobs import BigQueryJobs, StagedLoad, type_spelling
 from nilus_dagster.sinks.bigquery.options import table_options_from_spec
+from nilus_dagster.sinks.bigquery.spanning import ShadowTransaction
 from nilus_dagster.sinks.bigquery.sql import table_ref
 from nilus_dagster.sinks.bigquery_types import bigquery_field, bigquery_fields, to_load_table
 
@@ -73,6 +73,7 @@ class BigQuerySink(BigQueryJobs):
     """
 
     name = "bigquery"
+    _span: ShadowTransaction | None = None  # inside change_transaction(): the open transaction's shadows
 
     # -- protocol --
 
@@ -92,21 +93,37 @@ class BigQuerySink(BigQueryJobs):
         fields = [*bigquery_fields(schema), *CDC_FIELDS] if cdc else bigquery_fields(schema)
         return self._ensure_table(target, fields)[1]
 
+    def recreate_table(self, target: SinkTable, schema: TableSchema, checkpoint: Checkpoint) -> None:
+        """Drop the table and create it empty for `schema` (a resync whose source columns changed
+        type). BigQuery commits each step on its own, so the checkpoint (the resync marker) comes
+        first: a crash after it makes the next run resync the table again from scratch."""
+        self.check_table(target, schema, cdc=True)
+        self._save_checkpoint(checkpoint)
+        ref = f"{self.project}.{target.qualified}"
+        with sink_errors("dropping the table to recreate it", ref):
+            self.client.delete_table(ref, not_found_ok=True, retry=self._retry)
+        self._tables.pop(ref, None)
+        self._ensure_table(target, [*bigquery_fields(schema), *CDC_FIELDS])
+
     def widen_columns(self, target: SinkTable, columns: list[Column]) -> None:
         """`ALTER COLUMN ... SET DATA TYPE` where the BigQuery type really changes (int16 → int64
         is INT64 either way; NUMERIC → BIGNUMERIC is not)."""
         ref = f"{self.project}.{target.qualified}"
         with sink_errors("widening columns of", ref):
             current = {f.name: f for f in self.client.get_table(ref, retry=self._retry).schema}
+        shadow = self._span.shadows.get(target.qualified) if self._span is not None else None
+        refs = [ref, *([f"{shadow.table.project}.{shadow.table.dataset_id}.{shadow.table.table_id}"] if shadow else [])]
         for column in columns:
             wanted, have = bigquery_field(column, target.qualified), current.get(column.name)
             if have is None or type_spelling(have) == type_spelling(wanted):
                 continue
-            self._query(
-                f"ALTER TABLE `{ref}` ALTER COLUMN `{column.name}` SET DATA TYPE {type_spelling(wanted)}",
-                f"widening {column.name} of",
-            )
-        self._tables.pop(ref, None)
+            for table in refs:  # the open transaction's shadow too (spanning.py)
+                self._query(
+                    f"ALTER TABLE `{table}` ALTER COLUMN `{column.name}` SET DATA TYPE {type_spelling(wanted)}",
+                    f"widening {column.name} of",
+                )
+        for table in refs:
+            self._tables.pop(table, None)
 
     def fill_column(self, target: SinkTable, column: Column, value: pa.Array, *, before_lsn: int) -> None:
         """Set `column` to `value` (one element) in every CDC row older than `before_lsn`."""
@@ -127,6 +144,8 @@ class BigQuerySink(BigQueryJobs):
             parameter,  # type: ignore[arg-type]
             bigquery.ScalarQueryParameter("lsn", "INT64", before_lsn),
         )
+        if self._span is not None:  # the rows the open transaction wrote so far precede the DDL
+            self._span.fill(target, field, expression, parameter)
 
     def write(
         self,
@@ -164,6 +183,9 @@ class BigQuerySink(BigQueryJobs):
     ) -> WriteResult:
         self.check_table(target, schema, cdc=True)
         table, added = self._ensure_table(target, [*bigquery_fields(schema), *CDC_FIELDS])
+        if self._span is not None:
+            self._span.apply(target, table, schema, changes, checkpoint, soft_delete=soft_delete)
+            return WriteResult(rows=changes.upserts.num_rows + changes.deletes.num_rows, added_columns=added)
         if changes.is_empty:
             self._save_checkpoint(checkpoint)
             return WriteResult(added_columns=added)
@@ -175,12 +197,7 @@ class BigQuerySink(BigQueryJobs):
             self._save_checkpoint(checkpoint)
             return WriteResult(added_columns=added)
         truncate_before = pc.min(staged.column(LSN_COLUMN)).as_py() if changes.truncate else None
-        moved = old_key_column(schema.primary_key[0]) in staged.column_names
-        fields = [*bigquery_fields(schema), *_CHANGE_FIELDS]
-        if moved:
-            keys = {f.name: f for f in bigquery_fields(schema)}
-            fields += [_renamed(keys[k], old_key_column(k)) for k in schema.primary_key]
-        load = self._stage(target, schema, staged, fields)
+        moved, load = self._stage_changes(target, schema, staged)
         with self._staging_table(load) as stage:
             if moved:
                 self._refuse_uncarriable(target, table_ref(table), table_ref(stage), schema)
@@ -221,13 +238,28 @@ class BigQuerySink(BigQueryJobs):
         rows = self._query(f"SELECT COUNT(*) AS n FROM `{table}`", f"counting rows of {target.qualified}")
         return int(rows[0]["n"])
 
-    def change_transaction(self) -> contextlib.AbstractContextManager[None]:
-        """Refused: BigQuery has no transaction across requests, so the chunks of one source
-        transaction would become visible one by one; and they share its commit LSN, so the
-        LSN-guarded MERGE (`S.lsn > T.lsn`) would skip a later chunk's change to a key an earlier
-        chunk wrote, and a truncate would keep the earlier chunks' rows. The CDC engine then
-        buffers such a transaction whole, as one MERGE per table."""
-        raise ChunkedApplyUnsupported("bigquery sink cannot apply one source transaction in several MERGEs exactly")
+    @contextlib.contextmanager
+    def change_transaction(self) -> Iterator[None]:
+        """BigQuery has no transaction across requests: the chunks go to shadow tables, and each
+        table's net effect reaches it with its checkpoint, at the source Commit (spanning.py). An
+        exception (an abandoned transaction) drops the shadows: the targets never saw any of it."""
+        if self._span is not None:
+            raise SinkError("BigQuery sink: change transactions do not nest")
+        span = self._span = ShadowTransaction(self)
+        try:
+            yield
+        finally:
+            self._span = None
+            span.discard()  # after a commit: nothing left
+
+    def _stage_changes(self, target: SinkTable, schema: TableSchema, staged: pa.Table) -> tuple[bool, StagedLoad]:
+        """Load change rows into a staging table; True when they include moved rows."""
+        moved = old_key_column(schema.primary_key[0]) in staged.column_names
+        fields = [*bigquery_fields(schema), *_CHANGE_FIELDS]
+        if moved:
+            keys = {f.name: f for f in bigquery_fields(schema)}
+            fields += [_renamed(keys[k], old_key_column(k)) for k in schema.primary_key]
+        return moved, self._stage(target, schema, staged, fields)
 
     # -- writes --
 

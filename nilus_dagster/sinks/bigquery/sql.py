@@ -22,6 +22,7 @@ from nilus_dagster.sinks.bigquery.files import MOVED_OP
 from nilus_dagster.sinks.bigquery_types import TOASTABLE_KINDS
 
 ROW_NUMBER = "_nilus_row"  # staged row order for the batch MERGE (the last row per key wins)
+PRESENT = "_nilus_present"  # in a transaction's shadow table: FALSE once the key is deleted (spanning.py)
 _FOUND = "_nilus_found"
 
 
@@ -68,17 +69,20 @@ def cdc_merge_sql(
     soft_delete: bool,
     truncate_before: int | None = None,
     moved: bool = False,
+    shadow: bool = False,
 ) -> str:
     """One MERGE applying staged changes newer than each row; unchanged TOASTed values are kept.
 
     Only columns PostgreSQL can TOAST get the `IF(... IN UNNEST(...))` guard, which keeps the
     statement compact for wide tables. With `truncate_before` (the batch's first LSN) the same
     statement also removes the rows the batch does not touch and that are older than the batch.
-    With `moved` the stage also holds moved rows (see `carry_source`).
+    With `moved` the stage also holds moved rows (see `carry_source`). With `shadow` the target is
+    a transaction's shadow table (spanning.py): a change at the row's own LSN (an earlier chunk of
+    the same transaction) is applied again, and a delete marks the row absent.
     """
     keys = schema.primary_key
     lsn, op = quote(LSN_COLUMN), quote(OP_COLUMN)
-    newer = f"(T.{lsn} IS NULL OR S.{lsn} > T.{lsn})"
+    newer = f"(T.{lsn} IS NULL OR S.{lsn} {'>=' if shadow else '>'} T.{lsn})"
     unchanged = f"S.{quote(UNCHANGED_COLUMN)}"
 
     def new_value(name: str, kind: str) -> str:
@@ -93,6 +97,12 @@ def cdc_merge_sql(
     delete = f"{_soft_delete()}, {lsn} = S.{lsn}" if soft_delete else "DELETE"
     inserted = [*schema.column_names, LSN_COLUMN, OP_COLUMN, SYNCED_AT_COLUMN, DELETED_COLUMN]
     values = f"{_columns([*schema.column_names, LSN_COLUMN, OP_COLUMN], 'S.')}, {now}, FALSE"
+    if shadow:
+        updates.append(f"{quote(PRESENT)} = TRUE")
+        inserted.append(PRESENT)
+        values += ", TRUE"
+        if not soft_delete:
+            delete = f"UPDATE SET {quote(PRESENT)} = FALSE, {lsn} = S.{lsn}, {op} = 'D'"
     source = carry_source(target, stage, schema) if moved else _latest_per_key(stage, keys, LSN_COLUMN)
     merge = (
         f"MERGE {target} T USING {source} S ON {_key_match(keys)} "
@@ -102,11 +112,63 @@ def cdc_merge_sql(
     )
     if truncate_before is None:
         return merge
-    older = f"(T.{lsn} IS NULL OR T.{lsn} < {int(truncate_before)})"
+    return merge + _truncate_clause(truncate_before, soft_delete=soft_delete)
+
+
+def _truncate_clause(truncate_before: int | None, *, soft_delete: bool) -> str:
+    """The MERGE clause that removes the rows a batch does not touch (older than `truncate_before`)."""
+    lsn = quote(LSN_COLUMN)
+    older = "TRUE" if truncate_before is None else f"(T.{lsn} IS NULL OR T.{lsn} < {int(truncate_before)})"
     truncated = _soft_delete() if soft_delete else "DELETE"
     if soft_delete:
         older += f" AND NOT IFNULL(T.{quote(DELETED_COLUMN)}, FALSE)"
-    return f"{merge} WHEN NOT MATCHED BY SOURCE AND {older} THEN {truncated}"
+    return f" WHEN NOT MATCHED BY SOURCE AND {older} THEN {truncated}"
+
+
+def shadow_seed_sql(
+    shadow: str, target: str, stage: str, schema: TableSchema, names: Sequence[str], *, moved: bool
+) -> str:
+    """Copy into the shadow the target's rows at the staged keys (and at the old keys of moved rows)
+    that the shadow does not hold yet."""
+    keys = schema.primary_key
+    touched = f"EXISTS (SELECT 1 FROM {stage} S WHERE {_key_match(keys, 'R', 'S')})"
+    if moved:
+        old_match = " AND ".join(f"R.{quote(k)} = M.{quote(old_key_column(k))}" for k in keys)
+        touched += f" OR EXISTS (SELECT 1 FROM {stage} M WHERE M.{quote(OP_COLUMN)} = '{MOVED_OP}' AND {old_match})"
+    return (
+        f"INSERT INTO {shadow} ({_columns([*names, PRESENT])}) SELECT {_columns(names, 'R.')}, TRUE FROM {target} R "
+        f"WHERE ({touched}) AND NOT EXISTS (SELECT 1 FROM {shadow} H WHERE {_key_match(keys, 'R', 'H')})"
+    )
+
+
+def shadow_truncate_sql(shadow: str, *, soft_delete: bool) -> str:
+    """A truncate inside the transaction: every row the shadow holds is gone (or soft-deleted)."""
+    if soft_delete:
+        return truncate_sql(shadow, soft_delete=True)
+    return f"UPDATE {shadow} SET {quote(PRESENT)} = FALSE WHERE TRUE"
+
+
+def shadow_apply_sql(
+    target: str,
+    shadow: str,
+    names: Sequence[str],
+    keys: Sequence[str],
+    *,
+    soft_delete: bool,
+    truncated: bool,
+) -> str:
+    """The transaction's net effect: each shadow row replaces the target's row at its key (an
+    absent one deletes it); with a truncate, the target's other rows go (they all predate the
+    transaction: every row it wrote has its key in the shadow). A replay recomputes the same
+    shadow rows from the target it left, so applying them again changes nothing."""
+    updates = ", ".join(f"{quote(n)} = S.{quote(n)}" for n in names if n not in keys)
+    present = f"S.{quote(PRESENT)}"
+    return (
+        f"MERGE {target} T USING {shadow} S ON {_key_match(keys)} "
+        f"WHEN MATCHED AND NOT {present} THEN DELETE "
+        f"WHEN MATCHED THEN UPDATE SET {updates} "
+        f"WHEN NOT MATCHED AND {present} THEN INSERT ({_columns(names)}) VALUES ({_columns(names, 'S.')})"
+    ) + (_truncate_clause(None, soft_delete=soft_delete) if truncated else "")
 
 
 def carry_source(target: str, stage: str, schema: TableSchema) -> str:
