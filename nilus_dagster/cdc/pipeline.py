@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 
 from nilus_dagster.cdc.attach import LeafWatcher
+from nilus_dagster.cdc.live_resync import LiveResync, LiveResyncSteps
 from nilus_dagster.cdc.lsn import format_lsn, parse_lsn
 from nilus_dagster.cdc.replication import (
     ReplicationConnection,
@@ -52,7 +53,7 @@ from nilus_dagster.state.store import StateStore
 
 
 @dataclass
-class CdcRun(ResyncSteps, SchemaSteps):
+class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps):
     """State and collaborators of one run; `run()` does the work."""
 
     config: CdcPipelineConfig
@@ -77,6 +78,7 @@ class CdcRun(ResyncSteps, SchemaSteps):
         self._retained_wal: int | None = None
         self._resync_due = False  # a resync was requested: the stream ends at the next safe point
         self._last_resync_check = 0.0
+        self._live: LiveResync | None = None  # a resync running beside the stream
         self.slot = self.config.slot_name or ""  # resolved against the source database in run()
 
     # -- helpers ---------------------------------------------------------------------------
@@ -91,6 +93,7 @@ class CdcRun(ResyncSteps, SchemaSteps):
 
     def _report(self, progress: CdcProgress, *, force: bool = False) -> None:
         progress.retained_wal_bytes = self._retained_wal
+        self._live_progress(progress)
         self.on_progress(progress)
         now = time.monotonic()
         if force or now - self._last_beat >= self.heartbeat_interval_s:
@@ -267,13 +270,23 @@ class CdcRun(ResyncSteps, SchemaSteps):
             self.sink.write(target, cdc_schema(table.schema), [], WriteStrategy.REPLACE)
 
     def _stream(self, tables: list[CdcTable]) -> StreamStats:
-        """Stream until asked to stop; a resync requested meanwhile ends the stream at a
-        transaction boundary, runs, and the stream restarts from the slot."""
+        """Stream until asked to stop. A resync requested meanwhile runs beside the stream (see
+        cdc/live_resync.py), which restarts from the slot when it is done; with a sink that cannot,
+        the stream ends at a transaction boundary, the resync runs, and the stream restarts."""
         with connect_source(self.config.source_connection, self.config.source_dsn, autocommit=True) as conn:
             stop_at = _current_wal_lsn(conn) if self.stop_at_caught_up else None
         stats = StreamStats()
         while True:
-            self._stream_once(tables, stop_at, stats)
+            try:
+                self._stream_once(tables, stop_at, stats)
+            except BaseException:
+                self._abandon_live()
+                raise
+            if self._live is not None:
+                self._finish_live(tables)
+                if self.should_stop():
+                    break
+                continue
             if self.should_stop() or not self._resync_requested():
                 break
             self._resync(tables, set())
@@ -351,7 +364,7 @@ class CdcRun(ResyncSteps, SchemaSteps):
                     run_stream(
                         stream,
                         applier,
-                        should_stop=lambda: self.should_stop() or self._resync_requested(),
+                        should_stop=lambda: self.should_stop() or self._resync_tick(tables, applier),
                         stop_at_lsn=stop_at,
                         on_progress=report,
                         on_durable=self._record_offset,
