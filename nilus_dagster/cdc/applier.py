@@ -146,6 +146,11 @@ class ChangeApplier:
         return self._in_transaction
 
     @property
+    def applying_in_chunks(self) -> bool:
+        """The open transaction is being applied in chunks, inside an open sink transaction."""
+        return self._span is not None
+
+    @property
     def has_pending(self) -> bool:
         return self._batch_end_lsn > 0
 

@@ -1,7 +1,9 @@
 """Resync tables beside the stream: the pipeline's other tables keep streaming meanwhile.
 
-How it stays exact. At a transaction boundary the stream applies its batch and holds the tables
-to resync (`StreamTable.held`: their changes are dropped, their checkpoints never advanced). A
+How it stays exact. Between two polls the stream applies its batch (whole transactions) and holds
+the tables to resync (`StreamTable.held`: their changes are dropped from then on, the open
+transaction's included, and their checkpoints never advance; a dropped change committed before
+the copy's snapshot is in the copy, a later one is re-delivered after the restart). A
 worker thread runs `TableResync` (cdc/resync.py) through its own sink (`sink.fork()`): a
 temporary slot's exported snapshot gives the consistent point C; the tables are emptied and
 marked, read inside the snapshot and their checkpoints set to C. Meanwhile the pipeline's slot is
@@ -105,9 +107,9 @@ class LiveResyncSteps:
         _report: Callable[..., None]
 
     def _resync_tick(self, tables: list[CdcTable], applier: ChangeApplier) -> bool:
-        """Checked by the stream between messages. Starts a requested resync beside the stream (at a
-        transaction boundary); True ends the stream: a live resync is done (the stream restarts),
-        or the sink cannot resync beside it."""
+        """Checked by the stream between polls. Starts a requested resync beside the stream (unless
+        a transaction is being applied in chunks); True ends the stream: a live resync is done (the
+        stream restarts), or the sink cannot resync beside it."""
         live = self._live
         if live is not None:
             live.hold(applier.tables)
@@ -116,14 +118,16 @@ class LiveResyncSteps:
             return False
         if not callable(getattr(self.sink, "fork", None)):
             return True
-        if applier.in_transaction:
+        if applier.applying_in_chunks:  # its sink transaction may already hold changes to the tables
             return False
         planned = self._plan_resync(tables, set())
         if planned is None:
             return False
         names, ids = planned
         live = self._live = LiveResync(names, ids, self.sink.fork())  # type: ignore[attr-defined]
-        applier._flush_pending()  # the batch's changes to these tables land before they are emptied
+        # The batch's changes to these tables land before they are emptied; the open transaction's
+        # are dropped when it is folded (see the module docstring).
+        applier._flush_pending()
         live.hold(applier.tables)
         resync = self._table_resync(live.sink, lambda *args: live.runner(self._snapshot_runner(*args)))
         live.start(resync, {t.name: target for t, target in self._targets(tables) if t.name in names},
