@@ -25,7 +25,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cdcbench import cdc, snapshot  # noqa: E402
 from cdcbench.common import STATE_DB, Cluster, Measurement, median_rate, ratio_line, throwaway_cluster  # noqa: E402
 from cdcbench.dlt_runner import run_dlt  # noqa: E402
-from cdcbench.profiling import profiled  # noqa: E402
 
 from nilus_dagster.state.store import StateStore  # noqa: E402
 
@@ -98,7 +97,9 @@ def verdicts(measurements: list[Measurement]) -> tuple[list[str], dict[str, bool
 def profile_ours(
     cluster: Cluster, store: StateStore, args: argparse.Namespace, work: Path, missed: set[str]
 ) -> list[str]:
-    """Extra runs of our side under pyinstrument (not part of the numbers above)."""
+    """Extra runs of our side under pyinstrument (not part of the numbers above). Imported here:
+    `--no-profile` runs on a venv without pyinstrument."""
+    from cdcbench.profiling import profiled
     summaries: list[str] = []
     profiles = work.parent / "profiles" if args.out is None else args.out / "profiles"
     if any(m.startswith("cdc") for m in missed):

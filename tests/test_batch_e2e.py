@@ -166,6 +166,25 @@ def test_append_with_id_cursor_and_replace(env: str, sink: SinkTarget, instance:
     )
 
 
+def test_full_table_append_keeps_every_load_although_the_source_has_a_key(
+    env: str, sink: SinkTarget, instance: dg.DagsterInstance
+) -> None:
+    """`append` without a cursor appends what it reads on every run: the sink table has no key."""
+    with psycopg.connect(env, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.readings (id int PRIMARY KEY, value int)")
+        conn.execute("INSERT INTO public.readings SELECT g, g * 10 FROM generate_series(1, 5) g")
+    defs = project(sink, pipeline("readings", ["public.readings"], strategy="append"))
+    first = run_job(defs, "acme__readings", instance)
+    assert first.success, failure_message(first)
+    with psycopg.connect(env, autocommit=True) as conn:
+        conn.execute("UPDATE public.readings SET value = -1 WHERE id = 1")
+    second = run_job(defs, "acme__readings", instance)
+    assert second.success, failure_message(second)
+    source = source_rows(env, "public.readings", ["id", "value"], "id")
+    once = [(1, 10)] + [row for row in source if row[0] != 1]
+    assert_same_rows(sorted(once + source), sink_rows(sink, "analytics.readings", ["id", "value"], "id, value"))
+
+
 def test_new_source_column_is_added_and_a_widened_type_follows(
     env: str, sink: SinkTarget, instance: dg.DagsterInstance
 ) -> None:

@@ -75,7 +75,7 @@ def test_cdc_leaves_generated_columns_out_of_snapshot_and_stream(
     first = run_until_caught_up(defs, "acme__gen", instance)
     assert first.success, failure_message(first)
     assert_exact(env, sink)
-    (materialization,) = first.get_asset_materialization_events()
+    materialization = first.get_asset_materialization_events()[-1]  # the run's last: what it did
     metadata = materialization.materialization.metadata
     assert metadata["excluded_generated_columns"].value == "total"
     asset_spec = defs.resolve_assets_def(materialization.asset_key).specs_by_key[materialization.asset_key]

@@ -45,6 +45,10 @@ def test_definitions_are_loadable(pipeline_env: dict[str, str]) -> None:
     assert set(spec.kinds) == {"postgres", "duckdb"}
     assert spec.tags["team"] == "sales"
     assert "merged every 15 minutes" in (spec.description or "")
+    source = dg.AssetKey(["acme", "sources", "shop", "acme", "orders"])  # lineage: source table -> sink table
+    assert source in {dep.asset_key for dep in spec.deps}
+    assert not defs.resolve_asset_graph().get(source).is_materializable  # an external asset
+    assert spec.metadata["dagster/table_name"].value == "acme.orders"
 
 
 def _run(command: list[str], cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -74,3 +78,21 @@ def test_cli_check_fails_with_the_message_on_a_broken_file(tmp_path: Path, pipel
     validate = _run([str(BIN / "dagster"), "definitions", "validate", "-w", "workspace.yaml"], project, pipeline_env)
     assert validate.returncode != 0
     assert expected in validate.stdout + validate.stderr
+
+
+def test_scaffolded_defs_file_loads_beside_the_others(tmp_path: Path, pipeline_env: dict[str, str]) -> None:
+    """`dg scaffold defs` writes a commented template that passes `dg check defs` next to existing files."""
+    project = tmp_path / "project"
+    shutil.copytree(REPO / "pipelines", project / "pipelines")
+    for name in ("pyproject.toml", "definitions.py", "workspace.yaml"):
+        shutil.copy(REPO / name, project / name)
+    scaffold = _run([str(BIN / "dg"), "scaffold", "defs", "nilus_dagster.components.NilusPipelines", "more"],
+                    project, pipeline_env)
+    assert scaffold.returncode == 0, scaffold.stdout + scaffold.stderr
+    written = (project / "pipelines" / "more" / "defs.yaml").read_text()
+    assert written.startswith("# Pipelines from PostgreSQL") and "dsn_env: SHOP_DSN" in written
+    check = _run([str(BIN / "dg"), "check", "defs"], project, pipeline_env)
+    assert check.returncode == 0, check.stdout + check.stderr
+    listed = _run([str(BIN / "dg"), "list", "defs", "--json"], project, pipeline_env)
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert '"example__orders_example"' in listed.stdout and '"acme__orders"' in listed.stdout

@@ -79,8 +79,9 @@ def test_dagster_yaml_passes_dagsters_config_validation(tmp_path: Path, monkeypa
     assert coordinator["class"] == "QueuedRunCoordinator"
     processed = process_config(QueuedRunCoordinator.config_type(), coordinator["config"])
     assert processed.success, processed.errors
-    limits = processed.value["tag_concurrency_limits"]
+    limits = config["concurrency"]["runs"]["tag_concurrency_limits"]  # validated by dagster_instance_config
     assert limits == [{"key": CDC_PIPELINE_TAG, "value": {"applyLimitPerUniqueValue": True}, "limit": 1}]
+    assert config["concurrency"]["pools"]["default_limit"] == 1  # "Materialize" waits for the live CDC run
     assert config["run_monitoring"]["enabled"] is True
     assert config["retention"]["sensor"]["purge_after_days"]["skipped"] >= 1
     raw = yaml.safe_load((DEPLOY / "dagster.yaml").read_text())

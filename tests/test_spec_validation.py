@@ -86,13 +86,15 @@ def test_good_declaration_resolves_defaults() -> None:
         ("pipelines.0.type", "stream", "pipelines[0].type = 'stream': Input should be 'batch' or 'cdc'"),
         ("pipelines.0.name", "1orders", "pipeline name '1orders' is not valid: use letters, digits and underscores"),
         ("pipelines.0.tenant", "ac me", "tenant 'ac me' is not valid"),
-        ("pipelines.0.colour", "red", "pipelines[0].colour: unknown field 'colour' (allowed fields: cdc, description"),
+        ("pipelines.0.colour", "red", "pipelines[0].colour: unknown field 'colour' (allowed fields: cdc, checks, description"),
         ("connections.shop.password", "hunter2", "secrets are never written in YAML"),
         ("connections.shop.type", "mysql", "connections.shop"),
         ("connections.warehouse.path", ":memory:", "a DuckDB sink needs a file path"),
         ("pipelines.0.source.tables", [], "pipelines[0].source.tables: List should have at least 1 item"),
         ("pipelines.0.source.tables", [{"name": "public.orders", "primary_key": []}], "strategy merge needs a key"),
         ("pipelines.0.sink.table_options", {"clustering": ["id"]}, "only BigQuery sinks take table_options"),
+        ("pipelines.0.checks", {"max_lag": "5 minutes"}, "'5 minutes' is not a duration: use a number and s, m or h"),
+        ("pipelines.0.checks", {"severity": "fatal"}, "Input should be 'warn' or 'error'"),
     ],
 )
 def test_bad_field_names_file_field_value_and_fix(path: str, value: Any, expected: str) -> None:

@@ -146,7 +146,16 @@ class StorageCollector(Collector):
         if store is None:
             return []
         labels = ["tenant", "pipeline"]
-        lag = GaugeMetricFamily("nilus_cdc_lag_seconds", "Replication lag reported by the CDC runtime", labels=labels)
+        lag = GaugeMetricFamily(
+            "nilus_cdc_lag_seconds",
+            "Seconds the sink is behind the source (grows with the heartbeat's age once the run stops beating)",
+            labels=labels,
+        )
+        unconfirmed = GaugeMetricFamily(
+            "nilus_cdc_slot_unconfirmed_wal_bytes",
+            "Source WAL past the slot's confirmed position (not yet durable in the sink)",
+            labels=labels,
+        )
         events = CounterMetricFamily("nilus_cdc_events", "Change events applied", labels=labels)
         rate = GaugeMetricFamily("nilus_cdc_events_per_second", "Recent change events per second", labels=labels)
         age = GaugeMetricFamily("nilus_cdc_heartbeat_age_seconds", "Seconds since the last heartbeat", labels=labels)
@@ -157,8 +166,14 @@ class StorageCollector(Collector):
         now = time.time()
         for (tenant, pipeline), beat in sorted(heartbeats.items()):
             key = [tenant, pipeline]
-            age.add_metric(key, max(0.0, now - beat.beat_at.timestamp()))
-            for family, field in ((lag, "lag_seconds"), (events, "events_total"), (rate, "events_per_s")):
+            beat_age = max(0.0, now - beat.beat_at.timestamp())
+            age.add_metric(key, beat_age)
+            lag.add_metric(key, cdc_lag(beat.detail, beat_age))
+            for family, field in (
+                (events, "events_total"),
+                (rate, "events_per_s"),
+                (unconfirmed, "unconfirmed_wal_bytes"),
+            ):
                 value = _number(beat.detail.get(field))
                 if value is not None:
                     family.add_metric(key, value)
@@ -166,7 +181,19 @@ class StorageCollector(Collector):
         for tenant, pipeline in sorted(cdc_pipelines | set(heartbeats)):
             for table in store.snapshot_progress(tenant, pipeline):
                 snapshot.add_metric([tenant, pipeline, table.table], table.percent)
-        return [lag, events, rate, age, snapshot]
+        return [lag, unconfirmed, events, rate, age, snapshot]
+
+
+STALE_BEAT_S = 30.0  # a live run beats every few seconds
+
+
+def cdc_lag(detail: dict[str, Any], beat_age_s: float) -> float:
+    """The lag a heartbeat reported, plus its age once it is stale (or the run stopped): a run
+    that died or hangs must not keep showing its last, small lag."""
+    reported = _number(detail.get("lag_seconds")) or 0.0
+    if detail.get("phase") == "stopped" or beat_age_s > STALE_BEAT_S:
+        return reported + beat_age_s
+    return reported
 
 
 def _number(value: Any) -> float | None:

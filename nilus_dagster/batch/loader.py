@@ -8,9 +8,12 @@ seen in the same snapshot. The sink stores the new mark in the same transaction 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import psycopg
+import pyarrow as pa
 from psycopg import sql
 
 from nilus_dagster.schema import TableSchema
@@ -55,6 +58,8 @@ class BatchLoadResult:
     high_water_mark: str | None = None
     added_columns: list[str] = field(default_factory=list)
     schema_change: str | None = None
+    table_rows: int | None = None  # rows in the sink table at the commit, if the sink says
+    inserted: int | None = None  # merge: new rows (the other rows written updated existing ones)
 
 
 def _source_schema(conn: psycopg.Connection, load: BatchTableLoad) -> TableSchema:
@@ -125,8 +130,44 @@ def _cursor_bounds(
     return new_mark, upper, (*lower_params, new_mark)
 
 
-def load_table(load: BatchTableLoad, sink: Sink, store: StateStore) -> BatchLoadResult:
-    """Copy one table into the sink with the load's strategy; see the module docstring."""
+def _sink_schema(schema: TableSchema, strategy: WriteStrategy) -> TableSchema:
+    """An `append` target keeps every load's rows, so the same source key lands many times: it
+    gets no key constraint (a full-table append would violate it on its second load)."""
+    return TableSchema(schema.table, schema.columns, ()) if strategy is WriteStrategy.APPEND else schema
+
+
+PROGRESS_INTERVAL_S = 10.0
+ProgressCallback = Callable[[int, "int | None"], Any]  # (rows read so far, estimated total or None)
+
+
+def _estimated_rows(conn: psycopg.Connection, load: BatchTableLoad) -> int | None:
+    """The planner's row estimate of a full load's table (None if never analyzed, or incremental)."""
+    if load.table.cursor:
+        return None
+    table = sql.Identifier(load.table.table.schema, load.table.table.name).as_string(conn)
+    row = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass", (table,)).fetchone()
+    return int(row[0]) if row and row[0] is not None and row[0] >= 0 else None
+
+
+def _reporting(batches: Iterable[pa.RecordBatch], total: int | None, on_progress: ProgressCallback | None):  # noqa: ANN202
+    """The batches, telling `on_progress` how many rows were read at most every PROGRESS_INTERVAL_S."""
+    if on_progress is None:
+        yield from batches
+        return
+    rows, last = 0, time.monotonic()
+    for batch in batches:
+        rows += batch.num_rows
+        if time.monotonic() - last >= PROGRESS_INTERVAL_S:
+            last = time.monotonic()
+            on_progress(rows, total)
+        yield batch
+
+
+def load_table(
+    load: BatchTableLoad, sink: Sink, store: StateStore, on_progress: ProgressCallback | None = None
+) -> BatchLoadResult:
+    """Copy one table into the sink with the load's strategy; see the module docstring.
+    `on_progress(rows_read, estimated_total)` is called while a long read goes on."""
     started = time.monotonic()
     with connect_source(load.source_connection, load.source_dsn, autocommit=True) as conn:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
@@ -139,12 +180,14 @@ def load_table(load: BatchTableLoad, sink: Sink, store: StateStore) -> BatchLoad
             stored = sink.read_checkpoint(load.checkpoint_key)
             previous = stored or store.get_cursor(load.key, load.table.name)
         mark, where, params = _cursor_bounds(conn, load, schema, previous)
-        added = sink.prepare_table(load.target, schema)
+        sink_schema = _sink_schema(schema, load.strategy)
+        added = sink.prepare_table(load.target, sink_schema)
         if diff is not None and diff.widened:
             sink.widen_columns(load.target, [schema.column(name) for name, _, _ in diff.widened])
         batches = read_table(conn, schema, where=where.as_string(conn) if where else None, params=params)
+        batches = _reporting(batches, _estimated_rows(conn, load), on_progress)
         checkpoint = MarkCheckpoint(load.checkpoint_key, mark, previous=stored) if mark is not None else None
-        written = sink.write(load.target, schema, batches, load.strategy, checkpoint)
+        written = sink.write(load.target, sink_schema, batches, load.strategy, checkpoint)
         conn.execute("COMMIT")
     if diff is None or not diff.is_empty:
         store.append_schema(
@@ -165,4 +208,6 @@ def load_table(load: BatchTableLoad, sink: Sink, store: StateStore) -> BatchLoad
         high_water_mark=mark,
         added_columns=added,
         schema_change=diff.describe() if diff and not diff.is_empty else None,
+        table_rows=written.table_rows,
+        inserted=written.inserted,
     )

@@ -13,9 +13,9 @@ stays bounded whatever the transaction's size. A sink that cannot (BigQuery) buf
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
 from itertools import groupby
 from operator import itemgetter
 from typing import Any
@@ -41,29 +41,16 @@ from nilus_dagster.cdc.pgoutput import (
 )
 from nilus_dagster.cdc.setup import CdcTable
 from nilus_dagster.cdc.spanning import SpanningTransaction
+from nilus_dagster.cdc.stream_stats import StreamStats
 from nilus_dagster.schema import TableName, TableSchema
 from nilus_dagster.schema.evolution import SchemaDiff, diff_schemas
 from nilus_dagster.sinks.base import Checkpoint, ChunkedApplyUnsupported, Sink, SinkTable
 
+_KIND_NAMES = {b"I"[0]: "I", b"U"[0]: "U", b"D"[0]: "D"}
+
 
 class SchemaChangeRefused(Exception):
     """A source schema change that the pipeline's `schema_changes` policy does not allow."""
-
-
-@dataclass
-class StreamStats:
-    events_total: int = 0
-    transactions: int = 0
-    batches: int = 0
-    applied_lsn: int = 0  # end LSN of the last transaction made durable
-    chunked_transactions: int = 0  # transactions of more than batch_max_rows changes, applied in chunks
-    peak_buffered_changes: int = 0  # the most changes of one transaction held in memory at once
-    last_commit_time: datetime | None = None
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def events_per_s(self) -> float:
-        return self.events_total / max(time.monotonic() - self.started, 1e-9)
 
 
 @dataclass
@@ -93,6 +80,7 @@ class StreamTable:
 _TRUNCATE = b"T"[0]
 _NO_RELATION = -1  # the relation id a buffered truncate is grouped under
 _RELATION_ID = itemgetter(1)
+_KIND = itemgetter(0)
 
 
 def _special(data: TupleData | None) -> bool:
@@ -139,6 +127,9 @@ class ChangeApplier:
         self._transaction: list[RowChange | tuple[int, int, Truncate]] = []
         self._span: SpanningTransaction | None = None  # the open transaction, applied in chunks so far
         self._whole_only = False  # the sink cannot apply a transaction in chunks: buffer it whole
+        # changes by table and kind: of the open transaction, and of the batch's whole transactions
+        self._txn_kinds: dict[str, Counter[str]] = {}
+        self._batch_kinds: dict[str, Counter[str]] = {}
 
     # -- message handling ------------------------------------------------------------------
     @property
@@ -202,6 +193,7 @@ class ChangeApplier:
         """The stream ends inside a transaction applied in chunks: roll the sink transaction back
         (nothing of it becomes visible; the next run replays it from the slot)."""
         span, self._span = self._span, None
+        self._txn_kinds = {}
         if span is not None:
             span.rollback()
 
@@ -214,6 +206,9 @@ class ChangeApplier:
         else:
             self._batch_events += self._fold(self._batch)
             self._batch_end_lsn = commit.end_lsn
+            for table, kinds in self._txn_kinds.items():
+                self._batch_kinds.setdefault(table, Counter()).update(kinds)
+            self._txn_kinds = {}
         self._in_transaction = False
         self._whole_only = False
         self.stats.transactions += 1
@@ -230,6 +225,8 @@ class ChangeApplier:
         self.stats.batches += 1
         self.stats.chunked_transactions += 1
         self.stats.applied_lsn = end_lsn
+        self.stats.count(self._txn_kinds)
+        self._txn_kinds = {}
         self._batch_started = None
         if self.on_flushed is not None:
             self.on_flushed(end_lsn)
@@ -251,6 +248,7 @@ class ChangeApplier:
                         if changes is not None:
                             changes.truncated()
                             events += 1
+                            self._tally(truncated_id).update("T")
                 continue
             changes = self._changes_for(relation_id, into)
             if changes is None:
@@ -258,8 +256,17 @@ class ChangeApplier:
             rows = list(group)
             changes.add_rows(self._relations[relation_id][2], rows, lsn)  # type: ignore[arg-type]
             events += len(rows)
+            self._tally(relation_id).update(map(_KIND_NAMES.__getitem__, map(_KIND, rows)))
         self._transaction.clear()
         return events
+
+    def _tally(self, relation_id: int) -> Counter[str]:
+        """The open transaction's change counts of the relation's table."""
+        name = self._relations[relation_id][1].source.name.qualified
+        kinds = self._txn_kinds.get(name)
+        if kinds is None:
+            kinds = self._txn_kinds[name] = Counter()
+        return kinds
 
     def _relation(self, relation: Relation) -> None:
         name = TableName(relation.namespace or "pg_catalog", relation.name)
@@ -382,6 +389,8 @@ class ChangeApplier:
         self.stats.events_total += self._batch_events
         self.stats.batches += 1
         self.stats.applied_lsn = end_lsn
+        self.stats.count(self._batch_kinds)
+        self._batch_kinds = {}
         self._batch.clear()
         self._batch_events = 0
         self._batch_started = None

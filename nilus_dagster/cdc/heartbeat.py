@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import psycopg
 
+from nilus_dagster.cdc.deadline import io_deadline
+from nilus_dagster.sources.postgres.connection import CONNECT_OPTIONS
+
 HEARTBEAT_PREFIX = "nilus_heartbeat"
 
 
@@ -35,10 +38,11 @@ class WalHeartbeat:
         self._last = now
         try:
             if self._conn is None or self._conn.closed:
-                self._conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=5)
-            if self._log_running_xacts:
-                self._log_standby_snapshot(self._conn)
-            self._conn.execute("SELECT pg_logical_emit_message(false, %s, '')", (HEARTBEAT_PREFIX,))
+                self._conn = psycopg.connect(self._dsn, autocommit=True, **{**CONNECT_OPTIONS, "connect_timeout": 5})
+            with io_deadline(self._conn, 5.0):  # a frozen connection must not stall the stream's poll
+                if self._log_running_xacts:
+                    self._log_standby_snapshot(self._conn)
+                self._conn.execute("SELECT pg_logical_emit_message(false, %s, '')", (HEARTBEAT_PREFIX,))
             self.sent += 1
         except psycopg.OperationalError:
             self.close()  # the server may be restarting: the stream itself will tell

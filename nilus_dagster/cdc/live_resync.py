@@ -96,7 +96,7 @@ class LiveResyncSteps:
         sink: Sink
         should_stop: Callable[[], bool]
         _live: LiveResync | None
-        _resync_requested: Callable[[], bool]
+        _resync_requested_nonblocking: Callable[[], bool]
         _plan_resync: Callable[[list[CdcTable], set[TableName]], tuple[list[TableName], list[int]] | None]
         _table_resync: Callable[[Sink, Callable[[int, str | None, str], SnapshotRunner]], TableResync]
         _snapshot_runner: Callable[[int, str | None, str], SnapshotRunner]
@@ -114,7 +114,7 @@ class LiveResyncSteps:
         if live is not None:
             live.hold(applier.tables)
             return live.done
-        if not self._resync_requested():
+        if not self._resync_requested_nonblocking():
             return False
         if not callable(getattr(self.sink, "fork", None)):
             return True

@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 
 from nilus_dagster.cdc.attach import LeafWatcher
+from nilus_dagster.cdc.lag import source_position
 from nilus_dagster.cdc.live_resync import LiveResync, LiveResyncSteps
 from nilus_dagster.cdc.lsn import format_lsn, parse_lsn
 from nilus_dagster.cdc.replication import (
@@ -24,6 +25,7 @@ from nilus_dagster.cdc.replication import (
     system_identifier,
 )
 from nilus_dagster.cdc.resume import FACTS_KEY, snapshot_facts
+from nilus_dagster.cdc.resync import RESYNC_MARKER  # a table resynced beside the stream (reconnect)
 from nilus_dagster.cdc.run_config import (
     APPROVED_DETAIL,
     RESET_HINT,
@@ -34,6 +36,7 @@ from nilus_dagster.cdc.run_config import (
     CdcTableConfig,
     Phase,
 )
+from nilus_dagster.cdc.run_reconnect import ReconnectSteps
 from nilus_dagster.cdc.run_resync import ResyncSteps, request_table_resync
 from nilus_dagster.cdc.run_schema import SchemaSteps
 from nilus_dagster.cdc.setup import CdcTable, check_server, resolve_tables, sync_publication
@@ -53,7 +56,7 @@ from nilus_dagster.state.store import StateStore
 
 
 @dataclass
-class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps):
+class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, ReconnectSteps):
     """State and collaborators of one run; `run()` does the work."""
 
     config: CdcPipelineConfig
@@ -67,12 +70,14 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps):
     heartbeat_interval_s: float = 5.0
     offset_interval_s: float = 10.0
     wal_heartbeat_interval_s: float | None = 10.0  # idle stream: a WAL message to acknowledge (None: off)
+    dead_after_s: float = 15.0  # a replication connection silent this long is lost: reconnect
     partition_check_interval_s: float = 10.0  # how often to look for partitions attached while streaming
 
     def __post_init__(self) -> None:
         self._facts: dict[TableName, TableFacts] = {}  # catalog facts of each table's schema in force
         self._catalog: psycopg.Connection[Any] | None = None  # the source connection while streaming
         self._last_beat = 0.0
+        self._beat_phase = ""
         self._last_offset = 0.0
         self._pending_offset: int | None = None
         self._retained_wal: int | None = None
@@ -80,6 +85,7 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps):
         self._last_resync_check = 0.0
         self._live: LiveResync | None = None  # a resync running beside the stream
         self.slot = self.config.slot_name or ""  # resolved against the source database in run()
+        self._init_reconnect()
 
     # -- helpers ---------------------------------------------------------------------------
     def _set_state(self, state: str, **detail: Any) -> None:
@@ -96,26 +102,27 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps):
         self._live_progress(progress)
         self.on_progress(progress)
         now = time.monotonic()
-        if force or now - self._last_beat >= self.heartbeat_interval_s:
-            self._last_beat = now
-            self.store.beat(self.config.key, self.run_id, progress.as_detail())
+        if force or now - self._last_beat >= self.heartbeat_interval_s or progress.phase != self._beat_phase:
+            self._last_beat, self._beat_phase = now, progress.phase  # a new phase is told at once
+            self._writer.put("heartbeat", progress.as_detail())  # off the critical path (cdc/state_writer.py)
 
     def _record_offset(self, lsn: int, *, force: bool = False) -> None:
         self._pending_offset = lsn
+        self._durable_count += 1
         now = time.monotonic()
         if force or now - self._last_offset >= self.offset_interval_s:
             self._last_offset = now
-            self.store.append_offset(
-                self.config.key,
-                connector_name=self.config.key.pipeline,
-                offset_key=self.slot,
-                offset_value={"lsn": format_lsn(lsn), "lsn_int": lsn, "slot": self.slot},
-                run_id=self.run_id,
-            )
+            self._queue_offset(lsn)
             self._pending_offset = None
 
     # -- the run ---------------------------------------------------------------------------
     def run(self) -> CdcRunResult:
+        try:
+            return self._run()
+        finally:
+            self._close_state_io()
+
+    def _run(self) -> CdcRunResult:
         config, result = self.config, CdcRunResult()
         state = self.store.get_pipeline_state(config.key.tenant, config.key.pipeline)
         if state is not None and state.state == "failed":
@@ -143,7 +150,7 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps):
                     f"streamed before: changes since the last offset cannot be read; {RESET_HINT}",
                     slot=self.slot,
                 )
-            identifier = system_identifier(conn)
+            identifier = self._system_id = system_identifier(conn)
         added = self._sync_publication(tables, slot_exists=status.exists)
         result.tables_added = [t.qualified for t in added]
         if not status.exists:
@@ -278,7 +285,7 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps):
         stats = StreamStats()
         while True:
             try:
-                self._stream_once(tables, stop_at, stats)
+                self._stream_through_faults(lambda: self._stream_once(tables, stop_at, stats))
             except BaseException:
                 self._abandon_live()
                 raise
@@ -314,7 +321,7 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps):
                 source=table,
                 target=target,
                 checkpoint_key=config.table_checkpoint(table.name),
-                applied_lsn=parse_lsn(checkpoint) if checkpoint else 0,
+                applied_lsn=parse_lsn(checkpoint) if checkpoint not in (None, RESYNC_MARKER) else 0,
                 schema=schema,
             )
         leaf_watcher = LeafWatcher(
@@ -328,6 +335,7 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps):
         leaf_watcher.check()  # partitions attached since the last run: their rows before ATTACH
         with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
             types_conn = self._catalog = conn
+            self._check_reconnected_source(conn)
 
             applier = ChangeApplier(
                 tables=stream_tables,
@@ -347,11 +355,14 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps):
                 nonlocal last_slot_check
                 if time.monotonic() - last_slot_check >= 10:
                     last_slot_check = time.monotonic()
-                    self._retained_wal = slot_status(conn, self.slot).retained_wal_bytes
+                    self._source = source_position(conn, self.slot)
+                self._apply_source(progress)
                 if not applier.in_transaction:  # never inside a spanning sink transaction
                     leaf_watcher.poll()  # partitions attached while streaming
-                progress.lsn = format_lsn(stream_progress.applied_lsn) if stream_progress.applied_lsn else None
-                progress.lag_seconds = stream_progress.lag_seconds
+                progress.lsn = format_lsn(stream_progress.applied_lsn or start)  # idle: the checkpoint
+                progress.table_changes = stats.table_changes
+                fresh = self._live_stream is not None and self._live_stream.fresh  # a frozen link is not caught up
+                progress.lag_seconds = self._lag.observe(stream_progress.caught_up and fresh, stats.last_commit_time)
                 progress.events_total = stream_progress.events_total
                 progress.events_per_s = stream_progress.events_per_s
                 self._report(progress)
@@ -359,8 +370,10 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps):
             try:
                 with ReplicationConnection.connect(config.source_dsn) as replication:
                     stream = replication.start(
-                        self.slot, [config.publication], start, heartbeat_interval_s=self.wal_heartbeat_interval_s
+                        self.slot, [config.publication], start, heartbeat_interval_s=self.wal_heartbeat_interval_s,
+                        dead_after_s=self.dead_after_s,
                     )
+                    self._walsender_pid, self._live_stream = replication.backend_pid, stream
                     run_stream(
                         stream,
                         applier,

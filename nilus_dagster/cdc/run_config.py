@@ -44,6 +44,7 @@ class CdcPipelineConfig:
     schema_changes: Literal["evolve", "pause", "fail"] = "evolve"
     slot_name: str | None = None
     publication_name: str | None = None
+    retry_for_s: float = 600.0  # how long a transient fault may last before the run fails (cdc/retry.py)
 
     def slot(self, database: str) -> str:
         """Slots are per cluster: the name includes the source database."""
@@ -75,6 +76,12 @@ class CdcProgress:
     snapshot_partitions_done: int = 0
     snapshot_partitions_total: int = 0
     resync_tables: list[str] = field(default_factory=list)  # the tables being resynced (phase `resync`)
+    source_lsn: str | None = None  # the newest WAL position the source server has
+    unconfirmed_wal_bytes: int | None = None  # source WAL past the slot's confirmed (sink-durable) position
+    fault: str | None = None  # set while the stream is down and being retried (cdc/run_reconnect.py)
+    fault_seconds: float = 0.0
+    # per table (schema.table): changes applied in this run by kind ("I", "U", "D", "T" truncate)
+    table_changes: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def as_detail(self) -> dict[str, Any]:
         return dict(self.__dict__)

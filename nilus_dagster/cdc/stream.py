@@ -41,6 +41,7 @@ class StreamProgress:
     events_per_s: float
     lag_seconds: float
     transactions: int
+    caught_up: bool = False  # nothing pending and the server said it has nothing newer
 
 
 def run_stream(
@@ -65,8 +66,7 @@ def run_stream(
     """
     applier.on_flushed = lambda end_lsn: _confirm(stream, applier, end_lsn, on_durable)
     append_row = applier._transaction.append  # what `handle` does with a row change, minus the call
-    if stop_at_lsn is not None:
-        stream.send_status(reply_requested=True)  # a keepalive tells at once whether anything is newer
+    stream.send_status(reply_requested=True)  # a keepalive tells at once whether anything is newer
     last_progress = 0.0
     stop_requested_at: float | None = None
     interrupted: BaseException | None = None
@@ -151,4 +151,5 @@ def _progress(stream: ReplicationStream, applier: ChangeApplier) -> StreamProgre
         events_per_s=round(stats.events_per_s, 1),
         lag_seconds=round(lag, 3),
         transactions=stats.transactions,
+        caught_up=caught_up,
     )

@@ -3,72 +3,25 @@
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Literal
 
 import dagster as dg
-from pydantic import Field
 
 from nilus_dagster.components.batch_assets import STATE_RESOURCE_KEY, ensure_run_tags
+from nilus_dagster.components.cdc_config import CdcRunConfig, cdc_config, pipeline_key
+from nilus_dagster.components.cdc_operator_jobs import operator_jobs
+from nilus_dagster.components.cdc_reporting import CdcAssetReporter, lag_check, lag_check_specs
 from nilus_dagster.components.naming import table_asset_attributes
-from nilus_dagster.components.tags import PIPELINE_TAG, TENANT_TAG, operation_tags, run_tags
+from nilus_dagster.components.run_stop import DeliberateStop
+from nilus_dagster.components.stale_runs import end_stale_run
+from nilus_dagster.components.tags import PIPELINE_TAG, TENANT_TAG, cdc_pool, ensure_pool_limit, run_tags
 from nilus_dagster.spec.pipelines import Pipeline
 from nilus_dagster.spec.project import PipelinesSpec
-from nilus_dagster.state import NilusStateStore, PipelineKey, StateStore
+from nilus_dagster.state import NilusStateStore
 
-OBSERVATION_INTERVAL_S = 30.0  # thousands of observations per run would make the UI crawl
 STATE_POLL_INTERVAL_S = 5.0
 STALE_HEARTBEAT = timedelta(minutes=3)
 FAILURE_BACKOFF = timedelta(minutes=1)
 FAILURE_BACKOFF_MAX = timedelta(minutes=30)
-
-
-class CdcRunConfig(dg.Config):
-    """`stop_at: caught_up` stops once the WAL position seen at the start is applied (tests,
-    scheduled catch-up); `never` streams until the run is terminated."""
-
-    stop_at: Literal["never", "caught_up"] = "never"
-
-
-class ResyncConfig(dg.Config):
-    """Run config of the `<tenant>__<pipeline>__resync` job."""
-
-    tables: list[str] = Field(description="the tables to re-snapshot, as schema.table")
-    reason: str = "operator request"
-    wait_s: float = 600.0  # how long the job waits for the live CDC run to finish the resync
-
-
-def pipeline_key(pipeline: Pipeline) -> PipelineKey:
-    return PipelineKey(pipeline.tenant, pipeline.name, pipeline.effective_resource_id)
-
-
-def cdc_config(spec: PipelinesSpec, pipeline: Pipeline):  # -> CdcPipelineConfig (imported lazily)
-    from nilus_dagster.cdc.pipeline import CdcPipelineConfig, CdcTableConfig
-    from nilus_dagster.sinks.base import SinkTable
-
-    source = spec.connections[pipeline.source.connection]
-    options = pipeline.cdc
-    return CdcPipelineConfig(
-        key=pipeline_key(pipeline),
-        source_connection=pipeline.source.connection,
-        source_dsn=source.dsn(pipeline.source.connection),  # type: ignore[union-attr]
-        tables=tuple(
-            CdcTableConfig(
-                t.table,
-                SinkTable(pipeline.sink.dataset, t.target_name),
-                tuple(t.primary_key) if t.primary_key else None,
-            )
-            for t in pipeline.source.tables
-        ),
-        snapshot=options.snapshot,
-        snapshot_workers=options.snapshot_workers,
-        snapshot_partition_blocks=options.snapshot_partition_blocks,
-        batch_max_rows=options.batch_max_rows,
-        batch_max_ms=options.batch_max_ms,
-        soft_delete=options.soft_delete,
-        schema_changes=pipeline.schema_changes,
-        slot_name=options.slot_name,
-        publication_name=options.publication_name,
-    )
 
 
 def _approval_watch(store, pipeline: Pipeline) -> Callable[[], bool]:  # noqa: ANN001
@@ -99,70 +52,83 @@ CDC_ASSET_METADATA = {
 }
 
 
+def _refuse_subset(context: dg.AssetExecutionContext, pipeline: Pipeline, specs: list[dg.AssetSpec]) -> None:
+    """One run streams every table of the pipeline (one slot, one position): a subset cannot run."""
+    selected = set(context.selected_asset_keys)
+    if selected == {s.key for s in specs}:
+        return
+    names = ", ".join(sorted(str(s.metadata["nilus/source_table"]) for s in specs if s.key in selected))
+    raise dg.Failure(
+        description=(
+            f"CDC pipeline {pipeline.name} streams all its tables in one run from one replication slot, so "
+            f"{names} cannot be materialized alone: materialize all of the group {pipeline.job_name} (or let "
+            f"the sensor {pipeline.job_name}__keep_alive run it); to re-snapshot one table run the job "
+            f"{pipeline.job_name}__resync with that table"
+        ),
+        allow_retries=False,
+    )
+
+
 def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
     specs = [
         dg.AssetSpec(**table_asset_attributes(spec, pipeline, table, verb="streamed", **CDC_ASSET_METADATA))  # type: ignore[arg-type]
         for table in pipeline.source.tables
     ]
 
-    @dg.multi_asset(specs=specs, name=f"{pipeline.job_name}__cdc", op_tags=run_tags(pipeline))
+    @dg.multi_asset(
+        specs=specs,
+        name=f"{pipeline.job_name}__cdc",
+        op_tags=run_tags(pipeline),
+        pool=cdc_pool(pipeline),
+        can_subset=True,
+        check_specs=lag_check_specs(pipeline, specs),
+    )
     def _stream(context: dg.AssetExecutionContext, config: CdcRunConfig, nilus_state: NilusStateStore):
-        from nilus_dagster.cdc.pipeline import CdcProgress, run_cdc_pipeline
+        from nilus_dagster.cdc.pipeline import run_cdc_pipeline
+        from nilus_dagster.cdc.snapshot import SnapshotCancelled
         from nilus_dagster.sinks.factory import open_pipeline_sink
 
+        _refuse_subset(context, pipeline, specs)
+        ensure_pool_limit(context.instance, cdc_pool(pipeline))
         ensure_run_tags(context.op_execution_context, pipeline)
         store = nilus_state.get_store()
-        last_observation = 0.0
-
-        def observe(progress: CdcProgress) -> None:
-            nonlocal last_observation
-            if time.monotonic() - last_observation < OBSERVATION_INTERVAL_S:
-                return
-            last_observation = time.monotonic()
-            for asset_spec in specs:
-                context.log_event(dg.AssetObservation(asset_key=asset_spec.key, metadata=_metadata(progress)))
-
+        reporter = CdcAssetReporter(context, pipeline)
+        stop = DeliberateStop(context.instance, context.run.run_id, context.log)
+        approved = _approval_watch(store, pipeline)
         sink = open_pipeline_sink(spec, pipeline)
         try:
-            result = run_cdc_pipeline(
-                cdc_config(spec, pipeline),
-                sink,
-                store,
-                run_id=context.run.run_id,
-                should_stop=_approval_watch(store, pipeline),
-                on_progress=observe,
-                stop_at_caught_up=config.stop_at == "caught_up",
-                interrupts=(dg.DagsterExecutionInterruptedError,),
-            )
+            with stop.signals(), stop.ending(SnapshotCancelled, "finished snapshot partitions are kept"):
+                result = run_cdc_pipeline(
+                    cdc_config(spec, pipeline),
+                    sink,
+                    store,
+                    run_id=context.run.run_id,
+                    should_stop=lambda: stop.requested() or approved(),
+                    on_progress=reporter,
+                    stop_at_caught_up=config.stop_at == "caught_up",
+                    interrupts=(dg.DagsterExecutionInterruptedError,),
+                )
         finally:
             sink.close()
+        if not reporter.streamed:  # stopped before the copies were current: no materialization
+            stop.end_canceled("stopped before streaming (the next run resumes the snapshot)")
         summary = {
             "snapshot_rows": dg.MetadataValue.int(result.snapshot_rows),
             "events_total": dg.MetadataValue.int(result.stats.events_total),
             "transactions": dg.MetadataValue.int(result.stats.transactions),
             "events_per_s": dg.MetadataValue.float(round(result.stats.events_per_s, 1)),
+            "lsn": dg.MetadataValue.text(reporter.last_lsn),
         }
-        for asset_spec in specs:
-            excluded = result.generated_columns.get(str(asset_spec.metadata["nilus/source_table"]))
-            extra = {"excluded_generated_columns": dg.MetadataValue.text(", ".join(excluded))} if excluded else {}
-            yield dg.MaterializeResult(asset_key=asset_spec.key, metadata={**summary, **extra})
+        for table, key in reporter.tables.items():
+            changes = reporter.changes_since_last(table, result.stats.table_changes)
+            extra = {name: dg.MetadataValue.int(n) for name, n in changes.items()}
+            if excluded := result.generated_columns.get(table):
+                extra["excluded_generated_columns"] = dg.MetadataValue.text(", ".join(excluded))
+            checks = [lag_check(pipeline, key, reporter.last_lag)] if pipeline.checks.max_lag else []
+            yield dg.MaterializeResult(asset_key=key, metadata={**summary, **extra}, check_results=checks)
+        stop.end_canceled(f"{result.stats.events_total} changes applied in this run")
 
     return _stream
-
-
-def _metadata(progress) -> dict[str, dg.MetadataValue]:  # noqa: ANN001 - CdcProgress, imported lazily
-    metadata = {
-        "phase": dg.MetadataValue.text(progress.phase),
-        "lsn": dg.MetadataValue.text(progress.lsn or ""),
-        "lag_seconds": dg.MetadataValue.float(progress.lag_seconds),
-        "events_total": dg.MetadataValue.int(progress.events_total),
-        "events_per_s": dg.MetadataValue.float(progress.events_per_s),
-    }
-    if progress.retained_wal_bytes is not None:
-        metadata["slot_retained_wal_bytes"] = dg.MetadataValue.int(progress.retained_wal_bytes)
-    if progress.phase == "snapshot":
-        metadata["snapshot_rows"] = dg.MetadataValue.int(progress.snapshot_rows)
-    return metadata
 
 
 def _keep_alive_sensor(pipeline: Pipeline) -> dg.SensorDefinition:
@@ -174,6 +140,7 @@ def _keep_alive_sensor(pipeline: Pipeline) -> dg.SensorDefinition:
         description=f"Keeps one CDC run of {pipeline.name} ({pipeline.tenant}) alive.",
     )
     def _keep_alive(context: dg.SensorEvaluationContext, nilus_state: NilusStateStore):
+        ensure_pool_limit(context.instance, cdc_pool(pipeline))  # before any run of the pipeline launches
         return keep_alive_decision(context.instance, nilus_state.get_store(), pipeline, pipeline.job_name)
 
     return _keep_alive
@@ -185,14 +152,14 @@ def keep_alive_decision(instance: dg.DagsterInstance, store, pipeline: Pipeline,
     if state is not None and state.state in ("failed", "stopped"):
         return dg.SkipReason(f"pipeline is {state.state}: {state.detail.get('reason', 'see its state')}")
     tags_filter = {TENANT_TAG: pipeline.tenant, PIPELINE_TAG: pipeline.name}
-    live = instance.get_runs(dg.RunsFilter(job_name=job_name, tags=tags_filter, statuses=list(_LIVE_STATUSES)), limit=1)
+    live = instance.get_runs(dg.RunsFilter(tags=tags_filter, statuses=list(_LIVE_STATUSES)), limit=1)
     if live:
         run = live[0]
         if not _is_stale(store, pipeline, run):
             return dg.SkipReason(f"run {run.run_id} is live")
-        instance.report_run_failed(run, message="CDC run stopped sending heartbeats (process died?); relaunching")
+        end_stale_run(instance, run)  # terminate it (it may be wedged, not dead), then mark it failed
         return dg.RunRequest(run_key=f"{job_name}:{run.run_id}", tags=run_tags(pipeline))  # a crash: no backoff
-    latest = instance.get_runs(dg.RunsFilter(job_name=job_name, tags=tags_filter), limit=1)
+    latest = instance.get_runs(dg.RunsFilter(tags=tags_filter), limit=1)
     last = latest[0] if latest else None
     if last is not None and last.status == dg.DagsterRunStatus.FAILURE:
         wait = _backoff(instance, job_name, tags_filter)
@@ -224,76 +191,13 @@ def _is_stale(store, pipeline: Pipeline, run: dg.DagsterRun) -> bool:  # noqa: A
 
 def _backoff(instance: dg.DagsterInstance, job_name: str, tags: dict[str, str]) -> timedelta:
     """Doubles with each consecutive failure, capped."""
-    recent = instance.get_runs(dg.RunsFilter(job_name=job_name, tags=tags), limit=6)
+    recent = instance.get_runs(dg.RunsFilter(tags=tags), limit=6)
     failures = 0
     for run in recent:
         if run.status != dg.DagsterRunStatus.FAILURE:
             break
         failures += 1
     return min(FAILURE_BACKOFF * (2 ** max(failures - 1, 0)), FAILURE_BACKOFF_MAX)
-
-
-def _operator_job(pipeline: Pipeline, operation: str, act: Callable[[StateStore], str]) -> dg.JobDefinition:
-    """A one-op job `<tenant>__<pipeline>__<operation>` that acts on the pipeline's state."""
-    name = f"{pipeline.job_name}__{operation}"
-
-    @dg.op(name=f"{name}_op", tags=operation_tags(pipeline, operation))
-    def _act(context: dg.OpExecutionContext, nilus_state: NilusStateStore) -> None:
-        context.log.info(act(nilus_state.get_store()))
-
-    @dg.job(name=name, tags=operation_tags(pipeline, operation))
-    def _job() -> None:
-        _act()
-
-    return _job
-
-
-def _resync_job(spec: PipelinesSpec, pipeline: Pipeline) -> dg.JobDefinition:
-    """`<tenant>__<pipeline>__resync`: re-snapshot the tables named in the run config while the
-    others keep streaming; the live CDC run (or else the next one) does it, this job waits."""
-    name = f"{pipeline.job_name}__resync"
-
-    @dg.op(name=f"{name}_op", tags=operation_tags(pipeline, "resync"))
-    def _act(context: dg.OpExecutionContext, config: ResyncConfig, nilus_state: NilusStateStore) -> None:
-        from nilus_dagster.cdc.operations import ResyncFailed, resync_tables
-        from nilus_dagster.cdc.resync import UnknownTables
-
-        try:
-            message = resync_tables(
-                cdc_config(spec, pipeline),
-                nilus_state.get_store(),
-                config.tables,
-                config.reason,
-                wait_s=config.wait_s,
-                log=context.log.info,
-            )
-        except (UnknownTables, ResyncFailed) as error:
-            raise dg.Failure(str(error)) from None
-        context.log.info(message)
-
-    @dg.job(name=name, tags=operation_tags(pipeline, "resync"))
-    def _job() -> None:
-        _act()
-
-    return _job
-
-
-def _operator_jobs(spec: PipelinesSpec, pipeline: Pipeline) -> list[dg.JobDefinition]:
-    from nilus_dagster.cdc.operations import approve_schema_change, reset_pipeline
-
-    def approve(store: StateStore) -> str:
-        table = approve_schema_change(store, pipeline_key(pipeline))
-        return f"approved the schema change of {table}; the CDC run restarts with it"
-
-    def reset(store: StateStore) -> str:
-        slot = reset_pipeline(cdc_config(spec, pipeline), store)
-        return f"dropped slot {slot} and the snapshot progress; the next run snapshots every table again"
-
-    return [
-        _operator_job(pipeline, "approve_schema", approve),
-        _operator_job(pipeline, "reset", reset),
-        _resync_job(spec, pipeline),
-    ]
 
 
 def cdc_pipeline_definitions(spec: PipelinesSpec, pipeline: Pipeline) -> dg.Definitions:
@@ -307,9 +211,9 @@ def cdc_pipeline_definitions(spec: PipelinesSpec, pipeline: Pipeline) -> dg.Defi
     )
     return dg.Definitions(
         assets=[assets],
-        jobs=[job, *_operator_jobs(spec, pipeline)],
+        jobs=[job, *operator_jobs(spec, pipeline)],
         sensors=[_keep_alive_sensor(pipeline)],
     )
 
 
-__all__ = ["STATE_RESOURCE_KEY", "cdc_pipeline_definitions", "keep_alive_decision"]
+__all__ = ["STATE_RESOURCE_KEY", "cdc_config", "cdc_pipeline_definitions", "keep_alive_decision", "pipeline_key"]

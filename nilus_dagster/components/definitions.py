@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import dagster as dg
 
 from nilus_dagster.components.batch_assets import STATE_RESOURCE_KEY, batch_table_asset
-from nilus_dagster.components.naming import asset_key
+from nilus_dagster.components.naming import asset_key, source_asset_specs
 from nilus_dagster.components.tags import run_tags
 from nilus_dagster.spec.pipelines import Pipeline
 from nilus_dagster.spec.project import PipelinesSpec
@@ -41,7 +43,14 @@ def _cdc_definitions(spec: PipelinesSpec, pipeline: Pipeline) -> dg.Definitions:
     return cdc_pipeline_definitions(spec, pipeline)
 
 
+@functools.cache
+def _state_store(dsn_env: str, schema_name: str) -> NilusStateStore:
+    """One resource object per state store, so that several defs.yaml files merge into one project."""
+    return NilusStateStore(dsn=dg.EnvVar(dsn_env), schema_name=schema_name)
+
+
 def build_definitions(spec: PipelinesSpec) -> dg.Definitions:
     parts = [_batch_definitions(spec, p) if p.type == "batch" else _cdc_definitions(spec, p) for p in spec.pipelines]
-    state_store = NilusStateStore(dsn=dg.EnvVar(spec.state_store.dsn_env), schema_name=spec.state_store.schema_name)
-    return dg.Definitions.merge(*parts, dg.Definitions(resources={STATE_RESOURCE_KEY: state_store}))
+    state_store = _state_store(spec.state_store.dsn_env, spec.state_store.schema_name)
+    sources = dg.Definitions(assets=source_asset_specs(spec))
+    return dg.Definitions.merge(*parts, sources, dg.Definitions(resources={STATE_RESOURCE_KEY: state_store}))

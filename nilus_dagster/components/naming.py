@@ -16,6 +16,30 @@ def asset_key(pipeline: Pipeline, table: SourceTable) -> dg.AssetKey:
     return dg.AssetKey([pipeline.tenant, pipeline.name, table.table.schema, table.table.name])
 
 
+def source_asset_key(pipeline: Pipeline, table: SourceTable) -> dg.AssetKey:
+    """The source table as an external asset, upstream of the table's sink asset (lineage)."""
+    return dg.AssetKey([pipeline.tenant, "sources", pipeline.source.connection, table.table.schema, table.table.name])
+
+
+def source_asset_specs(spec: PipelinesSpec) -> list[dg.AssetSpec]:
+    """One external asset per source table read by any pipeline (shared by pipelines reading it)."""
+    specs: dict[dg.AssetKey, dg.AssetSpec] = {}
+    for pipeline in spec.pipelines:
+        for table in pipeline.source.tables:
+            key = source_asset_key(pipeline, table)
+            specs.setdefault(
+                key,
+                dg.AssetSpec(
+                    key=key,
+                    group_name=f"{pipeline.tenant}__sources",
+                    kinds={"postgres"},
+                    description=f"{table.name} in the PostgreSQL connection {pipeline.source.connection}",
+                    metadata={"dagster/table_name": dg.MetadataValue.text(table.name)},
+                ),
+            )
+    return list(specs.values())
+
+
 def kinds(pipeline: Pipeline, spec: PipelinesSpec) -> set[str]:
     return {"postgres", spec.connections[pipeline.sink.connection].type}
 
@@ -33,11 +57,13 @@ def table_asset_attributes(
     """What every table asset carries: key, group, kinds, tags, description and where it lands."""
     return {
         "key": asset_key(pipeline, table),
+        "deps": [source_asset_key(pipeline, table)],
         "group_name": pipeline.job_name,
         "kinds": kinds(pipeline, spec),
         "tags": asset_tags(pipeline),
         "description": pipeline.description or f"{table.name} {verb} by {pipeline.type} pipeline {pipeline.name}",
         "metadata": {
+            "dagster/table_name": dg.MetadataValue.text(f"{pipeline.sink.dataset}.{table.target_name}"),
             "nilus/source_table": table.name,
             "nilus/sink": f"{pipeline.sink.connection}:{pipeline.sink.dataset}.{table.target_name}",
             **metadata,

@@ -8,10 +8,12 @@ import dagster as dg
 from pydantic import Field
 
 from nilus_dagster.components.definitions import build_definitions
+from nilus_dagster.components.scaffold import NilusPipelinesScaffolder
 from nilus_dagster.spec.errors import validate_spec
 from nilus_dagster.spec.project import PipelinesSpec
 
 
+@dg.scaffold_with(NilusPipelinesScaffolder)
 class NilusPipelines(dg.Component, dg.Model, dg.Resolvable):
     """Batch and CDC pipelines from PostgreSQL into DuckDB, PostgreSQL or BigQuery.
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from nilus_dagster.spec.pipelines import Pipeline
 
 TENANT_TAG = "nilus/tenant"
@@ -33,3 +35,18 @@ def operation_tags(pipeline: Pipeline, operation: str) -> dict[str, str]:
     a run is not a pipeline run in the API's history, and must not queue behind the live CDC run
     that it acts on (the run queue admits one `nilus/cdc_pipeline` run per pipeline)."""
     return {TENANT_TAG: pipeline.tenant, OPERATION_TAG: f"{pipeline.name}:{operation}"}
+
+
+def cdc_pool(pipeline: Pipeline) -> str:
+    """The Dagster concurrency pool of a CDC pipeline's op. Its limit of one holds every launch of
+    the pipeline (its job, the sensor, "Materialize" on its assets, the launchpad) behind the live run."""
+    return f"nilus_cdc__{pipeline.job_name}"
+
+
+def ensure_pool_limit(instance: Any, pool: str) -> None:  # a DagsterInstance
+    """Give the pool its limit of one run (idempotent; storages without pools are left alone)."""
+    storage = instance.event_log_storage
+    if not storage.supports_global_concurrency_limits:
+        return
+    if storage.get_concurrency_info(pool).slot_count != 1:
+        storage.set_concurrency_slots(pool, 1)

@@ -70,6 +70,8 @@ class WriteResult:
     rows: int = 0
     bytes: int = 0
     added_columns: list[str] = field(default_factory=list)
+    table_rows: int | None = None  # rows in the table at the commit (None: the sink does not say)
+    inserted: int | None = None  # merge: rows that were new (the others updated); None: not known
 
 
 # In ChangeSet.upserts: per row, the columns whose unchanged TOASTed value the sink must keep.
@@ -123,6 +125,10 @@ class ChangeSet:
 
 class SinkError(Exception):
     """A sink refused or failed a write; the message names the sink and what to do."""
+
+
+class SinkUnavailable(SinkError):
+    """The sink could not be reached (worth retrying: it may be restarting or the network down)."""
 
 
 class ChunkedApplyUnsupported(SinkError):
@@ -208,6 +214,10 @@ class Sink(Protocol):
         ...
 
     def read_checkpoint(self, key: str) -> str | None:
+        ...
+
+    def row_count(self, target: SinkTable) -> int:
+        """How many rows the table holds now (0 if it does not exist)."""
         ...
 
     def close(self) -> None:

@@ -285,6 +285,9 @@ class DuckDBSink(SqlSink):
 
     # -- Sink protocol --------------------------------------------------------------------------
 
+    def _hold_writers(self, conn: duckdb.DuckDBPyConnection, target: SinkTable) -> None:
+        """Nothing to do: the transaction holds the file, DuckDB's one writer."""
+
     def _load_rows(
         self,
         conn: duckdb.DuckDBPyConnection,

@@ -30,6 +30,7 @@ from nilus_dagster.sinks.base import (
     Checkpoint,
     SinkError,
     SinkTable,
+    SinkUnavailable,
     WriteResult,
 )
 from nilus_dagster.sinks.pg_copy import encode_csv
@@ -146,7 +147,7 @@ class PostgresSink(SqlSink):
                 self._conn = psycopg.connect(self._dsn, autocommit=True, connect_timeout=10)
             except psycopg.Error as e:
                 message = f"postgres sink cannot connect to {self.location}: {self._scrub(e)}"
-                raise SinkError(message) from None
+                raise SinkUnavailable(message) from None
         return self._conn
 
     @contextmanager
@@ -206,6 +207,10 @@ class PostgresSink(SqlSink):
         return sql.Identifier(name)
 
     # -- Sink protocol --------------------------------------------------------------------------
+
+    def _hold_writers(self, conn: psycopg.Connection, target: SinkTable) -> None:
+        """Readers go on; another load of the table waits for this one's commit."""
+        self._runner(conn)(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(table_ident(target)))
 
     def _load_rows(
         self, conn: psycopg.Connection, target: SinkTable, schema: TableSchema, rows: CountingBatches, *, merge: bool

@@ -22,6 +22,7 @@ from nilus_dagster.sinks.sql_dialect import (
     SqlRunner,
     column_ddls,
     ensure_table,
+    existing_columns,
     save_checkpoint,
     sink_columns,
     table_ident,
@@ -77,6 +78,11 @@ class SqlSink(ABC):
             self._ensure_table(conn, target, schema, cdc=True)
             self._save_checkpoint(conn, checkpoint)
 
+    def row_count(self, target: SinkTable) -> int:
+        with self._transaction(target) as conn:
+            run = self._runner(conn)
+            return _count(run, target) if existing_columns(run, self.dialect, target) else 0
+
     def widen_columns(self, target: SinkTable, columns: list[Column]) -> None:
         with self._transaction(target) as conn:
             widen_columns(self._runner(conn), self.dialect, target, columns)
@@ -115,12 +121,27 @@ class SqlSink(ABC):
         try:
             with self._transaction(target) as conn:
                 added = self._ensure_table(conn, target, schema, cdc=False)
+                run = self._runner(conn)
+                before = None
+                if strategy is WriteStrategy.MERGE:
+                    self._hold_writers(conn, target)  # the counts around the merge are exact
+                    before = _count(run, target)
                 if strategy is WriteStrategy.REPLACE:
-                    self._runner(conn)(delete_all_statement(target))
+                    run(delete_all_statement(target))
                 self._load_rows(conn, target, schema, counted, merge=strategy is WriteStrategy.MERGE)
+                after = counted.rows if strategy is WriteStrategy.REPLACE else _count(run, target)
                 if checkpoint is not None:
                     self._save_checkpoint(conn, checkpoint)
         except SinkError:
             counted.reraise_source_error()
             raise
-        return WriteResult(rows=counted.rows, bytes=counted.bytes, added_columns=added)
+        inserted = after - before if before is not None else None
+        return WriteResult(counted.rows, counted.bytes, added, table_rows=after, inserted=inserted)
+
+    @abstractmethod
+    def _hold_writers(self, conn: Any, target: SinkTable) -> None:
+        """Keep other writers of the table out until the commit."""
+
+
+def _count(run: SqlRunner, target: SinkTable) -> int:
+    return int(run(sql.SQL("SELECT count(*) FROM {}").format(table_ident(target)))[0][0])

@@ -110,11 +110,58 @@ class CdcOptions(SpecModel):
     soft_delete: bool = False
     slot_name: str | None = None
     publication_name: str | None = None
+    retry_for: str = Field(
+        default="10m",
+        description="How long a run keeps reconnecting through a transient fault (source, sink or state store "
+        "down) before it fails, e.g. 30s, 10m, 1h.",
+    )
+
+    @field_validator("retry_for")
+    @classmethod
+    def _retry_for(cls, value: str) -> str:
+        from nilus_dagster.cdc.retry import parse_duration
+
+        if parse_duration(value) < 0:
+            raise ValueError("retry_for must not be negative")
+        return value
+
+    @property
+    def retry_for_s(self) -> float:
+        from nilus_dagster.cdc.retry import parse_duration
+
+        return parse_duration(self.retry_for)
 
     @field_validator("slot_name", "publication_name")
     @classmethod
     def _pg_name(cls, value: str | None) -> str | None:
         return None if value is None else check_name(value, "slot/publication name")
+
+
+_DURATION = re.compile(r"^(\d+)(s|m|h)$")
+
+
+class ChecksOptions(SpecModel):
+    """Asset checks on every table of a pipeline (shown in Dagster's Checks tab)."""
+
+    severity: Literal["warn", "error"] = Field(
+        default="warn", description="How a failed check is reported: warn, or error (fails the asset's check)."
+    )
+    max_lag: str | None = Field(default=None, description="CDC: the most lag a table may have, e.g. 30s, 5m, 1h.")
+
+    @field_validator("max_lag")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None and not _DURATION.match(value):
+            raise ValueError(f"'{value}' is not a duration: use a number and s, m or h, e.g. 30s, 5m or 1h")
+        return value
+
+    @property
+    def max_lag_seconds(self) -> float | None:
+        if self.max_lag is None:
+            return None
+        match = _DURATION.match(self.max_lag)
+        assert match is not None
+        return float(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2]]
 
 
 class Pipeline(SpecModel):
@@ -133,6 +180,7 @@ class Pipeline(SpecModel):
     schema_changes: Literal["evolve", "pause", "fail"] = "evolve"
     run_as_user: str | None = None
     cdc: CdcOptions = Field(default_factory=CdcOptions)
+    checks: ChecksOptions = Field(default_factory=ChecksOptions)
 
     @field_validator("name")
     @classmethod

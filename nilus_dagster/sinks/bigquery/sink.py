@@ -211,6 +211,16 @@ class BigQuerySink(BigQueryJobs):
         )
         return next((row["value"] for row in rows), None)
 
+    def row_count(self, target: SinkTable) -> int:
+        table = f"{self.project}.{target.dataset}.{target.name}"
+        with sink_errors("counting rows of", table):
+            try:
+                self.client.get_table(table, retry=self._retry)
+            except api_errors.NotFound:
+                return 0
+        rows = self._query(f"SELECT COUNT(*) AS n FROM `{table}`", f"counting rows of {target.qualified}")
+        return int(rows[0]["n"])
+
     def change_transaction(self) -> contextlib.AbstractContextManager[None]:
         """Refused: BigQuery has no transaction across requests, so the chunks of one source
         transaction would become visible one by one; and they share its commit LSN, so the

@@ -4,6 +4,17 @@ from __future__ import annotations
 
 import psycopg
 
+# A connect timeout and TCP keepalives on every source connection: a dead peer is noticed in
+# seconds (unanswered probes; unacknowledged data after `tcp_user_timeout` ms), not hours.
+CONNECT_OPTIONS: dict[str, object] = {
+    "connect_timeout": 10,
+    "keepalives": 1,
+    "keepalives_idle": 5,
+    "keepalives_interval": 2,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 15_000,
+}
+
 
 class SourceUnreachable(Exception):
     """The source database could not be reached or refused the login."""
@@ -11,7 +22,8 @@ class SourceUnreachable(Exception):
 
 def connect_source(connection_name: str, dsn: str, **kwargs: object) -> psycopg.Connection:
     try:
-        return psycopg.connect(dsn, connect_timeout=10, application_name="nilus-dagster", **kwargs)  # type: ignore[arg-type]
+        options = {**CONNECT_OPTIONS, "application_name": "nilus-dagster", **kwargs}
+        return psycopg.connect(dsn, **options)  # type: ignore[arg-type]
     except psycopg.OperationalError as exc:
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         raise SourceUnreachable(f"connection '{connection_name}': cannot connect to PostgreSQL: {reason}") from None

@@ -1,0 +1,74 @@
+"""Operator jobs of a CDC pipeline: approve a held schema change, reset, resync tables."""
+
+from collections.abc import Callable
+
+import dagster as dg
+
+from nilus_dagster.components.cdc_config import ResyncConfig, cdc_config, pipeline_key
+from nilus_dagster.components.tags import operation_tags
+from nilus_dagster.spec.pipelines import Pipeline
+from nilus_dagster.spec.project import PipelinesSpec
+from nilus_dagster.state import NilusStateStore, StateStore
+
+
+def _operator_job(pipeline: Pipeline, operation: str, act: Callable[[StateStore], str]) -> dg.JobDefinition:
+    """A one-op job `<tenant>__<pipeline>__<operation>` that acts on the pipeline's state."""
+    name = f"{pipeline.job_name}__{operation}"
+
+    @dg.op(name=f"{name}_op", tags=operation_tags(pipeline, operation))
+    def _act(context: dg.OpExecutionContext, nilus_state: NilusStateStore) -> None:
+        context.log.info(act(nilus_state.get_store()))
+
+    @dg.job(name=name, tags=operation_tags(pipeline, operation))
+    def _job() -> None:
+        _act()
+
+    return _job
+
+
+def _resync_job(spec: PipelinesSpec, pipeline: Pipeline) -> dg.JobDefinition:
+    """`<tenant>__<pipeline>__resync`: re-snapshot the tables named in the run config while the
+    others keep streaming; the live CDC run (or else the next one) does it, this job waits."""
+    name = f"{pipeline.job_name}__resync"
+
+    @dg.op(name=f"{name}_op", tags=operation_tags(pipeline, "resync"))
+    def _act(context: dg.OpExecutionContext, config: ResyncConfig, nilus_state: NilusStateStore) -> None:
+        from nilus_dagster.cdc.operations import ResyncFailed, resync_tables
+        from nilus_dagster.cdc.resync import UnknownTables
+
+        try:
+            message = resync_tables(
+                cdc_config(spec, pipeline),
+                nilus_state.get_store(),
+                config.tables,
+                config.reason,
+                wait_s=config.wait_s,
+                log=context.log.info,
+            )
+        except (UnknownTables, ResyncFailed) as error:
+            raise dg.Failure(str(error)) from None
+        context.log.info(message)
+
+    @dg.job(name=name, tags=operation_tags(pipeline, "resync"))
+    def _job() -> None:
+        _act()
+
+    return _job
+
+
+def operator_jobs(spec: PipelinesSpec, pipeline: Pipeline) -> list[dg.JobDefinition]:
+    from nilus_dagster.cdc.operations import approve_schema_change, reset_pipeline
+
+    def approve(store: StateStore) -> str:
+        table = approve_schema_change(store, pipeline_key(pipeline))
+        return f"approved the schema change of {table}; the CDC run restarts with it"
+
+    def reset(store: StateStore) -> str:
+        slot = reset_pipeline(cdc_config(spec, pipeline), store)
+        return f"dropped slot {slot} and the snapshot progress; the next run snapshots every table again"
+
+    return [
+        _operator_job(pipeline, "approve_schema", approve),
+        _operator_job(pipeline, "reset", reset),
+        _resync_job(spec, pipeline),
+    ]
