@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 from nilus_dagster.cdc.pipeline import run_cdc_pipeline
 from nilus_dagster.components.cdc_assets import cdc_config
@@ -20,6 +21,10 @@ from nilus_dagster.state.store import StateStore
 
 
 def main() -> None:
+    if os.environ.get("NILUS_TEST_COPY_GATE"):
+        import copy_gate
+
+        copy_gate.install(Path(os.environ["NILUS_TEST_COPY_GATE"]), os.environ["NILUS_TEST_COPY_GATE_TABLE"])
     spec = validate_spec(PipelinesSpec, json.loads(sys.argv[1]), "worker")
     pipeline = next(p for p in spec.pipelines if p.name == sys.argv[2])
     mode = sys.argv[3] if len(sys.argv) > 3 else ""

@@ -261,7 +261,7 @@ def test_sigkill_during_a_resync_then_exact(env: str, state_dsn: str, sink: Sink
 
             def resyncing() -> bool:
                 beat = store.last_heartbeat("acme", "crashy")
-                return beat is not None and beat.detail.get("phase") in ("resync", "snapshot")
+                return beat is not None and bool(beat.detail.get("resync_tables"))  # beside the stream
 
             wait_for(lambda: resyncing() or not store.open_resyncs("acme", "crashy"), 60, "the resync to start")
             time.sleep(random.uniform(0.0, 2.0))

@@ -73,7 +73,9 @@ class StreamTable:
     checkpoint_key: str
     applied_lsn: int  # end LSN of the last transaction applied to it
     schema: TableSchema  # the schema in force (changes with Relation messages)
-    held: bool = False  # paused by `schema_changes: pause` until approved
+    held: bool = False  # paused by `schema_changes: pause` until approved, or being resynced
+    # being resynced beside the stream (cdc/live_resync.py): the slot is acknowledged no further
+    resync_limit: int | None = None
 
 
 _TRUNCATE = b"T"[0]
@@ -135,6 +137,11 @@ class ChangeApplier:
     @property
     def in_transaction(self) -> bool:
         return self._in_transaction
+
+    @property
+    def applying_in_chunks(self) -> bool:
+        """The open transaction is being applied in chunks, inside an open sink transaction."""
+        return self._span is not None
 
     @property
     def has_pending(self) -> bool:
@@ -284,8 +291,8 @@ class ChangeApplier:
         known = self._relations.get(relation.relation_id)
         if known is not None and known[2] != names:
             self._remap_buffered_rows(relation.relation_id, known[2], names)
-        if diff.is_empty or self._commit_lsn < table.applied_lsn:
-            # (the second: a replayed transaction the table skips; a resync's copy is newer)
+        if diff.is_empty or table.resync_limit is not None or self._commit_lsn < table.applied_lsn:
+            # (a table being resynced, or a replayed transaction it skips: the resync's copy is newer)
             self._relations[relation.relation_id] = (relation.columns, table, names)
             return
         # Changes committed before the schema change land first, under the schema they had.
@@ -396,6 +403,7 @@ class ChangeApplier:
         return end_lsn
 
     def durable_lsn(self, position: int) -> int:
-        """The position the slot may be acknowledged to: never past a table held for approval."""
-        held = [t.applied_lsn for t in self.tables.values() if t.held]
+        """The position the slot may be acknowledged to: never past a table held for approval, nor
+        past the limit of one being resynced."""
+        held = [t.applied_lsn if t.resync_limit is None else t.resync_limit for t in self.tables.values() if t.held]
         return min([position, *held])

@@ -13,6 +13,7 @@ import psycopg
 
 from nilus_dagster.cdc.attach import LeafWatcher
 from nilus_dagster.cdc.lag import source_position
+from nilus_dagster.cdc.live_resync import LiveResync, LiveResyncSteps
 from nilus_dagster.cdc.lsn import format_lsn, parse_lsn
 from nilus_dagster.cdc.replication import (
     ReplicationConnection,
@@ -24,6 +25,7 @@ from nilus_dagster.cdc.replication import (
     system_identifier,
 )
 from nilus_dagster.cdc.resume import FACTS_KEY, snapshot_facts
+from nilus_dagster.cdc.resync import RESYNC_MARKER  # a table resynced beside the stream (reconnect)
 from nilus_dagster.cdc.run_config import (
     APPROVED_DETAIL,
     RESET_HINT,
@@ -54,7 +56,7 @@ from nilus_dagster.state.store import StateStore
 
 
 @dataclass
-class CdcRun(ResyncSteps, SchemaSteps, ReconnectSteps):
+class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, ReconnectSteps):
     """State and collaborators of one run; `run()` does the work."""
 
     config: CdcPipelineConfig
@@ -81,6 +83,7 @@ class CdcRun(ResyncSteps, SchemaSteps, ReconnectSteps):
         self._retained_wal: int | None = None
         self._resync_due = False  # a resync was requested: the stream ends at the next safe point
         self._last_resync_check = 0.0
+        self._live: LiveResync | None = None  # a resync running beside the stream
         self.slot = self.config.slot_name or ""  # resolved against the source database in run()
         self._init_reconnect()
 
@@ -96,6 +99,7 @@ class CdcRun(ResyncSteps, SchemaSteps, ReconnectSteps):
 
     def _report(self, progress: CdcProgress, *, force: bool = False) -> None:
         progress.retained_wal_bytes = self._retained_wal
+        self._live_progress(progress)
         self.on_progress(progress)
         now = time.monotonic()
         if force or now - self._last_beat >= self.heartbeat_interval_s or progress.phase != self._beat_phase:
@@ -273,13 +277,23 @@ class CdcRun(ResyncSteps, SchemaSteps, ReconnectSteps):
             self.sink.write(target, cdc_schema(table.schema), [], WriteStrategy.REPLACE)
 
     def _stream(self, tables: list[CdcTable]) -> StreamStats:
-        """Stream until asked to stop; a resync requested meanwhile ends the stream at a
-        transaction boundary, runs, and the stream restarts from the slot."""
+        """Stream until asked to stop. A resync requested meanwhile runs beside the stream (see
+        cdc/live_resync.py), which restarts from the slot when it is done; with a sink that cannot,
+        the stream ends at a transaction boundary, the resync runs, and the stream restarts."""
         with connect_source(self.config.source_connection, self.config.source_dsn, autocommit=True) as conn:
             stop_at = _current_wal_lsn(conn) if self.stop_at_caught_up else None
         stats = StreamStats()
         while True:
-            self._stream_through_faults(lambda: self._stream_once(tables, stop_at, stats))
+            try:
+                self._stream_through_faults(lambda: self._stream_once(tables, stop_at, stats))
+            except BaseException:
+                self._abandon_live()
+                raise
+            if self._live is not None:
+                self._finish_live(tables)
+                if self.should_stop():
+                    break
+                continue
             if self.should_stop() or not self._resync_requested():
                 break
             self._resync(tables, set())
@@ -307,7 +321,7 @@ class CdcRun(ResyncSteps, SchemaSteps, ReconnectSteps):
                 source=table,
                 target=target,
                 checkpoint_key=config.table_checkpoint(table.name),
-                applied_lsn=parse_lsn(checkpoint) if checkpoint else 0,
+                applied_lsn=parse_lsn(checkpoint) if checkpoint not in (None, RESYNC_MARKER) else 0,
                 schema=schema,
             )
         leaf_watcher = LeafWatcher(
@@ -363,7 +377,7 @@ class CdcRun(ResyncSteps, SchemaSteps, ReconnectSteps):
                     run_stream(
                         stream,
                         applier,
-                        should_stop=lambda: self.should_stop() or self._resync_requested_nonblocking(),
+                        should_stop=lambda: self.should_stop() or self._resync_tick(tables, applier),
                         stop_at_lsn=stop_at,
                         on_progress=report,
                         on_durable=self._record_offset,

@@ -90,10 +90,14 @@ class TableResync:
     record_schema: SchemaRecorder
 
     def run(
-        self, targets: dict[TableName, SinkTable], recorded: dict[str, TableSchema]
+        self,
+        targets: dict[TableName, SinkTable],
+        recorded: dict[str, TableSchema],
+        on_marked: Callable[[int], None] = lambda lsn: None,
     ) -> tuple[int, int, list[CdcTable]]:
         """Resync the tables; returns the rows written, the LSN from which the stream applies their
-        changes, and the tables as the copy saw them (schemas read inside its snapshot)."""
+        changes, and the tables as the copy saw them (schemas read inside its snapshot).
+        `on_marked(lsn)` is told once every table is emptied and marked, before the copy."""
         with ReplicationConnection.connect(self.source_dsn) as replication:
             slot = replication.create_slot(f"nilus_resync_{secrets.token_hex(6)}", export_snapshot=True, temporary=True)
             assert slot.snapshot_name is not None
@@ -110,6 +114,7 @@ class TableResync:
             for table in tables:
                 self._empty(table, targets[table.name], recorded.get(table.name.qualified))
                 self.record_schema(table.name, table.schema, lsn, facts.get(table.name))
+            on_marked(lsn)
             # The connection stays open and idle while the workers read inside its snapshot.
             runner = self.make_runner(lsn, slot.snapshot_name, f"resync-{format_lsn(lsn)}")
             rows = runner.run([(t, targets[t.name]) for t in tables])

@@ -89,48 +89,73 @@ class ResyncSteps:
 
     def _resync(self, tables: list[CdcTable], wanted: set[TableName]) -> int:
         """Resync the wanted tables plus the open requests; `tables` gets their current schemas."""
-        config, key = self.config, self.config.key
+        planned = self._plan_resync(tables, wanted)
+        if planned is None:
+            return 0
+        names, ids = planned
+        self._report(CdcProgress("resync", resync_tables=[n.qualified for n in names]), force=True)
+        try:
+            rows, lsn, fresh = self._table_resync(self.sink, self._snapshot_runner).run(
+                {t.name: target for t, target in self._targets(tables) if t.name in names},
+                self._recorded_schemas(),
+            )
+        except BaseException as error:
+            self._resync_failed(ids, error)
+            raise
+        self._resync_done(tables, names, ids, lsn, fresh)
+        return rows
+
+    def _plan_resync(
+        self, tables: list[CdcTable], wanted: set[TableName]
+    ) -> tuple[list[TableName], list[int]] | None:
+        """The tables to resync now (wanted ones plus the open requests) and the request ids, marked
+        running; None when there is nothing to do. Requests for tables no longer streamed fail."""
+        key = self.config.key
         requests = self.store.open_resyncs(key.tenant, key.pipeline)
         self._resync_due = False
         known = {t.name.qualified: t.name for t in tables}
         stale = [r.id for r in requests if r.table_name not in known]
         if stale:
             self.store.mark_resyncs(stale, "failed", run_id=self.run_id, error="the table is not in the pipeline")
-        wanted |= {known[r.table_name] for r in requests if r.table_name in known}
+        wanted = wanted | {known[r.table_name] for r in requests if r.table_name in known}
         if not wanted:
-            return 0
+            return None
         ids = [r.id for r in requests if r.table_name in known]
         self.store.mark_resyncs(ids, "running", run_id=self.run_id)
-        names = [t.name for t in tables if t.name in wanted]
-        self._report(CdcProgress("resync", resync_tables=[n.qualified for n in names]), force=True)
-        latest = self.store.latest_schemas(key.tenant, key.pipeline)
-        resync = TableResync(
+        return [t.name for t in tables if t.name in wanted], ids
+
+    def _table_resync(self, sink: Sink, make_runner: Callable[[int, str | None, str], SnapshotRunner]) -> TableResync:
+        config = self.config
+        return TableResync(
             config.source_connection,
             config.source_dsn,
-            self.sink,
+            sink,
             self.store,
-            key,
+            config.key,
             {t.table: t.primary_key for t in config.tables if t.primary_key},
             config.table_checkpoint,
-            self._snapshot_runner,
+            make_runner,
             self._record_schema,
         )
-        try:
-            rows, lsn, fresh = resync.run(
-                {t.name: target for t, target in self._targets(tables) if t.name in wanted},
-                {name: TableSchema.from_json(r.table_schema) for name, r in latest.items()},
-            )
-        except SnapshotCancelled:
+
+    def _recorded_schemas(self) -> dict[str, TableSchema]:
+        latest = self.store.latest_schemas(self.config.key.tenant, self.config.key.pipeline)
+        return {name: TableSchema.from_json(r.table_schema) for name, r in latest.items()}
+
+    def _resync_failed(self, ids: list[int], error: BaseException) -> None:
+        """A stop leaves the requests open for the next run (the tables keep their marker)."""
+        if isinstance(error, SnapshotCancelled) or not isinstance(error, Exception):
             self.store.mark_resyncs(ids, "pending")
-            raise
-        except Exception as error:
+        else:
             self.store.mark_resyncs(ids, "failed", error=str(error)[:2000])
-            raise
+
+    def _resync_done(
+        self, tables: list[CdcTable], names: list[TableName], ids: list[int], lsn: int, fresh: list[CdcTable]
+    ) -> None:
         by_name = {t.name: t for t in fresh}
         tables[:] = [by_name.get(t.name, t) for t in tables]
         self.store.mark_resyncs(ids, "done")
         self._after_resync(names, lsn)
-        return rows
 
     def _after_resync(self, names: list[TableName], lsn: int) -> None:
         """Record the resync; a schema change held on a resynced table is settled by it (the

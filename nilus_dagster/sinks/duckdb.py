@@ -341,5 +341,10 @@ class DuckDBSink(SqlSink):
         with self._transaction() as conn:
             return load_checkpoint(self._runner(conn), DUCKDB_DIALECT, key)
 
+    def fork(self) -> DuckDBSink:
+        """A sink on the same file for another thread (its own connections and bulk session);
+        DuckDB runs the two threads' transactions side by side in this process."""
+        return DuckDBSink(self.path, lock_timeout_s=self.lock_timeout_s)
+
     def close(self) -> None:
         """Nothing to release: the file is only open during a transaction."""

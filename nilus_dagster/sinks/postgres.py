@@ -260,6 +260,10 @@ class PostgresSink(SqlSink):
         with self._transaction() as conn:
             return load_checkpoint(self._runner(conn), POSTGRES_DIALECT, key)
 
+    def fork(self) -> PostgresSink:
+        """A sink on the same database for another thread (its own connection)."""
+        return PostgresSink(self._dsn)
+
     def close(self) -> None:
         if self._conn is not None:
             self._conn.close()
