@@ -21,6 +21,7 @@ from itertools import groupby
 from operator import itemgetter
 from typing import Any
 
+from nilus_dagster.cdc.buffered_rows import filling, remapping, rewrite_rows
 from nilus_dagster.cdc.lsn import format_lsn
 from nilus_dagster.cdc.multiset_changes import MultisetChanges, TableChanges, new_table_changes
 from nilus_dagster.cdc.pgoutput import (
@@ -290,7 +291,7 @@ class ChangeApplier:
         names = tuple(c.name for c in relation.columns)
         known = self._relations.get(relation.relation_id)
         if known is not None and known[2] != names:
-            self._remap_buffered_rows(relation.relation_id, known[2], names)
+            rewrite_rows(self._transaction, relation.relation_id, remapping(known[2], names), old_key_only=False)
         if diff.is_empty or table.resync_limit is not None or self._commit_lsn < table.applied_lsn:
             # (a table being resynced, or a replayed transaction it skips: the resync's copy is newer)
             self._relations[relation.relation_id] = (relation.columns, table, names)
@@ -307,45 +308,9 @@ class ChangeApplier:
             return
         table.schema = schema
         if event.fill and known is not None:
-            self._fill_buffered_rows(relation.relation_id, names, event.fill)
+            rewrite_rows(self._transaction, relation.relation_id, filling(names, event.fill))
         if self._span is not None:
             self._span.schema_changed(table, event.fill)
-
-    def _fill_buffered_rows(self, relation_id: int, names: tuple[str, ...], fill: dict[str, str | None]) -> None:
-        """Rows of the open transaction written before the DDL read the added columns' values."""
-        positions = [(names.index(column), value) for column, value in fill.items() if column in names]
-
-        def filled(data: TupleData | None) -> TupleData | None:
-            if data is None:
-                return None
-            values = list(data)
-            for position, value in positions:
-                values[position] = value
-            return tuple(values)
-
-        for i, change in enumerate(self._transaction):
-            if change[1] == relation_id:
-                kind, rid, new_row, old_row, key_only, special = change  # type: ignore[misc]
-                self._transaction[i] = (kind, rid, filled(new_row), old_row if key_only else filled(old_row),
-                                        key_only, special)
-
-    def _remap_buffered_rows(self, relation_id: int, old: tuple[str, ...], new: tuple[str, ...]) -> None:
-        """DDL inside the open transaction: rows buffered before it carry the old column layout.
-        Re-map them by name (a dropped column goes, an added one is NULL) so that one layout is
-        folded at Commit."""
-        position = {name: i for i, name in enumerate(old)}
-        picks = [position.get(name) for name in new]
-
-        def remap(data: TupleData | None) -> TupleData | None:
-            return None if data is None else tuple(None if i is None else data[i] for i in picks)
-
-        remapped = []
-        for change in self._transaction:
-            if change[1] == relation_id:
-                kind, rid, new_row, old_row, key_only, special = change  # type: ignore[misc]
-                change = (kind, rid, remap(new_row), remap(old_row), key_only, special)
-            remapped.append(change)
-        self._transaction[:] = remapped  # in place: run_stream appends through a bound method
 
     def _changes_for(
         self, relation_id: int, into: dict[TableName, TableChanges | MultisetChanges]

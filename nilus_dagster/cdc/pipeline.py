@@ -24,7 +24,6 @@ from nilus_dagster.cdc.replication import (
     slot_status,
     system_identifier,
 )
-from nilus_dagster.cdc.resume import FACTS_KEY, snapshot_facts
 from nilus_dagster.cdc.resync import RESYNC_MARKER  # a table resynced beside the stream (reconnect)
 from nilus_dagster.cdc.run_config import (
     APPROVED_DETAIL,
@@ -39,9 +38,9 @@ from nilus_dagster.cdc.run_config import (
 from nilus_dagster.cdc.run_reconnect import ReconnectSteps
 from nilus_dagster.cdc.run_resync import ResyncSteps, request_table_resync
 from nilus_dagster.cdc.run_schema import SchemaSteps
+from nilus_dagster.cdc.run_snapshot import SnapshotSteps
 from nilus_dagster.cdc.setup import CdcTable, check_server, resolve_tables, sync_publication
-from nilus_dagster.cdc.snapshot import SnapshotProgress, SnapshotRunner, cdc_schema
-from nilus_dagster.cdc.source_facts import TableFacts, read_table_facts
+from nilus_dagster.cdc.source_facts import TableFacts
 from nilus_dagster.cdc.stream import (
     ChangeApplier,
     StreamProgress,
@@ -50,13 +49,13 @@ from nilus_dagster.cdc.stream import (
     run_stream,
 )
 from nilus_dagster.schema import TableName, TableSchema
-from nilus_dagster.sinks.base import Sink, SinkTable, WriteStrategy
+from nilus_dagster.sinks.base import Sink, SinkTable
 from nilus_dagster.sources.postgres.connection import connect_source
 from nilus_dagster.state.store import StateStore
 
 
 @dataclass
-class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, ReconnectSteps):
+class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, ReconnectSteps):
     """State and collaborators of one run; `run()` does the work."""
 
     config: CdcPipelineConfig
@@ -191,90 +190,6 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, ReconnectSteps):
     def _targets(self, tables: list[CdcTable]) -> list[tuple[CdcTable, SinkTable]]:
         by_name = {t.table: t.target for t in self.config.tables}
         return [(t, by_name[t.name]) for t in tables]
-
-    def _snapshot_runner(self, consistent_lsn: int, snapshot_name: str | None, generation: str) -> SnapshotRunner:
-        config = self.config
-        progress = CdcProgress("snapshot")
-
-        def report(snapshot: SnapshotProgress) -> None:
-            progress.snapshot_rows = snapshot.rows_done
-            progress.snapshot_partitions_done = snapshot.partitions_done
-            progress.snapshot_partitions_total = snapshot.partitions_total
-            self._report(progress)
-
-        return SnapshotRunner(
-            source_connection=config.source_connection,
-            source_dsn=config.source_dsn,
-            key=config.key,
-            sink=self.sink,
-            store=self.store,
-            consistent_lsn=consistent_lsn,
-            checkpoint_prefix=config.checkpoint_prefix,
-            generation=generation,
-            snapshot_name=snapshot_name,
-            workers=config.snapshot_workers,
-            partition_blocks=config.snapshot_partition_blocks,
-            should_stop=self.should_stop,
-            on_progress=report,
-        )
-
-    def _record_schemas(self, tables: list[CdcTable], lsn: int) -> None:
-        with connect_source(self.config.source_connection, self.config.source_dsn, autocommit=True) as conn:
-            for table in tables:
-                facts = read_table_facts(conn, table.name)
-                self._record_schema(table.name, table.schema, lsn, facts and facts.restricted_to(table.schema))
-
-    def _record_schema(self, table: TableName, schema: TableSchema, lsn: int, facts: TableFacts | None) -> None:
-        """The schema in force from `lsn` on, with the catalog facts the next change is judged by."""
-        recorded = schema.to_json()
-        if facts is not None:
-            recorded["source_facts"] = facts.to_json()
-            self._facts[table] = facts
-        self.store.append_schema(
-            self.config.key,
-            connector_name=self.config.key.pipeline,
-            table_name=table.qualified,
-            table_schema=recorded,
-            lsn=format_lsn(lsn),
-        )
-
-    def _create_slot_and_snapshot(self, tables: list[CdcTable], identifier: str) -> int:
-        """A new slot: its exported snapshot is the exact starting point of the stream."""
-        config = self.config
-        with ReplicationConnection.connect(config.source_dsn) as replication:
-            slot = replication.create_slot(self.slot, export_snapshot=config.snapshot == "initial")
-            self.store.clear_snapshot(config.key.tenant, config.key.pipeline)
-            facts = {}
-            if slot.snapshot_name is not None:  # read inside it while it lives: what a resume needs
-                facts[FACTS_KEY] = snapshot_facts(
-                    config.source_connection, config.source_dsn, slot.snapshot_name, tables
-                )
-            self.store.set_pipeline_state(
-                config.key,
-                "active",
-                {
-                    "system_identifier": identifier,
-                    "slot": self.slot,
-                    "publication": config.publication,
-                    "consistent_lsn": format_lsn(slot.consistent_point),
-                    **facts,
-                },
-            )
-            self._record_schemas(tables, slot.consistent_point)
-            runner = self._snapshot_runner(slot.consistent_point, slot.snapshot_name, format_lsn(slot.consistent_point))
-            if config.snapshot == "never":
-                runner.mark_streaming_start(self._targets(tables))
-                rows = 0
-            else:
-                self._empty_targets(tables)  # a new snapshot is the whole truth: no older rows may stay
-                rows = runner.run(self._targets(tables))
-        self._record_offset(slot.consistent_point, force=True)
-        return rows
-
-    def _empty_targets(self, tables: list[CdcTable]) -> None:
-        for table, target in self._targets(tables):
-            self.sink.prepare_table(target, table.schema, cdc=True)
-            self.sink.write(target, cdc_schema(table.schema), [], WriteStrategy.REPLACE)
 
     def _stream(self, tables: list[CdcTable]) -> StreamStats:
         """Stream until asked to stop. A resync requested meanwhile runs beside the stream (see
