@@ -1,0 +1,95 @@
+"""A resync beside the stream on the BigQuery sink (the emulator): while `public.items` is re-read
+through the sink's fork, the changes to `public.notes` keep reaching BigQuery.
+
+The copy is held by the gate in the snapshot reader (tests/copy_gate.py), as in
+tests/test_cdc_live_resync.py; at the end both tables equal the source row by row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import copy_gate
+import pytest
+from batch_project import project
+from cdc_project import cdc_pipeline, run_until_caught_up
+from table_compare import assert_same_rows, source_rows
+from test_bigquery_pipelines import Warehouse, env, execute, instance, succeeded, warehouse  # noqa: F401
+from test_cdc_live_resync import ITEMS_TABLE, _beat, live_run, write_during_copy
+from test_cdc_resync import drop_slots
+
+import nilus_dagster.cdc.snapshot as snapshot_module
+from nilus_dagster.cdc.pipeline import request_table_resync
+from nilus_dagster.cdc.resync import RESYNC_MARKER
+
+ITEMS = ["id", "counter", "label"]
+NOTES = ["note_id", "body", "n"]
+
+
+@pytest.fixture
+def source(env: str) -> Iterator[str]:  # noqa: F811 - the fixture imported above
+    execute(
+        env,
+        "CREATE TABLE public.items (id int PRIMARY KEY, counter int NOT NULL, label text)",
+        "INSERT INTO public.items SELECT g, 0, 'item ' || g FROM generate_series(1, 300) g",
+        "CREATE TABLE public.notes (note_id int PRIMARY KEY, body text, n int NOT NULL)",
+        "INSERT INTO public.notes SELECT g, 'note ' || g, 0 FROM generate_series(1, 200) g",
+    )
+    yield env
+    drop_slots(env)
+
+
+def count(warehouse: Warehouse, table: str, where: str = "TRUE") -> int:  # noqa: F811
+    sql = f"SELECT COUNT(*) AS n FROM `{warehouse.ref(table)}` WHERE {where}"
+    return next(iter(warehouse.client.query(sql).result()))["n"]
+
+
+def test_bigquery_other_tables_keep_streaming_while_a_table_is_resynced(
+    source: str,
+    state_dsn: str,
+    warehouse: Warehouse,  # noqa: F811
+    instance: object,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pipeline = cdc_pipeline("crashy", ["public.items", "public.notes"], sink=warehouse.sink(), cdc={"batch_max_ms": 300})
+    spec = {
+        "connections": {"src": {"type": "postgres", "dsn_env": "SOURCE_DSN"}, "sink": warehouse.target.connection},
+        "pipelines": [pipeline],
+    }
+    defs = project(warehouse.target, pipeline)
+    succeeded(run_until_caught_up(defs, "acme__crashy", instance))  # the initial snapshot
+    warehouse.client.query(f"DELETE FROM `{warehouse.ref('items')}` WHERE MOD(id, 3) = 0").result()  # only a resync repairs
+    monkeypatch.setattr(snapshot_module, "read_table", snapshot_module.read_table)  # undone after the test
+    copy_gate.install(tmp_path, "public.items")
+    try:
+        with live_run(spec, state_dsn) as (live, reader):
+            request_table_resync(live.config, live.store, ["public.items"], "test")
+            live.wait(lambda: copy_gate.reached(tmp_path), "the resync's copy to start", 60)
+            assert live.checkpoint(reader, ITEMS_TABLE) == RESYNC_MARKER  # emptied and marked, the copy waits
+            write_during_copy(source)
+            live.wait(
+                lambda: count(warehouse, "notes", "body = 'during'") == 25,
+                "the notes changes to reach BigQuery while items is resynced",
+                90,
+            )
+            assert live.checkpoint(reader, ITEMS_TABLE) == RESYNC_MARKER  # items is still being copied
+            assert count(warehouse, "items") == 0  # emptied; its changes held
+            assert [r.status for r in live.store.open_resyncs("acme", "crashy")] == ["running"]
+            assert _beat(live.store).get("resync_tables") == ["public.items"]
+            copy_gate.release(tmp_path)
+            live.wait(lambda: not live.store.open_resyncs("acme", "crashy"), "the resync to end", 120)
+            execute(  # after the restart: both tables stream again
+                source,
+                "UPDATE public.items SET counter = counter + 1 WHERE id % 7 = 0",
+                "INSERT INTO public.notes SELECT g, 'after', 0 FROM generate_series(900000, 900009) g",
+            )
+    finally:
+        copy_gate.release(tmp_path)
+    succeeded(run_until_caught_up(defs, "acme__crashy", instance))  # catch up to the last change
+    assert_same_rows(source_rows(source, "public.items", ITEMS, "id"), warehouse.rows("items", ITEMS, live=True))
+    assert_same_rows(
+        source_rows(source, "public.notes", NOTES, "note_id"), warehouse.rows("notes", NOTES, "note_id", live=True)
+    )
+    assert warehouse.duplicate_keys("items") == 0 and warehouse.duplicate_keys("notes", "note_id") == 0
