@@ -7,6 +7,8 @@ tests/test_cdc_live_resync.py; at the end both tables equal the source row by ro
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,14 +18,14 @@ from batch_project import project
 from cdc_project import cdc_pipeline, run_until_caught_up
 from table_compare import assert_same_rows, source_rows
 from test_bigquery_pipelines import Warehouse, env, execute, instance, succeeded, warehouse  # noqa: F401
-from test_cdc_live_resync import ITEMS_TABLE, _beat, live_run, write_during_copy
-from test_cdc_resync import drop_slots
+from test_cdc_live_resync import ITEMS_TABLE, _beat, light_churn, live_run, write_during_copy
+from test_cdc_resync import drop_slots, stop_churn
 
 import nilus_dagster.cdc.snapshot as snapshot_module
 from nilus_dagster.cdc.pipeline import request_table_resync
 from nilus_dagster.cdc.resync import RESYNC_MARKER
 
-ITEMS = ["id", "counter", "label"]
+ITEMS = ["id", "counter", "label", "updated_at"]
 NOTES = ["note_id", "body", "n"]
 
 
@@ -31,8 +33,8 @@ NOTES = ["note_id", "body", "n"]
 def source(env: str) -> Iterator[str]:  # noqa: F811 - the fixture imported above
     execute(
         env,
-        "CREATE TABLE public.items (id int PRIMARY KEY, counter int NOT NULL, label text)",
-        "INSERT INTO public.items SELECT g, 0, 'item ' || g FROM generate_series(1, 300) g",
+        "CREATE TABLE public.items (id int PRIMARY KEY, counter int NOT NULL, label text, updated_at timestamptz NOT NULL)",
+        "INSERT INTO public.items SELECT g, 0, 'item ' || g, now() FROM generate_series(1, 3000) g",
         "CREATE TABLE public.notes (note_id int PRIMARY KEY, body text, n int NOT NULL)",
         "INSERT INTO public.notes SELECT g, 'note ' || g, 0 FROM generate_series(1, 200) g",
     )
@@ -53,7 +55,8 @@ def test_bigquery_other_tables_keep_streaming_while_a_table_is_resynced(
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    pipeline = cdc_pipeline("crashy", ["public.items", "public.notes"], sink=warehouse.sink(), cdc={"batch_max_ms": 300})
+    cdc = {"batch_max_ms": 300, "snapshot_partition_blocks": 4}  # a copy in several partitions
+    pipeline = cdc_pipeline("crashy", ["public.items", "public.notes"], sink=warehouse.sink(), cdc=cdc)
     spec = {
         "connections": {"src": {"type": "postgres", "dsn_env": "SOURCE_DSN"}, "sink": warehouse.target.connection},
         "pipelines": [pipeline],
@@ -79,7 +82,14 @@ def test_bigquery_other_tables_keep_streaming_while_a_table_is_resynced(
             assert [r.status for r in live.store.open_resyncs("acme", "crashy")] == ["running"]
             assert _beat(live.store).get("resync_tables") == ["public.items"]
             copy_gate.release(tmp_path)
-            live.wait(lambda: not live.store.open_resyncs("acme", "crashy"), "the resync to end", 120)
+            writer_stop = threading.Event()  # the stream writes notes while the fork writes items
+            writer = threading.Thread(target=light_churn, args=(source, writer_stop, 600_000))
+            writer.start()
+            try:
+                live.wait(lambda: not live.store.open_resyncs("acme", "crashy"), "the resync to end", 120)
+                time.sleep(0.5)  # changes on both sides of the restart
+            finally:
+                stop_churn(writer_stop, writer)
             execute(  # after the restart: both tables stream again
                 source,
                 "UPDATE public.items SET counter = counter + 1 WHERE id % 7 = 0",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
@@ -69,6 +70,9 @@ class BigQueryJobs:
         self._tables: dict[str, bigquery.Table] = {}
         self._datasets: set[str] = set()
         self._parent: BigQueryJobs | None = None  # the sink this one was forked from
+        # Held by every statement writing the checkpoint table, shared with forks: the stream and a
+        # resync's worker both write it, and concurrent DML on one table conflicts (BigQuery aborts one).
+        self._checkpoint_lock = threading.Lock()
 
     @property
     def can_fork(self) -> bool:
@@ -77,7 +81,8 @@ class BigQueryJobs:
 
     def fork(self) -> Self:
         """A sink on the same project for another thread: its own client (the HTTP session is not
-        shared between threads) and nothing per transaction (`_span`) or cached shared with this one.
+        shared between threads) and nothing per transaction (`_span`) or cached shared with this one;
+        only the lock serializing writes of the checkpoint table.
         Its `close()` makes this sink forget the tables the fork saw (it may have emptied, widened
         or recreated them), so this one reads them again on next use."""
         if not self._owns_client:
@@ -92,7 +97,7 @@ class BigQueryJobs:
             options_by_table=self.options_by_table,
             retry_deadline=self.retry_deadline,
         )
-        forked._parent = self
+        forked._parent, forked._checkpoint_lock = self, self._checkpoint_lock
         return forked
 
     def close(self) -> None:
