@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import copy_gate
 import pytest
 from batch_project import project
+from bigquery_emulator import RunningEmulator
 from cdc_project import cdc_pipeline, run_until_caught_up
+from google.cloud import bigquery
 from table_compare import assert_same_rows, source_rows
 from test_bigquery_pipelines import Warehouse, env, execute, instance, succeeded, warehouse  # noqa: F401
 from test_cdc_live_resync import ITEMS_TABLE, _beat, light_churn, live_run, write_during_copy
@@ -24,6 +27,9 @@ from test_cdc_resync import drop_slots, stop_churn
 import nilus_dagster.cdc.snapshot as snapshot_module
 from nilus_dagster.cdc.pipeline import request_table_resync
 from nilus_dagster.cdc.resync import RESYNC_MARKER
+from nilus_dagster.schema import Column, ColumnType, TableName, TableSchema
+from nilus_dagster.sinks.base import SinkError, SinkTable
+from nilus_dagster.sinks.bigquery import BigQuerySink
 
 ITEMS = ["id", "counter", "label", "updated_at"]
 NOTES = ["note_id", "body", "n"]
@@ -103,3 +109,31 @@ def test_bigquery_other_tables_keep_streaming_while_a_table_is_resynced(
         source_rows(source, "public.notes", NOTES, "note_id"), warehouse.rows("notes", NOTES, "note_id", live=True)
     )
     assert warehouse.duplicate_keys("items") == 0 and warehouse.duplicate_keys("notes", "note_id") == 0
+
+
+def test_a_fork_has_its_own_client_and_transaction_and_its_close_refreshes_the_parent(
+    bigquery_emulator: RunningEmulator, bigquery_client: bigquery.Client
+) -> None:
+    dataset = f"fork_{uuid.uuid4().hex[:10]}"
+    sink = BigQuerySink(bigquery_emulator.project, dataset=dataset, api_endpoint=bigquery_emulator.url)
+    target = SinkTable(dataset, "t")
+    columns = (Column("id", ColumnType("int64")), Column("v", ColumnType("text")))
+    schema = TableSchema(TableName("public", "t"), columns, ("id",))
+    wider = TableSchema(schema.table, (*columns, Column("extra", ColumnType("int64"))), ("id",))
+    try:
+        assert sink.can_fork
+        fork = sink.fork()
+        assert fork.client is not sink.client
+        with sink.change_transaction(), fork.change_transaction():  # no transaction state shared
+            assert fork._span is not sink._span
+        sink.prepare_table(target, schema, cdc=True)  # the parent caches the table
+        assert fork.prepare_table(target, wider, cdc=True) == ["extra"]
+        fork.close()
+        assert sink.prepare_table(target, wider, cdc=True) == []  # read again: the fork's column is there
+    finally:
+        sink.close()
+        bigquery_client.delete_dataset(dataset, delete_contents=True, not_found_ok=True)
+    injected = BigQuerySink(bigquery_emulator.project, dataset=dataset, client=bigquery_client)
+    assert not injected.can_fork  # a live resync then pauses the stream, as before
+    with pytest.raises(SinkError, match="cannot fork"):
+        injected.fork()
