@@ -53,6 +53,10 @@ def count(warehouse: Warehouse, table: str, where: str = "TRUE") -> int:  # noqa
     return next(iter(warehouse.client.query(sql).result()))["n"]
 
 
+def columns_of(warehouse: Warehouse) -> set[str]:  # noqa: F811
+    return {f.name for f in warehouse.table("items").schema}
+
+
 def test_bigquery_other_tables_keep_streaming_while_a_table_is_resynced(
     source: str,
     state_dsn: str,
@@ -137,3 +141,40 @@ def test_a_fork_has_its_own_client_and_transaction_and_its_close_refreshes_the_p
     assert not injected.can_fork  # a live resync then pauses the stream, as before
     with pytest.raises(SinkError, match="cannot fork"):
         injected.fork()
+
+
+def test_bigquery_a_rewrite_mid_stream_is_resynced_beside_the_stream(
+    source: str, state_dsn: str, warehouse: Warehouse, instance: object  # noqa: F811
+) -> None:
+    pipeline = cdc_pipeline("crashy", ["public.items", "public.notes"], sink=warehouse.sink(), cdc={"batch_max_ms": 300})
+    spec = {
+        "connections": {"src": {"type": "postgres", "dsn_env": "SOURCE_DSN"}, "sink": warehouse.target.connection},
+        "pipelines": [pipeline],
+    }
+    defs = project(warehouse.target, pipeline)
+    succeeded(run_until_caught_up(defs, "acme__crashy", instance))
+    with live_run(spec, state_dsn) as (live, _reader):
+        execute(
+            source,
+            "ALTER TABLE public.items ADD COLUMN extra float8 DEFAULT random()",  # rewrites every row
+            "UPDATE public.items SET counter = counter + 1 WHERE id = 1",  # its Relation message shows the change
+        )
+        live.wait(
+            lambda: "extra" in columns_of(warehouse) and not live.store.open_resyncs("acme", "crashy"),
+            "the rewrite's resync to end",
+            120,
+        )
+        execute(
+            source,
+            "UPDATE public.items SET label = 'after' WHERE id % 100 = 0",  # through the stream's own sink
+            "INSERT INTO public.notes VALUES (900000, 'after', 0)",
+        )
+        live.wait(lambda: count(warehouse, "items", "label = 'after'") == 30, "the stream to apply items again", 60)
+        done = live.store.resync_requests(range(1, 100))  # a fresh state database
+        assert [(r.table_name, r.status) for r in done] == [("public.items", "done")]
+    succeeded(run_until_caught_up(defs, "acme__crashy", instance))
+    wider = [*ITEMS, "extra"]
+    assert_same_rows(source_rows(source, "public.items", wider, "id"), warehouse.rows("items", wider, live=True))
+    assert_same_rows(
+        source_rows(source, "public.notes", NOTES, "note_id"), warehouse.rows("notes", NOTES, "note_id", live=True)
+    )
