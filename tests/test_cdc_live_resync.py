@@ -125,7 +125,7 @@ def live_run(spec: dict, state_dsn: str) -> Iterator[tuple[LiveRun, Any]]:
     parsed, config = pipeline_config(spec)
     pipeline = parsed.pipelines[0]
     connection = parsed.connections[pipeline.sink.connection]
-    run_sink, reader = (open_sink(pipeline.sink.connection, connection, dataset="replica") for _ in range(2))
+    run_sink, reader = (open_sink(pipeline.sink.connection, connection, dataset=pipeline.sink.dataset) for _ in range(2))
     stop = threading.Event()
     failures: list[BaseException] = []
     with StateStore(state_dsn).open() as store:

@@ -16,7 +16,8 @@ apply exactly the transactions committing at or after C, the others skip, by the
 checkpoints, what they already applied. Schema (Relation) messages of a held table are not acted
 on: the copy follows the schema at C, and the restarted stream judges later ones against it.
 
-A sink without `fork()` (BigQuery) resyncs with the stream ended: every table pauses meanwhile.
+A sink without `fork()` (or whose `can_fork` is false: a BigQuery sink on an injected client)
+resyncs with the stream ended: every table pauses meanwhile.
 """
 
 from __future__ import annotations
@@ -116,7 +117,7 @@ class LiveResyncSteps:
             return live.done
         if not self._resync_requested_nonblocking():
             return False
-        if not callable(getattr(self.sink, "fork", None)):
+        if not callable(getattr(self.sink, "fork", None)) or not getattr(self.sink, "can_fork", True):
             return True
         if applier.applying_in_chunks:  # its sink transaction may already hold changes to the tables
             return False

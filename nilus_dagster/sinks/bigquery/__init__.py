@@ -21,6 +21,9 @@ point changes nothing.
   to a shadow table per target, whose net effect one MERGE applies at the source Commit, then the
   checkpoint (spanning.py); an abandoned transaction never reaches the target.
 
+A resync beside the stream writes through `fork()`: a second sink with its own client and table
+cache; the two serialize their writes of the checkpoint table (concurrent DML on one table conflicts).
+
 Loads never pass a schema: the target (or staging) table exists first and its schema applies,
 so a load can neither drop nor retype a column.
 

@@ -6,10 +6,12 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Self
 
 import pyarrow as pa
 from google.api_core import exceptions as api_errors
@@ -59,13 +61,49 @@ class BigQueryJobs:
         self.location = location
         self.table_options = table_options
         self.options_by_table = dict(options_by_table or {})
+        self.credentials_env = credentials_env
+        self.api_endpoint = api_endpoint
+        self.retry_deadline = retry_deadline
         self._owns_client = client is None
         self.client = client or make_client(project, location, credentials_env, api_endpoint)
         self._retry = Retry(predicate=is_transient, initial=1.0, maximum=32.0, multiplier=2.0, timeout=retry_deadline)
         self._tables: dict[str, bigquery.Table] = {}
         self._datasets: set[str] = set()
+        self._parent: BigQueryJobs | None = None  # the sink this one was forked from
+        # Held by every statement writing the checkpoint table, shared with forks: the stream and a
+        # resync's worker both write it, and concurrent DML on one table conflicts (BigQuery aborts one).
+        self._checkpoint_lock = threading.Lock()
+
+    @property
+    def can_fork(self) -> bool:
+        """`fork()` needs a client this sink built (an injected one cannot be duplicated)."""
+        return self._owns_client
+
+    def fork(self) -> Self:
+        """A sink on the same project for another thread: its own client (the HTTP session is not
+        shared between threads) and nothing per transaction (`_span`) or cached shared with this one;
+        only the lock serializing writes of the checkpoint table.
+        Its `close()` makes this sink forget the tables the fork saw (it may have emptied, widened
+        or recreated them), so this one reads them again on next use."""
+        if not self._owns_client:
+            raise SinkError("BigQuery sink: a sink built on an injected client cannot fork (no client of its own)")
+        forked = type(self)(
+            self.project,
+            dataset=self.dataset,
+            location=self.location,
+            credentials_env=self.credentials_env,
+            api_endpoint=self.api_endpoint,
+            table_options=self.table_options,
+            options_by_table=self.options_by_table,
+            retry_deadline=self.retry_deadline,
+        )
+        forked._parent, forked._checkpoint_lock = self, self._checkpoint_lock
+        return forked
 
     def close(self) -> None:
+        if self._parent is not None:  # each pop is atomic: safe beside the parent's thread
+            for ref in list(self._tables):
+                self._parent._tables.pop(ref, None)
         if self._owns_client:
             self.client.close()
 

@@ -319,7 +319,8 @@ class BigQuerySink(BigQueryJobs):
         ]
         if isinstance(checkpoint, MarkCheckpoint):
             parameters.append(bigquery.ScalarQueryParameter("previous", "STRING", checkpoint.previous))
-        self._query(script, f"appending to {target.qualified}", *parameters)
+        with self._checkpoint_lock:
+            self._query(script, f"appending to {target.qualified}", *parameters)
         if not isinstance(checkpoint, MarkCheckpoint):
             return
         stored = self.read_checkpoint(checkpoint.key)
@@ -366,12 +367,13 @@ class BigQuerySink(BigQueryJobs):
     def _save_checkpoint(self, checkpoint: Checkpoint | None) -> None:
         if checkpoint is None:
             return
-        self._query(
-            bq_sql.checkpoint_merge_sql(table_ref(self._checkpoint_table())),
-            f"saving checkpoint {checkpoint.key}",
-            bigquery.ScalarQueryParameter("key", "STRING", checkpoint.key),
-            bigquery.ScalarQueryParameter("value", "STRING", checkpoint.value),
-        )
+        with self._checkpoint_lock:
+            self._query(
+                bq_sql.checkpoint_merge_sql(table_ref(self._checkpoint_table())),
+                f"saving checkpoint {checkpoint.key}",
+                bigquery.ScalarQueryParameter("key", "STRING", checkpoint.key),
+                bigquery.ScalarQueryParameter("value", "STRING", checkpoint.value),
+            )
 
 
 def _renamed(field: bigquery.SchemaField, name: str) -> bigquery.SchemaField:
