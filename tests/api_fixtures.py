@@ -41,6 +41,7 @@ TOKENS = {
     "read_acme": ("tok-read-acme", ["acme"], "read"),
     "read_globex": ("tok-read-globex", ["globex"], "read"),
     "runtime": ("tok-runtime", ["acme", "initech"], "runtime"),
+    "editor_acme": ("tok-editor-acme", ["acme"], "editor"),
     "admin": ("tok-admin", [], "admin"),
 }
 DEFS_YAML = """
@@ -60,6 +61,7 @@ attributes:
       schedule: "*/15 * * * *"
     - name: catalog
       tenant: acme
+      labels: {team: sales, tier: gold}
       source: {connection: shop, tables: [acme.products]}
       sink: {connection: warehouse, dataset: acme, strategy: replace}
     - name: stream
@@ -296,7 +298,12 @@ def _fill_state(dsn: str) -> None:
 def _write_tokens(directory: Path) -> tuple[Path, str]:
     """read/admin tokens in a file (hashes only); runtime from the env-style variable."""
     file_entries = [
-        {"name": name, "sha256": hashlib.sha256(tok.encode()).hexdigest(), "tenants": tenants, "scope": scope}
+        {
+            "name": name,
+            "sha256": hashlib.sha256(tok.encode()).hexdigest(),
+            "tenants": tenants,
+            ("role" if scope == "editor" else "scope"): scope,  # a role (viewer/editor/admin) or a scope
+        }
         for name, (tok, tenants, scope) in TOKENS.items()
         if name != "runtime"
     ]

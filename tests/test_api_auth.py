@@ -6,7 +6,7 @@ import hashlib
 import json
 
 import pytest
-from api_fixtures import BASE, World
+from api_fixtures import BASE, DEFS_YAML, World
 from fastapi.testclient import TestClient
 
 from nilus_dagster.api.app import create_app
@@ -18,6 +18,8 @@ BODIES = {
     "/offsets": {"connector_name": "c", "offset_key": "k", "offset_value": {"lsn": "0/1"}},
     "/schema-history": {"connector_name": "c", "table_name": "t", "table_schema": {}},
 }
+# Operator routes: reads need `read`, writes `operate` (role editor); /validate any valid token.
+OPERATOR_SCOPES = {"GET": "read", "PUT": "operate", "POST": None}
 
 
 def _routes(client: TestClient) -> list[tuple[str, str, str | None]]:
@@ -27,13 +29,21 @@ def _routes(client: TestClient) -> list[tuple[str, str, str | None]]:
     for path, item in spec["paths"].items():
         for method, op in item.items():
             tag = op["tags"][0]
-            scope = {"system": None, "monitoring": "read", "cdc": "read"}.get(tag, "runtime")
+            if tag == "operator":
+                scope = OPERATOR_SCOPES[method.upper()]
+            else:
+                scope = {"system": None, "monitoring": "read", "cdc": "read"}.get(tag, "runtime")
             routes.append((method.upper(), path, scope))
     return routes
 
 
 def _call(client: TestClient, method: str, template: str, tenant: str, headers: dict):
-    path = template.format(tenant=tenant, resource_id="rid-orders", pipeline_name="stream")
+    resource_id = "nilus:v1:stream:acme" if template.endswith(("/state", "/checkpoints")) else "rid-orders"
+    path = template.format(tenant=tenant, resource_id=resource_id, pipeline_name="stream")
+    if path.endswith("/validate"):
+        return client.post(path, headers={**headers, "Content-Type": "application/yaml"}, content=DEFS_YAML)
+    if method == "PUT":  # a lifecycle change the running pipeline refuses (409): the matrix changes nothing
+        return client.put(path, headers=headers, json={"state": "resume"})
     body = next((b for suffix, b in BODIES.items() if path.endswith(suffix)), None)
     return client.request(method, path, headers=headers, json=body if method == "POST" else None)
 
@@ -45,8 +55,8 @@ def _error(response, status: int, code: str) -> None:
 
 def test_every_route_is_documented_and_covered(sqlite_client) -> None:
     routes = _routes(sqlite_client)
-    assert len(routes) == 16
-    assert {scope for *_, scope in routes} == {None, "read", "runtime"}
+    assert len(routes) == 21
+    assert {scope for *_, scope in routes} == {None, "read", "operate", "runtime"}
 
 
 @pytest.fixture
@@ -63,19 +73,25 @@ def test_auth_matrix_on_every_route(sqlite_world: World, matrix_client) -> None:
         _error(_call(sqlite_client, method, template, "acme", {}), 401, "unauthorized")
         for bad in ("Bearer nope", "Bearer ", "Basic dG9rLWFkbWlu", "tok-read-acme", "Bearer tok-read-acme2"):
             _error(_call(sqlite_client, method, template, "acme", {"Authorization": bad}), 401, "unauthorized")
-        if scope is None:  # /health, /info: any valid token
-            for who in ("read_acme", "runtime", "admin"):
+        if scope is None:  # /health, /info, /validate: any valid token
+            for who in ("read_acme", "runtime", "admin", "editor_acme"):
                 assert _call(sqlite_client, method, template, "acme", sqlite_world.headers(who)).status_code in (
                     200,
                     503,
                 ), where
             continue
-        right = "read_acme" if scope == "read" else "runtime"
-        wrong = "runtime" if scope == "read" else "read_acme"
+        right = {"read": "read_acme", "operate": "editor_acme"}.get(scope, "runtime")
+        wrongs = {"read": ["runtime"], "operate": ["read_acme", "runtime"]}.get(scope, ["read_acme", "editor_acme"])
+        allowed = (200, 201, 409) if method == "PUT" else (200, 201)  # the PUT asks a refused transition
         ok = _call(sqlite_client, method, template, "acme", sqlite_world.headers(right))
-        assert ok.status_code in (200, 201), (where, ok.text)
-        assert _call(sqlite_client, method, template, "acme", sqlite_world.headers("admin")).status_code in (200, 201)
-        _error(_call(sqlite_client, method, template, "acme", sqlite_world.headers(wrong)), 403, "forbidden")
+        assert ok.status_code in allowed, (where, ok.text)
+        assert _call(sqlite_client, method, template, "acme", sqlite_world.headers("admin")).status_code in allowed
+        if scope == "read":  # an editor reads too
+            assert (
+                _call(sqlite_client, method, template, "acme", sqlite_world.headers("editor_acme")).status_code == 200
+            )
+        for wrong in wrongs:
+            _error(_call(sqlite_client, method, template, "acme", sqlite_world.headers(wrong)), 403, "forbidden")
         other = "globex" if scope == "read" else "globex"
         denied = _call(sqlite_client, method, template, other, sqlite_world.headers(right))
         _error(denied, 403, "forbidden")

@@ -1,8 +1,10 @@
 """Bearer tokens: only SHA-256 hashes are kept, each bound to tenants and one scope.
 
-Scopes: `read` (a tenant's monitoring), `runtime` (the internal runtime API), `admin` (everything,
-every tenant). Sources: `NILUS_API_TOKENS_FILE` (YAML/JSON list of `{name, sha256, tenants, scope}`)
-and, for development, `NILUS_API_TOKENS` (`token:tenant1,tenant2:scope;...`, hashed at load).
+Scopes: `read` (a tenant's monitoring), `operate` (read, and operator actions: pipeline state...),
+`runtime` (the internal runtime API), `admin` (everything, every tenant). Roles name the same
+grants: `viewer` = read, `editor` = operate, `admin` = admin; a token gives `scope` or `role`.
+Sources: `NILUS_API_TOKENS_FILE` (YAML/JSON list of `{name, sha256, tenants, scope | role}`) and,
+for development, `NILUS_API_TOKENS` (`token:tenant1,tenant2:scope-or-role;...`, hashed at load).
 
     python -m nilus_dagster.api.auth hash <token>     # the sha256 to put in the tokens file
     python -m nilus_dagster.api.auth new              # a fresh random token and its hash
@@ -21,8 +23,12 @@ from typing import Literal
 
 import yaml
 
-Scope = Literal["read", "runtime", "admin"]
-SCOPES: tuple[str, ...] = ("read", "runtime", "admin")
+Scope = Literal["read", "operate", "runtime", "admin"]
+SCOPES: tuple[str, ...] = ("read", "operate", "runtime", "admin")
+ROLES = {"viewer": "read", "editor": "operate", "admin": "admin"}  # role -> scope
+ROLE_OF = {scope: role for role, scope in ROLES.items()}
+# What a token of each scope may do besides its own scope (admin may do everything).
+IMPLIED = {"operate": ("read",)}
 
 
 class TokenConfigError(ValueError):
@@ -41,10 +47,18 @@ class Principal:
     tenants: frozenset[str]
     scope: str
 
+    @property
+    def role(self) -> str | None:
+        """viewer / editor / admin (None for a runtime token)."""
+        return ROLE_OF.get(self.scope)
+
+    def has_scope(self, scope: str) -> bool:
+        return self.scope == "admin" or self.scope == scope or scope in IMPLIED.get(self.scope, ())
+
     def may(self, scope: str, tenant: str | None = None) -> bool:
         if self.scope == "admin":
             return True
-        return self.scope == scope and (tenant is None or tenant in self.tenants)
+        return self.has_scope(scope) and (tenant is None or tenant in self.tenants)
 
 
 @dataclass(frozen=True)
@@ -81,8 +95,10 @@ class TokenRegistry:
 
 
 def _principal(name: str, tenants: object, scope: object, where: str) -> Principal:
+    scope = ROLES.get(scope, scope) if isinstance(scope, str) else scope
     if scope not in SCOPES:
-        raise TokenConfigError(f"{where}: scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+        choices = ", ".join((*SCOPES, *ROLES))
+        raise TokenConfigError(f"{where}: scope (or role) must be one of {choices}, got {scope!r}")
     if isinstance(tenants, str):
         tenants = [t for t in tenants.split(",") if t]
     if not isinstance(tenants, list) or not all(isinstance(t, str) for t in tenants):
@@ -110,7 +126,10 @@ def _from_file(path: Path) -> list[tuple[str, Principal]]:
         if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
             raise TokenConfigError(f"{where}: sha256 must be 64 hex digits (python -m nilus_dagster.api.auth hash)")
         name = str(item.get("name") or f"token{index}")
-        entries.append((digest, _principal(name, item.get("tenants") or [], item.get("scope"), where)))
+        if item.get("scope") and item.get("role"):
+            raise TokenConfigError(f"{where}: give scope or role, not both")
+        grant = item.get("scope") or item.get("role")
+        entries.append((digest, _principal(name, item.get("tenants") or [], grant, where)))
     return entries
 
 

@@ -54,11 +54,12 @@ def tenant_scope(scope: str) -> Callable[..., str]:
 def ensure(principal: Principal, scope: str, tenant: str) -> None:
     if principal.may(scope, tenant):
         return
-    if principal.scope != scope and principal.scope != "admin":
+    if not principal.has_scope(scope):
         raise forbidden(f"this token has scope '{principal.scope}'; this endpoint needs '{scope}'")
     raise forbidden("this token may not access this tenant")
 
 
 ReadTenant = Annotated[str, Depends(tenant_scope("read"))]
 RuntimeTenant = Annotated[str, Depends(tenant_scope("runtime"))]
+OperateTenant = Annotated[str, Depends(tenant_scope("operate"))]
 Model = Annotated[ReadModel, Depends(read_model)]

@@ -10,24 +10,24 @@ import logging
 from collections.abc import Callable
 from typing import Annotated, Any, TypeVar
 
-import psycopg
 import strawberry
 from fastapi import Depends
 from graphql import GraphQLError
 from pydantic import ValidationError
-from starlette.concurrency import run_in_threadpool
 from strawberry.experimental.pydantic import type as pydantic_type
 from strawberry.extensions import MaskErrors
 from strawberry.fastapi import GraphQLRouter
 from strawberry.scalars import JSON
+from strawberry.tools import merge_types
 from strawberry.types import ExecutionContext, Info
 from strawberry.utils.logging import StrawberryLogger
 
 from nilus_dagster.api import models
 from nilus_dagster.api.auth import Principal
-from nilus_dagster.api.declarations import DeclarationsUnavailable
 from nilus_dagster.api.deps import authenticate, read_model
-from nilus_dagster.api.errors import DAGSTER_STORAGE_ERRORS, ApiError
+from nilus_dagster.api.graphql_errors import GraphQLApiError as _Error
+from nilus_dagster.api.graphql_errors import call_model
+from nilus_dagster.api.graphql_operator import Mutation, OperatorQuery
 from nilus_dagster.api.params import (
     OffsetFilters,
     PipelineFilters,
@@ -36,7 +36,6 @@ from nilus_dagster.api.params import (
     StatsQuery,
 )
 from nilus_dagster.api.read_model import ReadModel
-from nilus_dagster.state.store import StateStoreError
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -92,13 +91,6 @@ class SchemaHistoryPage:
     pass
 
 
-class _Error(GraphQLError):
-    """An error we mean to show (not masked)."""
-
-    def __init__(self, message: str, code: str):
-        super().__init__(message, extensions={"code": code})
-
-
 def _describe(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'argument'}: {e['msg']}" for e in exc.errors())
 
@@ -112,14 +104,7 @@ async def _resolve(info: Info, tenant: str, build: Callable[[], Any], run: Calla
         args = build()
     except ValidationError as exc:
         raise _Error(_describe(exc), "invalid_parameter") from None
-    try:
-        return await run_in_threadpool(run, info.context["model"], args)
-    except ApiError as exc:
-        raise _Error(exc.message, exc.code) from None
-    except (StateStoreError, psycopg.OperationalError, *DAGSTER_STORAGE_ERRORS, DeclarationsUnavailable):
-        raise _Error("storage is unavailable, retry later", "unavailable") from None
-    except psycopg.DataError:
-        raise _Error("a value cannot be used", "invalid_parameter") from None
+    return await call_model(info, lambda model: run(model, args))
 
 
 def _given(**kwargs: Any) -> dict[str, Any]:
@@ -139,10 +124,12 @@ class Query:
         started_at: str | None = None,
         started_at_gte: str | None = None,
         started_at_lte: str | None = None,
+        label: list[str] | None = None,
         limit: int | None = None,
         offset: int | None = None,
     ) -> PipelinesPage:
         args = _given(
+            label=label,
             run_as_user=run_as_user,
             is_success=is_success,
             resource_id=resource_id,
@@ -249,7 +236,8 @@ class _Schema(strawberry.Schema):
 
 
 schema = _Schema(
-    query=Query,
+    query=merge_types("Query", (Query, OperatorQuery)),
+    mutation=Mutation,
     # Anything but our own errors is masked: no internals (or other tenants' data) in messages.
     extensions=[lambda: MaskErrors(should_mask_error=_is_internal)],  # a fresh extension per request
 )

@@ -24,6 +24,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nilus_dagster.api.services import Services
+from nilus_dagster.state.control import ControlStore
 
 log = logging.getLogger(__name__)
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -100,7 +101,7 @@ class StorageCollector(Collector):
 
     def _read(self) -> list[Metric]:
         families: list[Metric] = []
-        for section in (self._runs, self._declared, self._cdc):
+        for section in (self._runs, self._declared, self._cdc, self._holds):
             try:
                 families.extend(section())
             except Exception as exc:  # one unreachable store must not empty the whole scrape
@@ -182,6 +183,28 @@ class StorageCollector(Collector):
             for table in store.snapshot_progress(tenant, pipeline):
                 snapshot.add_metric([tenant, pipeline, table.table], table.percent)
         return [lag, unconfirmed, events, rate, age, snapshot]
+
+    def _holds(self) -> list[Metric]:
+        """Pipelines an operator stopped or paused (1 while held), and for how long."""
+        store = self.services.store
+        if store is None:
+            return []
+        held = GaugeMetricFamily(
+            "nilus_pipeline_held",
+            "1 while an operator holds the pipeline stopped or paused",
+            labels=["tenant", "pipeline", "state"],
+        )
+        since = GaugeMetricFamily(
+            "nilus_pipeline_held_seconds",
+            "Seconds since the operator stopped or paused it",
+            labels=["tenant", "pipeline"],
+        )
+        now = time.time()
+        for hold in ControlStore(store).holds():
+            if hold.held:
+                held.add_metric([hold.tenant, hold.pipeline, hold.desired], 1.0)
+                since.add_metric([hold.tenant, hold.pipeline], max(0.0, now - hold.updated_at.timestamp()))
+        return [held, since]
 
 
 STALE_BEAT_S = 30.0  # a live run beats every few seconds

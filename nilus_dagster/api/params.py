@@ -83,6 +83,19 @@ class PipelineFilters(Paging):
     )
     started_at_gte: UtcDatetime | None = Field(None, description="Latest run started at or after")
     started_at_lte: UtcDatetime | None = Field(None, description="Latest run started at or before")
+    label: list[Text] | None = Field(
+        None,
+        max_length=20,
+        description="`key:value` (or `key`: any value) among the declared labels; repeated labels must all match",
+    )
+
+    def labels_match(self, labels: dict[str, str]) -> bool:
+        """Every `label` filter matches (AND); `key` alone matches any value of that key."""
+        for wanted in self.label or ():
+            name, sep, value = wanted.partition(":")
+            if name not in labels or (sep and labels[name] != value):
+                return False
+        return True
 
     def started_window(self) -> tuple[datetime | None, datetime | None, bool]:
         """(lower, upper, upper_inclusive) bounds on the latest run's start, combining all filters."""

@@ -25,6 +25,7 @@ from nilus_dagster.api.params import (
 from nilus_dagster.api.runs import FINISHED, NOT_SUCCESS, SUCCESS, RunReader, pipeline_filter
 from nilus_dagster.components.tags import PIPELINE_TAG, RESOURCE_ID_TAG, RUN_AS_USER_TAG
 from nilus_dagster.spec.pipelines import Pipeline
+from nilus_dagster.state.control import ControlStore
 from nilus_dagster.state.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class ReadModel:
             for p in self.declarations.for_tenant(tenant)
             if (q.resource_id is None or p.effective_resource_id == q.resource_id)
             and (q.run_as_user is None or p.run_as_user == q.run_as_user)
+            and q.labels_match(p.labels)
         ]
         if q.filters_on_runs:
             latest = self._latest(tenant, declared)
@@ -124,7 +126,9 @@ class ReadModel:
         if self._store is None:
             return {}
         try:
-            return {s.pipeline: s.state for s in self._store.list_pipeline_states(tenant)}
+            states = {s.pipeline: s.state for s in self._store.list_pipeline_states(tenant)}
+            holds = ControlStore(self._store).for_tenant(tenant)
+            return {**states, **{name: h.desired for name, h in holds.items() if h.held}}  # an operator's hold wins
         except Exception as exc:  # state is an extra: monitoring of runs works without it
             log.warning("pipeline states unavailable: %s", exc)
             return {}

@@ -10,6 +10,7 @@ from nilus_dagster.components.batch_assets import STATE_RESOURCE_KEY, ensure_run
 from nilus_dagster.components.cdc_config import CdcRunConfig, cdc_config, pipeline_key
 from nilus_dagster.components.cdc_operator_jobs import operator_jobs
 from nilus_dagster.components.cdc_reporting import CdcAssetReporter, lag_check, lag_check_specs
+from nilus_dagster.components.lifecycle import LIVE_STATUSES, hold_watch, sensor_hold
 from nilus_dagster.components.naming import table_asset_attributes
 from nilus_dagster.components.run_stop import DeliberateStop
 from nilus_dagster.components.stale_runs import end_stale_run
@@ -95,6 +96,9 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
         reporter = CdcAssetReporter(context, pipeline)
         stop = DeliberateStop(context.instance, context.run.run_id, context.log)
         approved = _approval_watch(store, pipeline)
+        held = hold_watch(store, pipeline, stop)
+        if held():  # launched while an operator holds the pipeline stopped or paused
+            stop.end_canceled("nothing was read")
         sink = open_pipeline_sink(spec, pipeline)
         try:
             with stop.signals(), stop.ending(SnapshotCancelled, "finished snapshot partitions are kept"):
@@ -103,7 +107,7 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
                     sink,
                     store,
                     run_id=context.run.run_id,
-                    should_stop=lambda: stop.requested() or approved(),
+                    should_stop=lambda: stop.requested() or held() or approved(),
                     on_progress=reporter,
                     stop_at_caught_up=config.stop_at == "caught_up",
                     interrupts=(dg.DagsterExecutionInterruptedError,),
@@ -148,35 +152,30 @@ def _keep_alive_sensor(pipeline: Pipeline) -> dg.SensorDefinition:
 
 def keep_alive_decision(instance: dg.DagsterInstance, store, pipeline: Pipeline, job_name: str):  # noqa: ANN001
     """A RunRequest for the next generation, or a SkipReason saying why not."""
+    tags_filter = {TENANT_TAG: pipeline.tenant, PIPELINE_TAG: pipeline.name}
+    latest = instance.get_runs(dg.RunsFilter(tags=tags_filter), limit=1)
+    last = latest[0] if latest else None
+    held, operator_tags = sensor_hold(instance, store, pipeline, last)
+    if held is not None:
+        return dg.SkipReason(held)
     state = store.get_pipeline_state(pipeline.tenant, pipeline.name)
     if state is not None and state.state in ("failed", "stopped"):
         return dg.SkipReason(f"pipeline is {state.state}: {state.detail.get('reason', 'see its state')}")
-    tags_filter = {TENANT_TAG: pipeline.tenant, PIPELINE_TAG: pipeline.name}
-    live = instance.get_runs(dg.RunsFilter(tags=tags_filter, statuses=list(_LIVE_STATUSES)), limit=1)
+    live = instance.get_runs(dg.RunsFilter(tags=tags_filter, statuses=list(LIVE_STATUSES)), limit=1)
     if live:
         run = live[0]
         if not _is_stale(store, pipeline, run):
             return dg.SkipReason(f"run {run.run_id} is live")
         end_stale_run(instance, run)  # terminate it (it may be wedged, not dead), then mark it failed
         return dg.RunRequest(run_key=f"{job_name}:{run.run_id}", tags=run_tags(pipeline))  # a crash: no backoff
-    latest = instance.get_runs(dg.RunsFilter(tags=tags_filter), limit=1)
-    last = latest[0] if latest else None
     if last is not None and last.status == dg.DagsterRunStatus.FAILURE:
         wait = _backoff(instance, job_name, tags_filter)
         record = instance.get_run_record_by_id(last.run_id)
         ended = record.end_time if record and record.end_time else None
         if ended is not None and datetime.now(UTC).timestamp() - ended < wait.total_seconds():
             return dg.SkipReason(f"last run failed; retrying after {int(wait.total_seconds())}s")
-    return dg.RunRequest(run_key=f"{job_name}:{last.run_id if last else 'initial'}", tags=run_tags(pipeline))
-
-
-_LIVE_STATUSES = (
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-    dg.DagsterRunStatus.CANCELING,
-)
+    tags = {**run_tags(pipeline), **operator_tags}
+    return dg.RunRequest(run_key=f"{job_name}:{last.run_id if last else 'initial'}", tags=tags)
 
 
 def _is_stale(store, pipeline: Pipeline, run: dg.DagsterRun) -> bool:  # noqa: ANN001

@@ -5,6 +5,7 @@ from collections.abc import Callable
 import dagster as dg
 
 from nilus_dagster.components.cdc_config import ResyncConfig, cdc_config, pipeline_key
+from nilus_dagster.components.lifecycle import lifecycle_jobs
 from nilus_dagster.components.tags import operation_tags
 from nilus_dagster.spec.pipelines import Pipeline
 from nilus_dagster.spec.project import PipelinesSpec
@@ -71,4 +72,5 @@ def operator_jobs(spec: PipelinesSpec, pipeline: Pipeline) -> list[dg.JobDefinit
         _operator_job(pipeline, "approve_schema", approve),
         _operator_job(pipeline, "reset", reset),
         _resync_job(spec, pipeline),
+        *lifecycle_jobs(pipeline),
     ]

@@ -109,4 +109,34 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX ON {schema}.cdc_offsets (tenant, pipeline, connector_name, offset_key, id DESC);
         """,
     ),
+    (
+        6,  # operator surface (issue 15): a pipeline held stopped/paused, and the audit trail
+        """
+        CREATE TABLE {schema}.pipeline_control (
+            tenant text NOT NULL,
+            pipeline text NOT NULL,
+            resource_id text NOT NULL,
+            desired text NOT NULL,
+            actor text NOT NULL,
+            audit_id bigint,
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant, pipeline)
+        );
+        CREATE TABLE {schema}.operator_audit (
+            id bigserial PRIMARY KEY,
+            tenant text NOT NULL,
+            pipeline text,
+            resource_id text,
+            actor text NOT NULL,
+            action text NOT NULL,
+            params jsonb NOT NULL DEFAULT '{{}}',
+            result text NOT NULL DEFAULT 'pending',
+            detail jsonb NOT NULL DEFAULT '{{}}',
+            run_ids jsonb NOT NULL DEFAULT '[]',
+            at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX ON {schema}.operator_audit (tenant, id DESC);
+        CREATE INDEX ON {schema}.operator_audit (tenant, pipeline, id DESC);
+        """,
+    ),
 ]
