@@ -12,6 +12,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dagster as dg
@@ -225,3 +226,14 @@ def test_the_dagster_jobs_make_the_same_changes(
     job_run = instance.get_run_by_id(launch("pause").run_id)  # the job's own run names its audit row
     newest = client.get(f"{BASE}/tenants/acme/audit", headers=EDITOR).json()["audit"][0]
     assert job_run.tags[AUDIT_TAG] == str(newest["id"]) and newest["action"] == "state:pause"
+
+
+def test_concurrent_changes_are_serialized(operated: tuple[str, TestClient]) -> None:
+    """Four stops at once: one is carried out, the others find the pipeline stopped (409)."""
+    _, client = operated
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda _: client.put(STATE, json={"state": "stop"}, headers=EDITOR), range(4)))
+    assert sorted(a.status_code for a in answers) == [200, 409, 409, 409]
+    assert all("it is stopped" in a.json()["error"] for a in answers if a.status_code == 409)
+    audit = client.get(f"{BASE}/tenants/acme/audit", headers=EDITOR).json()
+    assert sorted(e["result"] for e in audit["audit"]) == ["ok", "refused", "refused", "refused"]

@@ -99,25 +99,34 @@ def change_state(
     control, key = ControlStore(store), pipeline_key(pipeline)
     audit_id = control.audit_start(key.tenant, key, actor, f"state:{action}", {"state": action, "via": via})
     try:
-        current = lifecycle_state(instance, store, pipeline)
-        if current not in ALLOWED_FROM[action]:
-            control.audit_end(audit_id, "refused", {"current": current}, [])
-            raise TransitionRefused(action, current)
-        control.set_desired(key, DESIRED[action], actor, audit_id)
-        run_ids = []
-        if DESIRED[action] != "running":
-            tags = {AUDIT_TAG: str(audit_id), OPERATOR_TAG: actor, ACTION_TAG: action}
-            message = f"{action} requested by {actor} (audit {audit_id})"
-            for run in live_runs(instance, pipeline):
-                terminate_run(instance, run, message, tags)
-                run_ids.append(run.run_id)
-        state = lifecycle_state(instance, store, pipeline)
-        control.audit_end(audit_id, "ok", {"previous": current, "state": state}, run_ids)
+        with control.serialized(key):
+            return _change(instance, store, pipeline, action, actor, audit_id)
     except TransitionRefused:
         raise
     except Exception as error:
         control.audit_end(audit_id, "error", {"error": str(error)}, [])
         raise
+
+
+def _change(
+    instance: dg.DagsterInstance, store: StateStore, pipeline: Pipeline, action: str, actor: str, audit_id: int
+) -> LifecycleChange:
+    """Under the pipeline's lock: check the transition, store the hold, end the live runs."""
+    control, key = ControlStore(store), pipeline_key(pipeline)
+    current = lifecycle_state(instance, store, pipeline)
+    if current not in ALLOWED_FROM[action]:
+        control.audit_end(audit_id, "refused", {"current": current}, [])
+        raise TransitionRefused(action, current)
+    control.set_desired(key, DESIRED[action], actor, audit_id)
+    run_ids = []
+    if DESIRED[action] != "running":
+        tags = {AUDIT_TAG: str(audit_id), OPERATOR_TAG: actor, ACTION_TAG: action}
+        message = f"{action} requested by {actor} (audit {audit_id})"
+        for run in live_runs(instance, pipeline):
+            terminate_run(instance, run, message, tags)
+            run_ids.append(run.run_id)
+    state = lifecycle_state(instance, store, pipeline)
+    control.audit_end(audit_id, "ok", {"previous": current, "state": state}, run_ids)
     return LifecycleChange(current, state, run_ids, audit_id)
 
 

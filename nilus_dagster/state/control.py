@@ -7,6 +7,8 @@ detail) while it works, and an operator's stop must never be lost to such a writ
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -60,6 +62,17 @@ class ControlStore:
         self.store = store
 
     # -- holds -----------------------------------------------------------------------------
+    @contextmanager
+    def serialized(self, key: PipelineKey) -> Iterator[None]:
+        """One operator action at a time per pipeline (a session advisory lock, every process)."""
+        name = f"nilus-control/{key.tenant}/{key.pipeline}"
+        with self.store._conn() as conn:
+            conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (name,))
+            try:
+                yield
+            finally:
+                conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (name,))
+
     def set_desired(self, key: PipelineKey, desired: str, actor: str, audit_id: int | None) -> None:
         with self.store._conn() as conn:
             conn.execute(
