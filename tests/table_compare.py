@@ -37,7 +37,8 @@ def normalize(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return tuple(normalize(v) for v in value)
     if isinstance(value, Decimal):
-        return value.normalize(_EXACT) if value.is_finite() else value  # the default context rounds
+        # the default context rounds; NaN equals nothing, not even NaN: compare specials by name
+        return value.normalize(_EXACT) if value.is_finite() else ("numeric", str(value))
     return value
 
 

@@ -12,6 +12,7 @@ import threading
 import time
 from pathlib import Path
 
+from nilus_dagster.spec.connections import Connection
 from nilus_dagster.spec.loading import load_declared_pipelines
 from nilus_dagster.spec.pipelines import Pipeline
 
@@ -30,6 +31,7 @@ class Declarations:
         self._checked_at = float("-inf")
         self._fingerprint: tuple | None = None
         self._by_tenant: dict[str, list[Pipeline]] | None = None
+        self._sources: dict[tuple[str, str], Connection] = {}
         self._error: str | None = None
 
     def _scan(self) -> tuple:
@@ -49,11 +51,14 @@ class Declarations:
                 if fingerprint == self._fingerprint:
                     return
                 by_tenant: dict[str, list[Pipeline]] = {}
+                sources: dict[tuple[str, str], Connection] = {}
                 for declared in load_declared_pipelines(self.defs_dir):
-                    by_tenant.setdefault(declared.pipeline.tenant, []).append(declared.pipeline)
+                    pipeline = declared.pipeline
+                    by_tenant.setdefault(pipeline.tenant, []).append(pipeline)
+                    sources[(pipeline.tenant, pipeline.name)] = declared.spec.connections[pipeline.source.connection]
                 for pipelines in by_tenant.values():
                     pipelines.sort(key=lambda p: p.name)
-                self._by_tenant, self._fingerprint, self._error = by_tenant, fingerprint, None
+                self._by_tenant, self._sources, self._fingerprint, self._error = by_tenant, sources, fingerprint, None
             except Exception as exc:  # a bad edit must not take the API down
                 self._error = str(exc)
                 log.error("cannot load pipeline declarations from %s: %s", self.defs_dir, exc)
@@ -71,6 +76,11 @@ class Declarations:
 
     def find(self, tenant: str, name: str) -> Pipeline | None:
         return next((p for p in self.for_tenant(tenant) if p.name == name), None)
+
+    def source(self, pipeline: Pipeline) -> Connection | None:
+        """The connection the pipeline's source is declared with."""
+        self._refresh()
+        return self._sources.get((pipeline.tenant, pipeline.name))
 
     def check(self) -> str | None:
         """None when declarations are loaded, else the reason."""

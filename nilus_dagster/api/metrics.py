@@ -24,6 +24,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nilus_dagster.api.services import Services
+from nilus_dagster.api.slot_positions import slot_positions
 from nilus_dagster.state.control import ControlStore
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,8 @@ class StorageCollector(Collector):
         )
         unconfirmed = GaugeMetricFamily(
             "nilus_cdc_slot_unconfirmed_wal_bytes",
-            "Source WAL past the slot's confirmed position (not yet durable in the sink)",
+            "Source WAL past the slot's confirmed position (not yet durable in the sink), read from the "
+            "source's pg_replication_slots (the run's last heartbeat when the source cannot be read)",
             labels=labels,
         )
         events = CounterMetricFamily("nilus_cdc_events", "Change events applied", labels=labels)
@@ -164,17 +166,19 @@ class StorageCollector(Collector):
             "nilus_cdc_snapshot_percent", "Initial snapshot progress per table", labels=[*labels, "table"]
         )
         heartbeats = store.list_heartbeats()
+        slots = slot_positions(self.services.declarations, store)  # also while no run is alive
+        for (tenant, pipeline), position in sorted(slots.items()):
+            unconfirmed.add_metric([tenant, pipeline], position.unconfirmed_wal_bytes)
         now = time.time()
         for (tenant, pipeline), beat in sorted(heartbeats.items()):
             key = [tenant, pipeline]
             beat_age = max(0.0, now - beat.beat_at.timestamp())
             age.add_metric(key, beat_age)
             lag.add_metric(key, cdc_lag(beat.detail, beat_age))
-            for family, field in (
-                (events, "events_total"),
-                (rate, "events_per_s"),
-                (unconfirmed, "unconfirmed_wal_bytes"),
-            ):
+            reported = [(events, "events_total"), (rate, "events_per_s")]
+            if (tenant, pipeline) not in slots:
+                reported.append((unconfirmed, "unconfirmed_wal_bytes"))
+            for family, field in reported:
                 value = _number(beat.detail.get(field))
                 if value is not None:
                     family.add_metric(key, value)

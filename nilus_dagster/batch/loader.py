@@ -18,7 +18,7 @@ from psycopg import sql
 
 from nilus_dagster.schema import TableSchema
 from nilus_dagster.schema.evolution import SchemaDiff, diff_schemas
-from nilus_dagster.sinks.base import MarkCheckpoint, Sink, SinkTable, WriteStrategy
+from nilus_dagster.sinks.base import MarkCheckpoint, Sink, SinkTable, WriteStrategy, carried_schema
 from nilus_dagster.sources.postgres.catalog import read_table_schema
 from nilus_dagster.sources.postgres.connection import connect_source
 from nilus_dagster.sources.postgres.reader import read_table
@@ -172,7 +172,7 @@ def load_table(
     with connect_source(load.source_connection, load.source_dsn, autocommit=True) as conn:
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         conn.execute("SET LOCAL TIME ZONE 'UTC'")
-        schema = _source_schema(conn, load)
+        schema = carried_schema(sink, _source_schema(conn, load))
         sink.check_table(load.target, schema, cdc=False, strategy=load.strategy)  # refuse before writing
         diff = _check_schema_policy(store, load, schema)
         previous = stored = None

@@ -46,7 +46,7 @@ from nilus_dagster.cdc.spanning import SpanningTransaction
 from nilus_dagster.cdc.stream_stats import StreamStats
 from nilus_dagster.schema import TableName, TableSchema
 from nilus_dagster.schema.evolution import SchemaDiff, diff_schemas
-from nilus_dagster.sinks.base import Checkpoint, ChunkedApplyUnsupported, Sink, SinkTable
+from nilus_dagster.sinks.base import Checkpoint, ChunkedApplyUnsupported, Sink, SinkTable, carried_schema
 
 _KIND_NAMES = {b"I"[0]: "I", b"U"[0]: "U", b"D"[0]: "D"}
 
@@ -286,7 +286,7 @@ class ChangeApplier:
         unknown = [c.type_oid for c in relation.columns if c.type_oid not in self._types]
         self._types.update(self.lookup_types(unknown))
         described = relation_schema(relation, {**BUILTIN_TYPES, **self._types})
-        schema = TableSchema(name, described.columns, table.source.schema.primary_key)
+        schema = carried_schema(self.sink, TableSchema(name, described.columns, table.source.schema.primary_key))
         diff = diff_schemas(table.schema, schema)
         names = tuple(c.name for c in relation.columns)
         known = self._relations.get(relation.relation_id)

@@ -49,7 +49,7 @@ from nilus_dagster.cdc.stream import (
     run_stream,
 )
 from nilus_dagster.schema import TableName, TableSchema
-from nilus_dagster.sinks.base import Sink, SinkTable
+from nilus_dagster.sinks.base import Sink, SinkTable, carried_schema
 from nilus_dagster.sources.postgres.connection import connect_source
 from nilus_dagster.state.store import StateStore
 
@@ -122,14 +122,26 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
             self._close_state_io()
 
     def _run(self) -> CdcRunResult:
-        config, result = self.config, CdcRunResult()
+        result = CdcRunResult()
+        self._report(CdcProgress("setup"), force=True)
+        # A transient fault while connecting, creating the slot or copying is retried like one while
+        # streaming: each attempt starts over from what is durable (the slot, done partitions).
+        tables = self._through_faults(lambda: self._set_up(result))
+        if tables is None or self.should_stop():
+            return result
+        result.stats = self._stream(tables)
+        return result
+
+    def _set_up(self, result: CdcRunResult) -> list[CdcTable]:
+        """Check the source and the sink, keep the publication and slot, and bring every table's
+        sink copy up to the slot (the initial snapshot, its resumption, resyncs): the tables."""
+        config = self.config
         state = self.store.get_pipeline_state(config.key.tenant, config.key.pipeline)
         if state is not None and state.state == "failed":
             raise CdcPipelineFailed(
                 f"pipeline {config.key.pipeline} is failed ({state.detail.get('reason', 'see its state')}); "
                 f"reset it (re-snapshot) before it can run again: {RESET_HINT}"
             )
-        self._report(CdcProgress("setup"), force=True)
         with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
             self.slot = config.slot(current_database(conn))
             tables = self._prepare_source(conn, state.detail if state else {})
@@ -159,10 +171,7 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
             self.store.mark_resyncs(requested, "done", run_id=self.run_id)  # covered by the new snapshot
         else:
             result.snapshot_rows = self._catch_up(tables, added, state.detail if state else {})
-        if self.should_stop():
-            return result
-        result.stats = self._stream(tables)
-        return result
+        return tables
 
     def _prepare_source(self, conn: psycopg.Connection[Any], detail: dict[str, Any]) -> list[CdcTable]:
         config = self.config
@@ -173,7 +182,7 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
             except SystemMismatch as error:
                 raise self._fail(str(error)) from None
         keys = {t.table: t.primary_key for t in config.tables if t.primary_key}
-        return resolve_tables(conn, [t.table for t in config.tables], keys)
+        return [t.carried_for(self.sink) for t in resolve_tables(conn, [t.table for t in config.tables], keys)]
 
     def _sync_publication(self, tables: list[CdcTable], *, slot_exists: bool) -> list[TableName]:
         with connect_source(self.config.source_connection, self.config.source_dsn, autocommit=True) as conn:
@@ -200,7 +209,7 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
         stats = StreamStats()
         while True:
             try:
-                self._stream_through_faults(lambda: self._stream_once(tables, stop_at, stats))
+                self._through_faults(lambda: self._stream_once(tables, stop_at, stats), "streaming")
             except BaseException:
                 self._abandon_live()
                 raise
@@ -229,7 +238,7 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
             facts = TableFacts.from_json(recorded.table_schema.get("source_facts")) if recorded else None
             if facts is not None:
                 self._facts.setdefault(table.name, facts)
-            schema = TableSchema(schema.table, schema.columns, table.schema.primary_key)
+            schema = carried_schema(self.sink, TableSchema(schema.table, schema.columns, table.schema.primary_key))
             self.sink.prepare_table(target, schema, cdc=True)
             checkpoint = self.sink.read_checkpoint(config.table_checkpoint(table.name))
             stream_tables[table.name] = StreamTable(

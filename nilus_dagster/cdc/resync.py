@@ -127,7 +127,7 @@ class TableResync:
         with connect_source(self.source_connection, self.source_dsn, autocommit=True) as conn:
             conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
             conn.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot_name)))
-            tables = resolve_tables(conn, names, self.primary_keys)
+            tables = [t.carried_for(self.sink) for t in resolve_tables(conn, names, self.primary_keys)]
             facts = {t.name: read_table_facts(conn, t.name) for t in tables}
             conn.execute("COMMIT")
         return tables, facts

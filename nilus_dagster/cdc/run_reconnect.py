@@ -1,8 +1,9 @@
 """The steps of a run that keep it streaming through blips (mixed into `CdcRun`).
 
-`_stream_through_faults` runs one stream attempt after another: a transient fault (see
-`cdc.retry`) ends the attempt, the run backs off within `retry_for` and starts again from the
-durable position (each table's sink checkpoint; the slot replays the rest), never re-snapshotting.
+`_through_faults` runs one attempt after another: a transient fault (see `cdc.retry`) ends the
+attempt, the run backs off within `retry_for` and starts again from what is durable. While
+streaming, that is each table's sink checkpoint (the slot replays the rest), never re-snapshotting;
+while setting up, the slot if it was made and the snapshot's finished partitions (cdc/resume.py).
 Heartbeats and offset records go through a background `StateWriter`, so a state-store outage
 never stops the data; lag is measured against the source (`cdc.lag`) and reported through
 the backoff too.
@@ -13,14 +14,14 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 
 from nilus_dagster.cdc.lag import LagClock, SourcePosition, source_position
 from nilus_dagster.cdc.lsn import format_lsn
 from nilus_dagster.cdc.retry import FaultOutlastedBudget, RetryBudget, is_transient
-from nilus_dagster.cdc.run_config import CdcPipelineFailed, CdcProgress
+from nilus_dagster.cdc.run_config import CdcPipelineFailed, CdcProgress, Phase
 from nilus_dagster.cdc.slots import SlotInUse, SystemMismatch, ensure_same_system
 from nilus_dagster.cdc.state_writer import BackgroundRead, StateWriter
 from nilus_dagster.sources.postgres.connection import connect_source
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger(__name__)
 HEALTHY_S = 30.0  # an attempt that streamed this long without fault ends the fault (a new budget)
+T = TypeVar("T")
 
 
 class ReconnectSteps:
@@ -42,6 +44,7 @@ class ReconnectSteps:
     slot: str
     should_stop: Callable[[], bool]
     heartbeat_interval_s: float
+    _beat_phase: str
     _resync_due: bool
     _report: Callable[..., None]
 
@@ -85,15 +88,16 @@ class ReconnectSteps:
                 offset_value=value, run_id=self.run_id,
             )
 
-    def _stream_through_faults(self, attempt: Callable[[], None]) -> None:
-        """Run `attempt` (one stream from the durable position) until it ends without a fault;
-        transient faults are retried within the budget, anything else is raised at once."""
+    def _through_faults(self, attempt: Callable[[], T], phase: Phase | None = None) -> T | None:
+        """Run `attempt` (the setup, or one stream from the durable position) until it ends without
+        a fault and return its result; transient faults are retried within the budget, anything
+        else is raised at once. None when asked to stop during a backoff. Stalls are reported in
+        `phase` (default: the phase reported last, e.g. `snapshot` for a fault mid-copy)."""
         while True:
             started, durable = time.monotonic(), self._durable_count
             self._attempt_started = started
             try:
-                attempt()
-                return
+                return attempt()
             except CdcPipelineFailed:
                 raise
             except Exception as error:
@@ -102,30 +106,32 @@ class ReconnectSteps:
                 if self._durable_count > durable or time.monotonic() - started >= HEALTHY_S:
                     self._budget.recovered()  # the previous fault was over: this is a new one
                 fault = error
-            _log.warning("stream fault (%.0fs into it), reconnecting: %s", self._budget.fault_seconds(), fault)
-            self._report_stall(fault)
-            if not self._budget.wait(self._stall_reporter(fault)):
+            stalled: Phase = phase or self._beat_phase or "setup"  # type: ignore[assignment]
+            _log.warning("%s fault (%.0fs into it), reconnecting: %s", stalled, self._budget.fault_seconds(), fault)
+            self._report_stall(fault, stalled)
+            if not self._budget.wait(self._stall_reporter(fault, stalled)):
+                what = "stream" if stalled == "streaming" else f"run ({stalled})"
                 raise FaultOutlastedBudget(
-                    f"the stream could not recover within retry_for ({self.config.retry_for_s:g}s): {fault}"
+                    f"the {what} could not recover within retry_for ({self.config.retry_for_s:g}s): {fault}"
                 ) from fault
             if self.should_stop():
-                return
+                return None
             self.reconnects += 1
 
-    def _stall_reporter(self, fault: BaseException) -> Callable[[], bool]:
+    def _stall_reporter(self, fault: BaseException, phase: Phase) -> Callable[[], bool]:
         last = 0.0
 
         def should_stop() -> bool:
             nonlocal last
             if time.monotonic() - last >= 1.0:
                 last = time.monotonic()
-                self._report_stall(fault)
+                self._report_stall(fault, phase)
             return self.should_stop()
 
         return should_stop
 
-    def _report_stall(self, fault: BaseException) -> None:
-        progress = CdcProgress("streaming", lag_seconds=self._lag.lag())
+    def _report_stall(self, fault: BaseException, phase: Phase) -> None:
+        progress = CdcProgress(phase, lag_seconds=self._lag.lag())
         progress.fault = str(fault).strip()[:300] or type(fault).__name__
         progress.fault_seconds = round(self._budget.fault_seconds(), 1)
         self._apply_source(progress)
@@ -134,6 +140,8 @@ class ReconnectSteps:
 
     def _refresh_source(self) -> None:
         """Source-side facts for the next progress report; from a fresh short connection while stalled."""
+        if not self.slot:
+            return  # the fault came before the run knew its slot
         try:
             with connect_source(
                 self.config.source_connection, self.config.source_dsn, autocommit=True, connect_timeout=3

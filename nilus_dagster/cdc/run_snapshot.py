@@ -27,6 +27,7 @@ class SnapshotSteps:
         sink: Sink
         store: StateStore
         slot: str
+        _walsender_pid: int | None
         should_stop: Callable[[], bool]
         _facts: dict[TableName, TableFacts]
         _report: Callable[..., None]
@@ -83,6 +84,7 @@ class SnapshotSteps:
         """A new slot: its exported snapshot is the exact starting point of the stream."""
         config = self.config
         with ReplicationConnection.connect(config.source_dsn) as replication:
+            self._walsender_pid = replication.backend_pid  # a retry ends it should the server keep it
             slot = replication.create_slot(self.slot, export_snapshot=config.snapshot == "initial")
             self.store.clear_snapshot(config.key.tenant, config.key.pipeline)
             facts = {}

@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
 from nilus_dagster.schema import TableName, TableSchema
+from nilus_dagster.sinks.base import Sink, carried_schema
 from nilus_dagster.sources.postgres.catalog import (
     generated_columns,
     read_table_schema,
@@ -57,6 +58,10 @@ class CdcTable:
     @property
     def name(self) -> TableName:
         return self.schema.table
+
+    def carried_for(self, sink: Sink) -> CdcTable:
+        """The table with its values carried the way `sink` holds them exactly (`carried_schema`)."""
+        return replace(self, schema=carried_schema(sink, self.schema))
 
 
 def _setting(conn: psycopg.Connection[Any], name: str) -> str:

@@ -195,6 +195,7 @@ class SnapshotRunner:
             self.sink.prepare_table(target, table.schema, cdc=True)
         tasks = self.plan(tables)
         progress = SnapshotProgress(len(tables), len(tasks), 0, 0)
+        self.on_progress(progress)  # the copy begins (phase `snapshot`, 0 of N partitions)
         rows = self._read_and_write(tasks, progress) if tasks else 0
         self.mark_streaming_start(tables)
         return rows

@@ -29,6 +29,8 @@ LOGICAL_KIND_KEY = b"nilus.kind"
 
 
 def arrow_type(column_type: ColumnType) -> pa.DataType:
+    if column_type.kind == "decimal" and column_type.as_text:
+        return pa.string()
     if column_type.kind == "decimal":
         precision, scale = (
             (column_type.precision, column_type.scale) if column_type.precision is not None else UNCONSTRAINED_DECIMAL

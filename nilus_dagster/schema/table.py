@@ -8,7 +8,7 @@ hold by naming the column.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 TypeKind = Literal[
@@ -46,6 +46,10 @@ class ColumnType:
     precision: int | None = None
     scale: int | None = None
     element: ColumnType | None = None
+    # How the values travel, not what they are: a decimal carried as its exact PostgreSQL text (an
+    # Arrow string) rather than an Arrow decimal, for a sink whose numeric holds every source value
+    # (NaN, ±Infinity, any number of digits). Equality, JSON and the schema history ignore it.
+    as_text: bool = field(default=False, compare=False, repr=False)
 
     def describe(self) -> str:
         if self.kind == "decimal":
@@ -163,3 +167,17 @@ class TableSchema:
             columns=tuple(Column.from_json(c) for c in data["columns"]),
             primary_key=tuple(data.get("primary_key", ())),
         )
+
+
+def _numeric_as_text(column_type: ColumnType) -> ColumnType:
+    if column_type.kind == "decimal":
+        return replace(column_type, as_text=True)
+    if column_type.kind == "list" and column_type.element is not None:
+        return replace(column_type, element=_numeric_as_text(column_type.element))
+    return column_type
+
+
+def numerics_as_text(schema: TableSchema) -> TableSchema:
+    """The schema with its decimal columns (and decimal list elements) carried as exact text."""
+    columns = tuple(replace(c, type=_numeric_as_text(c.type)) for c in schema.columns)
+    return replace(schema, columns=columns)

@@ -16,6 +16,7 @@ from typing import Protocol
 import pyarrow as pa
 
 from nilus_dagster.schema import Column, TableSchema
+from nilus_dagster.schema.table import numerics_as_text
 
 # Sink-side bookkeeping table holding checkpoints atomically with the data.
 CHECKPOINT_TABLE = "_nilus_checkpoints"
@@ -148,6 +149,9 @@ class Sink(Protocol):
     """A destination. Implementations: DuckDBSink, PostgresSink (and BigQuerySink)."""
 
     name: str
+    # Its numeric type holds NaN, ±Infinity and any precision (PostgreSQL 14+): source decimals are
+    # then carried as their exact text (see `carried_schema`) instead of a fixed-precision decimal.
+    holds_numeric_specials: bool
 
     def check_table(
         self, target: SinkTable, schema: TableSchema, *, cdc: bool, strategy: WriteStrategy | None = None
@@ -220,3 +224,9 @@ class Sink(Protocol):
 
     def close(self) -> None:
         ...
+
+
+def carried_schema(sink: Sink, schema: TableSchema) -> TableSchema:
+    """`schema` with its values carried the way `sink` holds them exactly: decimals as their source
+    text where the sink's numeric holds NaN and ±Infinity, else as Arrow decimals."""
+    return numerics_as_text(schema) if getattr(sink, "holds_numeric_specials", False) else schema

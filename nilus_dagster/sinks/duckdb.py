@@ -127,6 +127,7 @@ class DuckDBSink(SqlSink):
     """Writes into the DuckDB database file at `path` (created with its folder if missing)."""
 
     name = "duckdb"
+    holds_numeric_specials = False  # DECIMAL(p,s): NaN and ±Infinity are refused per value
     dialect = DUCKDB_DIALECT
 
     def __init__(self, path: str | Path, *, lock_timeout_s: float = 300) -> None:

@@ -123,6 +123,7 @@ class PostgresSink(SqlSink):
     """Writes into the PostgreSQL database at `dsn` (a URL or key=value conninfo)."""
 
     name = "postgres"
+    holds_numeric_specials = True  # numeric: NaN, ±Infinity (PostgreSQL 14+), any precision
     dialect = POSTGRES_DIALECT
 
     def __init__(self, dsn: str) -> None:

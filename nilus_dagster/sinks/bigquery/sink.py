@@ -73,6 +73,7 @@ class BigQuerySink(BigQueryJobs):
     """
 
     name = "bigquery"
+    holds_numeric_specials = False  # NUMERIC/BIGNUMERIC: NaN and ±Infinity are refused per value
     _span: ShadowTransaction | None = None  # inside change_transaction(): the open transaction's shadows
 
     # -- protocol --

@@ -16,6 +16,8 @@ Both are vectorized (Arrow casts and compute) except array literals, intervals, 
 fallbacks (zone offsets with seconds), which are decoded value by value. A value that does not fit
 the logical type (a NUMERIC too wide for its decimal, `infinity` dates, NaN numerics, 24:00:00
 times...) raises `ValueDecodeError` naming the column and the value: nothing is rounded or dropped.
+A decimal carried as text (`ColumnType.as_text`, for sinks whose numeric holds every value) stays
+PostgreSQL's text, so NaN, ±Infinity and any number of digits arrive exactly.
 """
 
 from __future__ import annotations
@@ -75,6 +77,12 @@ def json_text_array_to_arrow(
 
 def _decode_by_cast(values: pa.StringArray, column_type: ColumnType, column: str | None) -> pa.Array:
     return _cast(values, arrow_type(column_type), column_type, column)
+
+
+def _decode_decimal(values: pa.StringArray, column_type: ColumnType, column: str | None) -> pa.Array:
+    if column_type.as_text:  # PostgreSQL's own numeric output: exact, NaN and ±Infinity included
+        return values
+    return _decode_by_cast(values, column_type, column)
 
 
 def _decode_string(values: pa.StringArray, column_type: ColumnType, column: str | None) -> pa.Array:
@@ -237,6 +245,7 @@ def parse_array_literal(text: str, *, column: str | None = None) -> list[str | N
 _Decoder = Callable[[pa.StringArray, ColumnType, "str | None"], pa.Array]
 
 _DECODERS: dict[str, _Decoder] = {
+    "decimal": _decode_decimal,
     "text": _decode_string,
     "json": _decode_string,
     "uuid": _decode_string,
