@@ -100,7 +100,7 @@ class StorageCollector(Collector):
 
     def _read(self) -> list[Metric]:
         families: list[Metric] = []
-        for section in (self._runs, self._declared, self._cdc):
+        for section in (self._runs, self._declared, self._cdc, self._dlq):
             try:
                 families.extend(section())
             except Exception as exc:  # one unreachable store must not empty the whole scrape
@@ -182,6 +182,20 @@ class StorageCollector(Collector):
             for table in store.snapshot_progress(tenant, pipeline):
                 snapshot.add_metric([tenant, pipeline, table.table], table.percent)
         return [lag, unconfirmed, events, rate, age, snapshot]
+
+    def _dlq(self) -> list[Metric]:
+        store = self.services.store
+        if store is None:
+            return []
+        labels = ["tenant", "pipeline", "table"]
+        entries = GaugeMetricFamily("nilus_dlq_entries", "Unacknowledged dead-letter entries", labels=labels)
+        events = CounterMetricFamily(
+            "nilus_dlq_events", "Rows dead-lettered (entries kept; a purge resets it)", labels=labels
+        )
+        for key, (unacked, kept) in sorted(store.dead_letter_totals().items()):
+            entries.add_metric(list(key), unacked)
+            events.add_metric(list(key), kept)
+        return [entries, events]
 
 
 STALE_BEAT_S = 30.0  # a live run beats every few seconds
