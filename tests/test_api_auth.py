@@ -17,6 +17,8 @@ BODIES = {
     "/state": {"state": "active"},
     "/offsets": {"connector_name": "c", "offset_key": "k", "offset_value": {"lsn": "0/1"}},
     "/schema-history": {"connector_name": "c", "table_name": "t", "table_schema": {}},
+    "/dlq/ack": {"up_to_id": 1},
+    "/dlq/purge": {},
 }
 
 
@@ -28,6 +30,8 @@ def _routes(client: TestClient) -> list[tuple[str, str, str | None]]:
         for method, op in item.items():
             tag = op["tags"][0]
             scope = {"system": None, "monitoring": "read", "cdc": "read"}.get(tag, "runtime")
+            if tag == "dead-letter queue":  # reads with `read`, writes (ack, purge) with `runtime`
+                scope = "read" if method == "get" else "runtime"
             routes.append((method.upper(), path, scope))
     return routes
 
@@ -45,7 +49,7 @@ def _error(response, status: int, code: str) -> None:
 
 def test_every_route_is_documented_and_covered(sqlite_client) -> None:
     routes = _routes(sqlite_client)
-    assert len(routes) == 16
+    assert len(routes) == 20
     assert {scope for *_, scope in routes} == {None, "read", "runtime"}
 
 
