@@ -74,7 +74,7 @@ def assert_others_exact(env: str, sink: SinkTarget) -> None:
 
 
 def assert_poison_dead_lettered_once(store: StateStore) -> None:
-    entries = store.dead_letters("acme", DeadLetterFilter(pipeline="crm"), limit=100).items
+    entries = store.dead_letters("acme", DeadLetterFilter(pipeline="crm", unacked=False), limit=100).items
     assert sorted((e.row_key, e.row_data["amount"]) for e in entries) == sorted(
         ([str(k)], v) for k, v in POISON.items()
     )
@@ -96,9 +96,19 @@ def test_dlq_skips_exactly_the_poison_rows_and_records_them_once(
     assert_others_exact(env, sink)
     assert_poison_dead_lettered_once(store)
     assert store.count_dead_letters("acme", DeadLetterFilter(pipeline="crm", table="public.amounts")) == 3
+    assert dead_letter_checks(result) == {"amounts": False, "others": True}
+
+    store.ack_dead_letters("acme", up_to_id=10**9)  # handled: the check passes again
     again = run_until_caught_up(defs, "acme__crm", instance)  # nothing new: nothing recorded again
     assert again.success, failure_message(again)
     assert_poison_dead_lettered_once(store)
+    assert dead_letter_checks(again) == {"amounts": True, "others": True}
+
+
+def dead_letter_checks(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
+    """The last evaluation of each table's `dead_letters` asset check in the run."""
+    return {e.asset_key.path[-1]: e.passed for e in result.get_asset_check_evaluations()
+            if e.check_name == "dead_letters"}
 
 
 def test_dlq_entry_is_durable_before_the_sink_commit_and_a_replay_adds_none(
