@@ -185,3 +185,26 @@ def test_fail_names_table_column_value_and_lsn(
     assert "public.amounts" in message and "amounts.amount" in message and "'NaN'" in message
     assert "LSN" in message and "on_error is 'fail'" in message
     assert store.count_dead_letters("acme") == 0
+
+
+def test_dlq_inside_a_transaction_applied_in_chunks(
+    env: str, sink: SinkTarget, instance: dg.DagsterInstance, store: StateStore
+) -> None:
+    """A transaction of more than batch_max_rows changes is applied in pieces inside one sink
+    transaction: its poison rows are dead-lettered piece by piece, the rest commits whole."""
+    defs = cdc_project(sink, cdc_pipeline("crm", TABLES, cdc={"batch_max_rows": 50}))
+    assert run_until_caught_up(defs, "acme__crm", instance).success
+    with psycopg.connect(env, autocommit=True) as conn, conn.transaction():
+        conn.execute("INSERT INTO public.amounts SELECT g, g, 'good' FROM generate_series(200, 399) g")
+        conn.execute("UPDATE public.amounts SET amount = 'NaN', note = 'bad' WHERE id % 40 = 0 AND id >= 200")
+        conn.execute("INSERT INTO public.others VALUES (2, 'second')")
+    result = run_until_caught_up(defs, "acme__crm", instance)
+    assert result.success, failure_message(result)
+    poison = [row for row in source_rows(env, "public.amounts", AMOUNT_COLUMNS, "id") if row[2] == "bad"]
+    assert len(poison) == 5
+    assert_same_rows([r for r in source_rows(env, "public.amounts", AMOUNT_COLUMNS, "id") if r[2] != "bad"],
+                     amounts(sink))
+    assert_others_exact(env, sink)
+    entries = store.dead_letters("acme", DeadLetterFilter(pipeline="crm"), limit=100).items
+    assert sorted(e.row_key[0] for e in entries) == sorted(str(row[0]) for row in poison)
+    assert {e.op for e in entries} == {"U"}  # a key's changes collapse: its last one is recorded
