@@ -208,3 +208,15 @@ def test_dlq_inside_a_transaction_applied_in_chunks(
     entries = store.dead_letters("acme", DeadLetterFilter(pipeline="crm"), limit=100).items
     assert sorted(e.row_key[0] for e in entries) == sorted(str(row[0]) for row in poison)
     assert {e.op for e in entries} == {"U"}  # a key's changes collapse: its last one is recorded
+
+
+def test_a_poison_row_in_the_snapshot_fails_it_naming_the_column(
+    env: str, sink: SinkTarget, instance: dg.DagsterInstance, store: StateStore
+) -> None:
+    """Not dead-lettered (yet): the snapshot refuses the value rather than dropping the row."""
+    with psycopg.connect(env, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.amounts VALUES (101, 'NaN', 'bad')")
+    result = run_until_caught_up(cdc_project(sink, cdc_pipeline("crm", TABLES)), "acme__crm", instance)
+    assert not result.success
+    assert "public.amounts.amount" in failure_message(result) and "NaN" in failure_message(result)
+    assert store.count_dead_letters("acme") == 0
