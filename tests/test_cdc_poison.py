@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import dagster as dg
 import duckdb
 import psycopg
 import pytest
 from batch_project import SinkTarget, failure_message
+from blips_harness import duckdb_rows_in_process, outage, pg_port, start_run, streaming, wait_until
 from cdc_project import cdc_pipeline, cdc_project, run_until_caught_up
+from fault_proxy import FaultProxy
 from table_compare import assert_same_rows, duckdb_rows, source_rows
-from test_cdc_crash import finish_worker, start_worker, wait_for
+from test_cdc_crash import finish_worker, start_worker
 
+from nilus_dagster.sinks.duckdb import DuckDBSink
 from nilus_dagster.state.dead_letters import DeadLetterFilter
 from nilus_dagster.state.store import StateStore
 
@@ -120,16 +125,16 @@ def test_dlq_entry_is_durable_before_the_sink_commit_and_a_replay_adds_none(
                        "pipelines": [cdc_pipeline("crm", TABLES)]})
     worker = start_worker(spec, pipeline="crm")
     try:
-        wait_for(lambda: store.latest_offset("acme", "crm") is not None, 120, "the snapshot to finish")
+        wait_until(lambda: store.latest_offset("acme", "crm") is not None, 120, "the snapshot to finish")
 
-        def streaming() -> bool:
+        def run_streams() -> bool:
             beat = store.last_heartbeat("acme", "crm")
             return beat is not None and beat.detail.get("phase") == "streaming"
 
-        wait_for(streaming, 120, "the run to stream")
+        wait_until(run_streams, 120, "the run to stream")
         with duckdb.connect(sink.location):  # holds the file: the sink transaction cannot start
             write_poison_among_good_rows(env)
-            wait_for(lambda: store.count_dead_letters("acme") == 3, 60, "the dead-letter entries")
+            wait_until(lambda: store.count_dead_letters("acme") == 3, 60, "the dead-letter entries")
             worker.send_signal(signal.SIGKILL)
             worker.wait(timeout=30)
         assert [row[0] for row in amounts(sink)] == [1, 2]  # the entries are durable, the rows never committed
@@ -220,3 +225,28 @@ def test_a_poison_row_in_the_snapshot_fails_it_naming_the_column(
     assert not result.success
     assert "public.amounts.amount" in failure_message(result) and "NaN" in failure_message(result)
     assert store.count_dead_letters("acme") == 0
+
+
+def test_a_poison_row_waits_for_its_entry_while_the_state_store_is_down(
+    source_db: str, state_dsn: str, duckdb_path: Path
+) -> None:
+    """The batch with a poison row is not applied until its dead-letter entry is durable: the run
+    retries through the outage (it does not skip the row, nor fail), then applies the rest."""
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.t (id int PRIMARY KEY, v numeric)")
+        conn.execute("INSERT INTO public.t VALUES (1, 1)")
+    read = lambda: [row[0] for row in duckdb_rows_in_process(duckdb_path)]  # noqa: E731
+    with FaultProxy("127.0.0.1", pg_port(state_dsn)).start() as proxy, StateStore(proxy.dsn(state_dsn)).open() as store:
+        live = start_run(source_db, DuckDBSink(duckdb_path), store, "storedown")
+        wait_until(lambda: streaming(live) and read() == [1], 60, "the snapshot to stream")
+        outage(proxy)
+        with psycopg.connect(source_db, autocommit=True) as conn:
+            conn.execute("INSERT INTO public.t VALUES (2, 'NaN'), (3, 3)")
+        time.sleep(3)
+        assert read() == [1]  # held back: its entry cannot be written yet
+        proxy.refuse(False)
+        wait_until(lambda: read() == [1, 3], 60, "the batch once the state store is back")
+        live.finish()
+    with StateStore(state_dsn).open() as direct:
+        entries = direct.dead_letters("acme").items
+    assert [(e.table_name, e.row_key, e.row_data) for e in entries] == [("public.t", ["2"], {"id": "2", "v": "NaN"})]
