@@ -17,6 +17,8 @@ BODIES = {
     "/state": {"state": "active"},
     "/offsets": {"connector_name": "c", "offset_key": "k", "offset_value": {"lsn": "0/1"}},
     "/schema-history": {"connector_name": "c", "table_name": "t", "table_schema": {}},
+    "/dlq/ack": {"up_to_id": 1},
+    "/dlq/purge": {},
 }
 # Operator routes: reads need `read`, writes `operate` (role editor); /validate any valid token.
 OPERATOR_SCOPES = {"GET": "read", "PUT": "operate", "POST": None}
@@ -31,6 +33,8 @@ def _routes(client: TestClient) -> list[tuple[str, str, str | None]]:
             tag = op["tags"][0]
             if tag == "operator":
                 scope = OPERATOR_SCOPES[method.upper()]
+            elif tag == "dead-letter queue":  # reads with `read`, ack with `operate`, purge with `admin`
+                scope = "read" if method == "get" else "admin" if path.endswith("/purge") else "operate"
             else:
                 scope = {"system": None, "monitoring": "read", "cdc": "read"}.get(tag, "runtime")
             routes.append((method.upper(), path, scope))
@@ -55,8 +59,8 @@ def _error(response, status: int, code: str) -> None:
 
 def test_every_route_is_documented_and_covered(sqlite_client) -> None:
     routes = _routes(sqlite_client)
-    assert len(routes) == 21
-    assert {scope for *_, scope in routes} == {None, "read", "operate", "runtime"}
+    assert len(routes) == 25
+    assert {scope for *_, scope in routes} == {None, "read", "operate", "runtime", "admin"}
 
 
 @pytest.fixture
@@ -80,8 +84,12 @@ def test_auth_matrix_on_every_route(sqlite_world: World, matrix_client) -> None:
                     503,
                 ), where
             continue
-        right = {"read": "read_acme", "operate": "editor_acme"}.get(scope, "runtime")
-        wrongs = {"read": ["runtime"], "operate": ["read_acme", "runtime"]}.get(scope, ["read_acme", "editor_acme"])
+        right = {"read": "read_acme", "operate": "editor_acme", "admin": "admin"}.get(scope, "runtime")
+        wrongs = {
+            "read": ["runtime"],
+            "operate": ["read_acme", "runtime"],
+            "admin": ["read_acme", "runtime", "editor_acme"],
+        }.get(scope, ["read_acme", "editor_acme"])
         allowed = (200, 201, 409) if method == "PUT" else (200, 201)  # the PUT asks a refused transition
         ok = _call(sqlite_client, method, template, "acme", sqlite_world.headers(right))
         assert ok.status_code in allowed, (where, ok.text)
@@ -92,7 +100,9 @@ def test_auth_matrix_on_every_route(sqlite_world: World, matrix_client) -> None:
             )
         for wrong in wrongs:
             _error(_call(sqlite_client, method, template, "acme", sqlite_world.headers(wrong)), 403, "forbidden")
-        other = "globex" if scope == "read" else "globex"
+        if scope == "admin":  # an admin token may act on every tenant
+            continue
+        other = "globex"
         denied = _call(sqlite_client, method, template, other, sqlite_world.headers(right))
         _error(denied, 403, "forbidden")
         assert "rid-orders" not in denied.text and "alice" not in denied.text

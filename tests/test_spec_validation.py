@@ -52,6 +52,7 @@ def test_good_declaration_resolves_defaults() -> None:
     assert pipeline.type == "batch"
     assert pipeline.sink.strategy == "merge"
     assert pipeline.schema_changes == "evolve"
+    assert pipeline.on_error == "dlq"
     assert [t.name for t in pipeline.source.tables] == ["public.orders", "public.items"]
     assert pipeline.source.tables[1].cursor == "id"
     assert spec.state_store.dsn_env == "NILUS_STATE_DSN"
@@ -83,6 +84,7 @@ def test_good_declaration_resolves_defaults() -> None:
             "pipelines[0].sink.strategy = 'upsert': Input should be 'merge', 'append' or 'replace'",
         ),
         ("pipelines.0.schema_changes", "ignore", "Input should be 'evolve', 'pause' or 'fail'"),
+        ("pipelines.0.on_error", "skip", "pipelines[0].on_error = 'skip': Input should be 'dlq', 'pause_table' or 'fail'"),
         ("pipelines.0.type", "stream", "pipelines[0].type = 'stream': Input should be 'batch' or 'cdc'"),
         ("pipelines.0.name", "1orders", "pipeline name '1orders' is not valid: use letters, digits and underscores"),
         ("pipelines.0.tenant", "ac me", "tenant 'ac me' is not valid"),

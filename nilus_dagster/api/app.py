@@ -18,7 +18,7 @@ from nilus_dagster.api.docs import install_docs
 from nilus_dagster.api.errors import install_error_handlers
 from nilus_dagster.api.graphql import graphql_router
 from nilus_dagster.api.metrics import RequestMetricsMiddleware, build_registry
-from nilus_dagster.api.routers import cdc, monitoring, operator, runtime, system
+from nilus_dagster.api.routers import cdc, dlq, monitoring, operator, runtime, system
 from nilus_dagster.api.routers.system import package_version
 from nilus_dagster.api.services import Services
 from nilus_dagster.api.settings import API_PREFIX, Settings
@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, services: Services | None = Non
     app.state.metrics_registry = registry
     install_error_handlers(app)
     install_docs(app, ROOT)
-    for module in (system, monitoring, cdc, runtime, operator):
+    for module in (system, monitoring, cdc, dlq, runtime, operator):
         app.include_router(module.router, prefix=API_PREFIX)
     app.include_router(graphql_router(), prefix=f"{ROOT}/graphql", include_in_schema=False)
     extra_routes = [f"{ROOT}/graphql", f"{ROOT}/docs", f"{ROOT}/redoc", f"{ROOT}/openapi.json"]

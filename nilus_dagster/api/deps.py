@@ -62,4 +62,5 @@ def ensure(principal: Principal, scope: str, tenant: str) -> None:
 ReadTenant = Annotated[str, Depends(tenant_scope("read"))]
 RuntimeTenant = Annotated[str, Depends(tenant_scope("runtime"))]
 OperateTenant = Annotated[str, Depends(tenant_scope("operate"))]
+AdminTenant = Annotated[str, Depends(tenant_scope("admin"))]
 Model = Annotated[ReadModel, Depends(read_model)]

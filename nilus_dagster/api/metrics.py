@@ -102,7 +102,7 @@ class StorageCollector(Collector):
 
     def _read(self) -> list[Metric]:
         families: list[Metric] = []
-        for section in (self._runs, self._declared, self._cdc, self._holds):
+        for section in (self._runs, self._declared, self._cdc, self._holds, self._dlq):
             try:
                 families.extend(section())
             except Exception as exc:  # one unreachable store must not empty the whole scrape
@@ -209,6 +209,20 @@ class StorageCollector(Collector):
                 held.add_metric([hold.tenant, hold.pipeline, hold.desired], 1.0)
                 since.add_metric([hold.tenant, hold.pipeline], max(0.0, now - hold.updated_at.timestamp()))
         return [held, since]
+
+    def _dlq(self) -> list[Metric]:
+        store = self.services.store
+        if store is None:
+            return []
+        labels = ["tenant", "pipeline", "table"]
+        entries = GaugeMetricFamily("nilus_dlq_entries", "Unacknowledged dead-letter entries", labels=labels)
+        events = CounterMetricFamily(
+            "nilus_dlq_events", "Rows dead-lettered (entries kept; a purge resets it)", labels=labels
+        )
+        for key, (unacked, kept) in sorted(store.dead_letter_totals().items()):
+            entries.add_metric(list(key), unacked)
+            events.add_metric(list(key), kept)
+        return [entries, events]
 
 
 STALE_BEAT_S = 30.0  # a live run beats every few seconds

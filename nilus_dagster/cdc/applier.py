@@ -41,6 +41,7 @@ from nilus_dagster.cdc.pgoutput import (
     Update,
     relation_schema,
 )
+from nilus_dagster.cdc.poison import PoisonHandler, change_set_of
 from nilus_dagster.cdc.setup import CdcTable
 from nilus_dagster.cdc.spanning import SpanningTransaction
 from nilus_dagster.cdc.stream_stats import StreamStats
@@ -114,6 +115,7 @@ class ChangeApplier:
     stats: StreamStats = field(default_factory=StreamStats)
     on_flushed: Callable[[int], Any] | None = None  # told of flushes the applier makes by itself
     keepalive: Callable[[], Any] | None = None  # called while a long Commit applies (the server must hear from us)
+    on_poison: PoisonHandler | None = None  # a row the sink cannot take (cdc/poison.py); None: raise
 
     def __post_init__(self) -> None:
         # relation id → the columns its tuples carry (as of the last Relation message), the table
@@ -185,7 +187,7 @@ class ChangeApplier:
             self._flush_pending()
             try:
                 self._span = SpanningTransaction.open(
-                    self.sink, soft_delete=self.soft_delete, piece_rows=self.batch_max_rows
+                    self.sink, soft_delete=self.soft_delete, piece_rows=self.batch_max_rows, on_poison=self.on_poison
                 )
             except ChunkedApplyUnsupported:
                 self._whole_only = True
@@ -348,10 +350,13 @@ class ChangeApplier:
             table = self.tables[name]
             if changes.events == 0 and not changes.truncate:
                 continue
+            change_set = change_set_of(table, changes, self.on_poison)
+            if change_set is None:
+                continue  # held (on_error: pause_table): its checkpoint stays, the slot waits for it
             self.sink.apply_changes(
                 table.target,
                 changes.schema,
-                changes.to_change_set(),
+                change_set,
                 Checkpoint(table.checkpoint_key, checkpoint_value),
                 soft_delete=self.soft_delete,
             )

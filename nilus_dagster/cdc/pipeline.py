@@ -35,6 +35,7 @@ from nilus_dagster.cdc.run_config import (
     CdcTableConfig,
     Phase,
 )
+from nilus_dagster.cdc.run_poison import PoisonSteps
 from nilus_dagster.cdc.run_reconnect import ReconnectSteps
 from nilus_dagster.cdc.run_resync import ResyncSteps, request_table_resync
 from nilus_dagster.cdc.run_schema import SchemaSteps
@@ -55,7 +56,7 @@ from nilus_dagster.state.store import StateStore
 
 
 @dataclass
-class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, ReconnectSteps):
+class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, ReconnectSteps, PoisonSteps):
     """State and collaborators of one run; `run()` does the work."""
 
     config: CdcPipelineConfig
@@ -266,6 +267,7 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
                 sink=self.sink,
                 lookup_types=lambda oids: fetch_type_info(types_conn, oids),
                 on_schema_change=self._schema_policy,
+                on_poison=self._on_poison,
                 batch_max_rows=config.batch_max_rows,
                 batch_max_ms=config.batch_max_ms,
                 soft_delete=config.soft_delete,

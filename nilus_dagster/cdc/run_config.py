@@ -42,6 +42,7 @@ class CdcPipelineConfig:
     batch_max_ms: int = 1_000
     soft_delete: bool = False
     schema_changes: Literal["evolve", "pause", "fail"] = "evolve"
+    on_error: Literal["dlq", "pause_table", "fail"] = "dlq"  # a row the sink cannot take (cdc/poison.py)
     slot_name: str | None = None
     publication_name: str | None = None
     retry_for_s: float = 600.0  # how long a transient fault may last before the run fails (cdc/retry.py)

@@ -11,6 +11,7 @@ from nilus_dagster.cdc.lsn import format_lsn, parse_lsn
 from nilus_dagster.cdc.resume import FACTS_KEY, SnapshotResume, resumable
 from nilus_dagster.cdc.resync import RESYNC_MARKER, TableResync, validate_resync_tables
 from nilus_dagster.cdc.run_config import CdcPipelineConfig, CdcProgress
+from nilus_dagster.cdc.run_poison import PAUSED_DETAIL, release_paused
 from nilus_dagster.cdc.setup import CdcTable
 from nilus_dagster.cdc.snapshot import SnapshotCancelled, SnapshotRunner
 from nilus_dagster.schema import TableName, TableSchema
@@ -166,6 +167,9 @@ class ResyncSteps:
         if status == "pending_schema_approval" and detail.get("table") in {n.qualified for n in names}:
             status = "active"
             detail = {k: v for k, v in detail.items() if k not in _PENDING_DETAIL}
+        detail = release_paused(detail, {n.qualified for n in names})  # a row held by on_error: pause_table
+        if status == "paused" and PAUSED_DETAIL not in detail:
+            status = "active"
         detail["last_resync"] = {"tables": [n.qualified for n in names], "lsn": format_lsn(lsn)}
         self.store.set_pipeline_state(self.config.key, status, detail)
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from nilus_dagster.cdc.lsn import format_lsn
 from nilus_dagster.cdc.multiset_changes import MultisetChanges, TableChanges, new_table_changes
+from nilus_dagster.cdc.poison import PoisonHandler, change_set_of
 from nilus_dagster.cdc.spill import SpillStore
 from nilus_dagster.schema import TableName
 from nilus_dagster.sinks.base import Checkpoint, ChunkedApplyUnsupported, Sink
@@ -44,19 +45,22 @@ class SpanningTransaction:
     sink: Sink
     soft_delete: bool
     piece_rows: int
+    on_poison: PoisonHandler | None = None
     store: SpillStore = field(default_factory=SpillStore)
     touched: dict[TableName, StreamTable] = field(default_factory=dict)
     events: int = 0
     chunks: int = 0
 
     @classmethod
-    def open(cls, sink: Sink, *, soft_delete: bool, piece_rows: int) -> SpanningTransaction:
+    def open(
+        cls, sink: Sink, *, soft_delete: bool, piece_rows: int, on_poison: PoisonHandler | None = None
+    ) -> SpanningTransaction:
         """Raises ChunkedApplyUnsupported (before anything is spilled) if the sink cannot apply
         one transaction in several calls. (No trial transaction: opening one per big source
         transaction, e.g. a DuckDB connection, was a sixth of a catch-up's time.)"""
         if not callable(getattr(sink, "change_transaction", None)):
             raise ChunkedApplyUnsupported(f"{type(sink).__name__} has no change_transaction()")
-        return cls(sink, soft_delete, piece_rows)
+        return cls(sink, soft_delete, piece_rows, on_poison)
 
     def changes_for(self, table: StreamTable) -> Changes:
         """Collapsing state for the next chunk of `table`, on top of what is spilled."""
@@ -110,6 +114,6 @@ class SpanningTransaction:
     def _apply(self, table: StreamTable, changes: Changes, checkpoint: Checkpoint | None) -> None:
         if checkpoint is None and changes.events == 0 and not changes.truncate:
             return
-        self.sink.apply_changes(
-            table.target, changes.schema, changes.to_change_set(), checkpoint, soft_delete=self.soft_delete
-        )
+        change_set = change_set_of(table, changes, self.on_poison, spanning=True)
+        assert change_set is not None  # a table cannot be held inside a spilled transaction (cdc/run_poison.py)
+        self.sink.apply_changes(table.target, changes.schema, change_set, checkpoint, soft_delete=self.soft_delete)

@@ -3,13 +3,21 @@
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import dagster as dg
 
 from nilus_dagster.components.batch_assets import STATE_RESOURCE_KEY, ensure_run_tags
 from nilus_dagster.components.cdc_config import CdcRunConfig, cdc_config, pipeline_key
 from nilus_dagster.components.cdc_operator_jobs import operator_jobs
-from nilus_dagster.components.cdc_reporting import CdcAssetReporter, lag_check, lag_check_specs
+from nilus_dagster.components.cdc_reporting import (
+    CdcAssetReporter,
+    dlq_check,
+    dlq_check_specs,
+    lag_check,
+    lag_check_specs,
+    open_dead_letters,
+)
 from nilus_dagster.components.lifecycle import LIVE_STATUSES, hold_watch, sensor_hold
 from nilus_dagster.components.naming import table_asset_attributes
 from nilus_dagster.components.run_stop import DeliberateStop
@@ -20,6 +28,7 @@ from nilus_dagster.spec.project import PipelinesSpec
 from nilus_dagster.state import NilusStateStore
 
 STATE_POLL_INTERVAL_S = 5.0
+DLQ_READ_INTERVAL_S = 5.0  # how often a live run re-reads its tables' unacknowledged dead letters
 STALE_HEARTBEAT = timedelta(minutes=3)
 FAILURE_BACKOFF = timedelta(minutes=1)
 FAILURE_BACKOFF_MAX = timedelta(minutes=30)
@@ -82,24 +91,26 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
         op_tags=run_tags(pipeline),
         pool=cdc_pool(pipeline),
         can_subset=True,
-        check_specs=lag_check_specs(pipeline, specs),
+        check_specs=[*lag_check_specs(pipeline, specs), *dlq_check_specs(specs)],
     )
     def _stream(context: dg.AssetExecutionContext, config: CdcRunConfig, nilus_state: NilusStateStore):
         from nilus_dagster.cdc.pipeline import run_cdc_pipeline
         from nilus_dagster.cdc.snapshot import SnapshotCancelled
+        from nilus_dagster.cdc.state_writer import BackgroundRead
         from nilus_dagster.sinks.factory import open_pipeline_sink
 
         _refuse_subset(context, pipeline, specs)
         ensure_pool_limit(context.instance, cdc_pool(pipeline))
         ensure_run_tags(context.op_execution_context, pipeline)
         store = nilus_state.get_store()
-        reporter = CdcAssetReporter(context, pipeline)
         stop = DeliberateStop(context.instance, context.run.run_id, context.log)
         approved = _approval_watch(store, pipeline)
         held = hold_watch(store, pipeline, stop)
         if held():  # launched while an operator holds the pipeline stopped or paused
             stop.end_canceled("nothing was read")
         sink = open_pipeline_sink(spec, pipeline)
+        dead_letters = BackgroundRead(lambda: open_dead_letters(store, pipeline), DLQ_READ_INTERVAL_S)
+        reporter = CdcAssetReporter(context, pipeline, lambda: dead_letters.value_since(0.0))
         try:
             with stop.signals(), stop.ending(SnapshotCancelled, "finished snapshot partitions are kept"):
                 result = run_cdc_pipeline(
@@ -114,6 +125,7 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
                 )
         finally:
             sink.close()
+            dead_letters.close()
         if not reporter.streamed:  # stopped before the copies were current: no materialization
             stop.end_canceled("stopped before streaming (the next run resumes the snapshot)")
         summary = {
@@ -123,16 +135,26 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
             "events_per_s": dg.MetadataValue.float(round(result.stats.events_per_s, 1)),
             "lsn": dg.MetadataValue.text(reporter.last_lsn),
         }
+        dlq_open = _read_or(lambda: open_dead_letters(store, pipeline), reporter.dlq_open)
         for table, key in reporter.tables.items():
             changes = reporter.changes_since_last(table, result.stats.table_changes)
             extra = {name: dg.MetadataValue.int(n) for name, n in changes.items()}
             if excluded := result.generated_columns.get(table):
                 extra["excluded_generated_columns"] = dg.MetadataValue.text(", ".join(excluded))
             checks = [lag_check(pipeline, key, reporter.last_lag)] if pipeline.checks.max_lag else []
+            checks.append(dlq_check(pipeline, key, None if dlq_open is None else dlq_open.get(table, 0)))
             yield dg.MaterializeResult(asset_key=key, metadata={**summary, **extra}, check_results=checks)
         stop.end_canceled(f"{result.stats.events_total} changes applied in this run")
 
     return _stream
+
+
+def _read_or(read: Callable[[], Any], fallback: Any) -> Any:
+    """`read()`, or `fallback` when the state store does not answer."""
+    try:
+        return read()
+    except Exception:  # noqa: BLE001 - the state store is down: the newest value seen
+        return fallback
 
 
 def _keep_alive_sensor(pipeline: Pipeline) -> dg.SensorDefinition:

@@ -54,6 +54,7 @@ def cdc_config(spec: PipelinesSpec, pipeline: Pipeline):  # -> CdcPipelineConfig
         batch_max_ms=options.batch_max_ms,
         soft_delete=options.soft_delete,
         schema_changes=pipeline.schema_changes,
+        on_error=pipeline.on_error,
         slot_name=options.slot_name,
         publication_name=options.publication_name,
         retry_for_s=options.retry_for_s,

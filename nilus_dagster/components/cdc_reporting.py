@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import dagster as dg
@@ -63,12 +64,47 @@ def lag_check(pipeline: Any, key: dg.AssetKey, lag_seconds: float) -> dg.AssetCh
     )
 
 
+DLQ_CHECK = "dead_letters"
+
+
+def dlq_check_specs(specs: list[dg.AssetSpec]) -> list[dg.AssetCheckSpec]:
+    description = (
+        "The table has no unacknowledged dead-letter entries (rows the sink could not take, on_error: dlq); "
+        "acknowledge them through the API's /dlq/ack once handled."
+    )
+    return [dg.AssetCheckSpec(DLQ_CHECK, asset=spec.key, description=description) for spec in specs]
+
+
+def open_dead_letters(store: Any, pipeline: Any) -> dict[str, int]:  # a StateStore
+    """Unacknowledged dead-letter entries of the pipeline, by source table."""
+    totals = store.dead_letter_totals(pipeline.tenant)
+    return {table: unacked for (_, name, table), (unacked, _) in totals.items() if name == pipeline.name}
+
+
+def dlq_check(pipeline: Any, key: dg.AssetKey, unacked: int | None) -> dg.AssetCheckResult:
+    """Passes while the table has no unacknowledged entries (None: the state store did not answer)."""
+    metadata = {"unacknowledged_entries": dg.MetadataValue.int(unacked)} if unacked is not None else {
+        "unknown": dg.MetadataValue.text("the state store did not answer")
+    }
+    return dg.AssetCheckResult(
+        asset_key=key,
+        check_name=DLQ_CHECK,
+        passed=unacked == 0,
+        severity=dg.AssetCheckSeverity.ERROR if pipeline.checks.severity == "error" else dg.AssetCheckSeverity.WARN,
+        metadata=metadata,
+    )
+
+
 class CdcAssetReporter:
     """Receives a run's progress; logs materializations and observations of its table assets."""
 
-    def __init__(self, context: dg.AssetExecutionContext, pipeline: Any) -> None:
+    def __init__(
+        self, context: dg.AssetExecutionContext, pipeline: Any, dead_letters: Callable[[], Any] = lambda: None
+    ) -> None:
         self._context = context
         self._pipeline = pipeline
+        self._dead_letters = dead_letters  # the newest {table: unacknowledged entries} read, or None
+        self.dlq_open: dict[str, int] | None = None  # as last evaluated
         # by the source table's qualified name, as the engine counts changes
         self.tables = {t.table.qualified: asset_key(pipeline, t) for t in pipeline.source.tables}
         self.last_lag = 0.0
@@ -80,6 +116,7 @@ class CdcAssetReporter:
         self.last_lsn = ""  # the newest LSN reported (the checkpoint while idle)
 
     def __call__(self, progress: Any) -> None:
+        self._check_dead_letters()
         now = time.monotonic()
         self.last_lsn = progress.lsn or self.last_lsn
         if progress.phase == "streaming":
@@ -116,6 +153,22 @@ class CdcAssetReporter:
                         check_name=LAG_CHECK,
                         passed=result.passed,
                         metadata=result.metadata,
+                        severity=result.severity,
+                    )
+                )
+
+    def _check_dead_letters(self) -> None:
+        """Evaluate the dead-letter check of every table whose count changed since the last read."""
+        counts = self._dead_letters()
+        if counts is None:
+            return
+        before, self.dlq_open = self.dlq_open, counts
+        for table, key in self.tables.items():
+            if before is None or before.get(table, 0) != counts.get(table, 0):
+                result = dlq_check(self._pipeline, key, counts.get(table, 0))
+                self._context.log_event(
+                    dg.AssetCheckEvaluation(
+                        asset_key=key, check_name=DLQ_CHECK, passed=result.passed, metadata=result.metadata,
                         severity=result.severity,
                     )
                 )

@@ -178,6 +178,11 @@ class Pipeline(SpecModel):
     schedule: str | None = Field(default=None, description="Cron (batch), e.g. '0 * * * *'.")
     schedule_timezone: str = "UTC"
     schema_changes: Literal["evolve", "pause", "fail"] = "evolve"
+    on_error: Literal["dlq", "pause_table", "fail"] = Field(
+        default="dlq",
+        description="A row the sink cannot take (e.g. NaN into a DECIMAL): dlq (dead-letter it, the rest flows), "
+        "pause_table (hold its table), fail (stop the run).",
+    )
     run_as_user: str | None = None
     cdc: CdcOptions = Field(default_factory=CdcOptions)
     checks: ChecksOptions = Field(default_factory=ChecksOptions)

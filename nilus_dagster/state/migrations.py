@@ -110,6 +110,31 @@ MIGRATIONS: list[tuple[int, str]] = [
         """,
     ),
     (
+        4,
+        """
+        CREATE TABLE {schema}.dead_letters (
+            id bigserial PRIMARY KEY,
+            tenant text NOT NULL,
+            pipeline text NOT NULL,
+            resource_id text NOT NULL,
+            table_name text NOT NULL,
+            commit_lsn bigint NOT NULL,
+            key_hash text NOT NULL,
+            row_key jsonb NOT NULL,
+            row_data jsonb NOT NULL,
+            op text NOT NULL,
+            error_kind text NOT NULL,
+            column_name text,
+            message text NOT NULL,
+            run_id text,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            acked_at timestamptz,
+            UNIQUE (tenant, pipeline, table_name, commit_lsn, key_hash)
+        );
+        CREATE INDEX ON {schema}.dead_letters (tenant, pipeline, table_name, id) WHERE acked_at IS NULL;
+        """,
+    ),
+    (
         6,  # operator surface (issue 15): a pipeline held stopped/paused, and the audit trail
         """
         CREATE TABLE {schema}.pipeline_control (

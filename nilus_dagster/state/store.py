@@ -14,6 +14,7 @@ from typing import Any
 from psycopg.types.json import Jsonb
 
 from nilus_dagster.state.base import StateStoreError
+from nilus_dagster.state.dead_letters import DeadLetterStore
 from nilus_dagster.state.records import (
     Heartbeat,
     OffsetRecord,
@@ -48,7 +49,7 @@ ORDER BY o.id DESC
 """
 
 
-class StateStore(SnapshotStore):
+class StateStore(SnapshotStore, DeadLetterStore):
     """All persistent pipeline state, in one PostgreSQL schema that this class migrates."""
 
     # -- pipeline state --------------------------------------------------------------------
