@@ -1,6 +1,6 @@
 """One huge source transaction through the real CDC pipeline into DuckDB: peak RSS and time.
 
-    python bench/large_transaction.py [--rows 5000000] [--batch-max-rows 50000]
+    python bench/large_transaction.py [--rows 5000000] [--batch-max-rows 50000] [--transactions 1]
                                       [--sink duckdb|postgres|bigquery] [--out FILE]
 
 On a throwaway PostgreSQL 16: a pipeline streams an empty table (its slot exists), then ONE
@@ -8,10 +8,13 @@ transaction inserts `--rows` rows and updates every one of them (2 x rows change
 process (so that its peak RSS is the CDC run's alone) runs the pipeline until caught up; it
 reports its peak RSS (getrusage ru_maxrss), the time and the engine's counters. Then the DuckDB
 table is compared with the source row by row, in id ranges. `--sink postgres` writes into a
-database of the same cluster instead (the sink's transaction then lives in the server, not in the
-measured process). `--sink bigquery` writes into the local-bigquery emulator the tests use
-(tests/bigquery_emulator.py; the chunks go to a shadow table in the emulator's process): keep
-`--rows` to what the emulator takes in reasonable time (e.g. 200000).
+database of the same cluster instead (the sink's transaction then lives in the server, not in
+the measured process). `--transactions N` writes N such transactions one after the other, each
+on its own `--rows` new rows (e.g. `--rows 600 --batch-max-rows 500 --transactions 300`: many
+transactions just over the bound, as a catch-up meets them). `--sink bigquery` writes into the
+local-bigquery emulator the tests use (tests/bigquery_emulator.py; the chunks go to a shadow
+table in the emulator's process): keep `--rows` to what the emulator takes in reasonable time
+(e.g. 200000).
 """
 
 from __future__ import annotations
@@ -103,11 +106,14 @@ def run_child(cluster: Cluster, sink_location: str, batch_max_rows: int) -> dict
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def big_transaction(cluster: Cluster, rows: int) -> float:
+def big_transactions(cluster: Cluster, rows: int, transactions: int) -> float:
     started = time.perf_counter()
-    with cluster.connect() as conn, conn.transaction():
-        conn.execute(f"INSERT INTO {TABLE} {ROWS_SELECT}", (1, rows))
-        conn.execute(f"UPDATE {TABLE} SET qty = qty + 1, name = name || '-updated', amount = amount + 0.25")
+    with cluster.connect() as conn:
+        for first in range(1, rows * transactions, rows):
+            with conn.transaction():
+                conn.execute(f"INSERT INTO {TABLE} {ROWS_SELECT}", (first, first + rows - 1))
+                conn.execute(f"UPDATE {TABLE} SET qty = qty + 1, name = name || '-updated', amount = amount + 0.25 "
+                             "WHERE id >= %s", (first,))
     return time.perf_counter() - started
 
 
@@ -174,6 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=5_000_000)
     parser.add_argument("--batch-max-rows", type=int, default=50_000)
+    parser.add_argument("--transactions", type=int, default=1)
     parser.add_argument("--sink", choices=["duckdb", "postgres", "bigquery"], default="duckdb")
     parser.add_argument("--out", type=Path, help="also write the results as JSON here")
     parser.add_argument("--child", nargs=4, metavar=("SOURCE", "STATE", "DUCKDB", "BATCH"), help=argparse.SUPPRESS)
@@ -196,8 +203,9 @@ def main() -> None:
             sink = BIGQUERY + emulator.url
         first = run_child(cluster, sink, args.batch_max_rows)  # creates the slot, snapshots the empty table
         print(f"slot created, empty snapshot in {first['seconds']} s (peak RSS {first['peak_rss_mb']} MB)")
-        source_seconds = big_transaction(cluster, args.rows)
-        print(f"source: one transaction inserting then updating {args.rows:,} rows in {source_seconds:.1f} s")
+        source_seconds = big_transactions(cluster, args.rows, args.transactions)
+        print(f"source: {args.transactions} transaction(s), each inserting then updating {args.rows:,} rows, "
+              f"in {source_seconds:.1f} s")
         run = run_child(cluster, sink, args.batch_max_rows)
         print(
             f"CDC run: {run['events']:,} changes in {run['seconds']} s = {run['events'] / run['seconds']:,.0f}/s, "
@@ -205,9 +213,10 @@ def main() -> None:
             f"at most {run['peak_buffered_changes']:,} changes buffered (batch_max_rows {args.batch_max_rows:,})"
         )
         started = time.perf_counter()
-        compared = compare(cluster, sink, args.rows)
+        compared = compare(cluster, sink, args.rows * args.transactions)
         print(f"check: {compared:,} rows equal to the source row by row ({time.perf_counter() - started:.1f} s)")
-        results = {"sink": args.sink, "rows": args.rows, "batch_max_rows": args.batch_max_rows,
+        results = {"sink": args.sink, "rows": args.rows, "transactions": args.transactions,
+                   "batch_max_rows": args.batch_max_rows,
                    "source_seconds": round(source_seconds, 1),
                    "run": run, "rows_compared": compared, "peak_rss_under_1gb": run["peak_rss_mb"] < 1024}
         if args.out:

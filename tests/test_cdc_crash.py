@@ -53,7 +53,8 @@ def finish_worker(spec: str, pipeline: str = "crashy") -> None:
     """A clean run that stops once caught up (the restart after the crash)."""
     worker = start_worker(spec, "caught_up", pipeline=pipeline)
     # a guard against a hang, not a speed bound: catching up thousands of transactions just over
-    # batch_max_rows (each one spilled, cdc/spanning.py) took 4.5 min on a loaded 2-core machine
+    # batch_max_rows (each one its own batch, one sink call apiece: cdc/spanning.py) took up to
+    # 4.5 min on a loaded 2-core machine (the workload's size follows the machine's speed)
     _, stderr = worker.communicate(timeout=720)
     assert worker.returncode == 0, stderr.decode()[-3000:]
 

@@ -140,6 +140,21 @@ def test_a_transaction_many_times_the_bound_is_exact_and_bounded(env: str, state
     assert_exact(env, sink)
 
 
+def test_a_transaction_a_few_times_the_bound_is_folded_in_memory(env: str, state_dsn: str, sink: SinkTarget) -> None:
+    """Its chunks fold in memory (no spill file, no sink transaction of its own) and it lands as a
+    batch: exact, with TOAST carried, keys moved, a truncate inside and a key-less table."""
+    spec = spec_of(sink)
+    run_caught_up(spec, state_dsn)
+    with psycopg.connect(env, autocommit=True) as conn:
+        with conn.transaction():
+            big_transaction(conn, 1000, 250)  # ~2,400 changes (> BOUND) on ~1,400 keys (< MEMORY_PIECES x BOUND)
+        conn.execute("UPDATE public.items SET label = 'small, after' WHERE id = 1001")
+    stats = run_caught_up(spec, state_dsn).stats
+    assert stats.chunked_transactions == 0 and stats.events_total > 4 * BOUND
+    assert stats.peak_buffered_changes <= 2 * BOUND
+    assert_exact(env, sink)
+
+
 def test_soft_delete_in_a_big_transaction(env: str, state_dsn: str, sink: SinkTarget) -> None:
     """With soft_delete the live sink rows equal the source; deleted ones stay, flagged."""
     spec = spec_of(sink, soft_delete=True)

@@ -20,6 +20,7 @@ from nilus_dagster.cdc.pgoutput import (
     Relation,
     Update,
 )
+from nilus_dagster.cdc.pipeline import caught_up_target
 from nilus_dagster.cdc.replication import (
     ReplicationConnection,
     ReplicationError,
@@ -244,6 +245,17 @@ def test_poll_returns_promptly_when_idle_and_reports_caught_up(db: psycopg.Conne
         assert stream.poll(0.1) == []
         stream.send_status(reply_requested=True)
     assert stream.confirmed_lsn == 0  # the caller decides whether to confirm it
+
+
+def test_caught_up_target_lies_past_every_commit_already_returned(db: psycopg.Connection) -> None:
+    """The test cluster commits with synchronous_commit = off: a commit returns before its WAL is
+    written, yet the target lies past it, and is flushed (the walsender can read up to it)."""
+    for i in range(20):
+        db.execute("INSERT INTO items VALUES (%s, 'x')", (i,))
+        committed = parse_lsn(db.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()[0])
+        target = caught_up_target(db)
+        flushed = parse_lsn(db.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()[0])
+        assert committed <= target <= flushed
 
 
 def test_logical_messages_are_streamed_on_request(db: psycopg.Connection, replication) -> None:

@@ -5,8 +5,9 @@ it), committed in the same sink transaction as its changes: a transaction alread
 table is skipped for that table after a restart, so nothing is applied twice.
 
 A transaction is buffered until its Commit, but never more than `batch_max_rows` of its changes:
-past that bound the batch of earlier transactions is flushed and the transaction's net effect is
-spilled to disk chunk by chunk, then applied at its Commit in one sink transaction (see
+past that bound the batch of earlier transactions is flushed and the transaction is folded chunk
+by chunk; a net effect of a few times the bound stays in memory and becomes the next batch, a
+bigger one is spilled to disk and applied at its Commit in one sink transaction (see
 cdc/spanning.py), so memory stays bounded whatever the transaction's size. BigQuery, which has no
 transaction across calls, takes those pieces into shadow tables (sinks/bigquery/spanning.py).
 """
@@ -192,9 +193,8 @@ class ChangeApplier:
             except ChunkedApplyUnsupported:
                 self._whole_only = True
                 return
-        chunk: dict[TableName, TableChanges | MultisetChanges] = {}
-        self._fold(chunk)
-        self._span.spill_chunk(chunk)
+        self._span.events += self._fold(self._span.pending)
+        self._span.chunk_folded()
 
     def abandon(self) -> None:
         """The stream ends inside a spilled transaction: forget it (nothing of it reached the sink;
@@ -208,9 +208,12 @@ class ChangeApplier:
         """Fold the finished transaction into the batch (the batch only ever holds whole ones), or
         finish applying it in chunks."""
         self._note_buffered()
-        if self._span is not None:
+        if self._span is not None and self._span.spilled:
             self._commit_span(commit.end_lsn)
         else:
+            if self._span is not None:  # folded in memory: its net effect is the batch (flushed before it)
+                span, self._span = self._span, None
+                self._batch, self._batch_events = span.pending, span.events
             self._batch_events += self._fold(self._batch)
             self._batch_end_lsn = commit.end_lsn
             for table, kinds in self._txn_kinds.items():
@@ -224,11 +227,10 @@ class ChangeApplier:
     def _commit_span(self, end_lsn: int) -> None:
         span = self._span
         assert span is not None
-        last: dict[TableName, TableChanges | MultisetChanges] = {}
-        self._fold(last)
+        span.events += self._fold(span.pending)  # (before letting go of it: chunks fold on top of it)
         self._span = None
         try:
-            span.spill_chunk(last)
+            span.spill()
         except BaseException:
             span.rollback()
             raise
@@ -325,7 +327,7 @@ class ChangeApplier:
             return None  # held for approval, or already applied before a restart
         changes = into.get(table.source.name)
         if changes is None:
-            span = self._span  # a spilled transaction's chunk folds on top of what is spilled
+            span = self._span  # a big transaction's chunk folds on top of what it folded so far
             changes = span.changes_for(table) if span is not None else new_table_changes(table.schema)
             into[table.source.name] = changes
         elif changes.schema is not table.schema:

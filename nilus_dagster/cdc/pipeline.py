@@ -12,6 +12,7 @@ from typing import Any
 import psycopg
 
 from nilus_dagster.cdc.attach import LeafWatcher
+from nilus_dagster.cdc.heartbeat import HEARTBEAT_PREFIX
 from nilus_dagster.cdc.lag import source_position
 from nilus_dagster.cdc.live_resync import LiveResync, LiveResyncSteps
 from nilus_dagster.cdc.lsn import format_lsn, parse_lsn
@@ -206,7 +207,7 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
         cdc/live_resync.py), which restarts from the slot when it is done; with a sink that cannot,
         the stream ends at a transaction boundary, the resync runs, and the stream restarts."""
         with connect_source(self.config.source_connection, self.config.source_dsn, autocommit=True) as conn:
-            stop_at = _current_wal_lsn(conn) if self.stop_at_caught_up else None
+            stop_at = caught_up_target(conn) if self.stop_at_caught_up else None
         stats = StreamStats()
         while True:
             try:
@@ -319,8 +320,21 @@ def current_database(conn: psycopg.Connection[Any]) -> str:
     return str(row[0])
 
 
-def _current_wal_lsn(conn: psycopg.Connection[Any]) -> int:
-    row = conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()
+def caught_up_target(conn: psycopg.Connection[Any]) -> int:
+    """A WAL position past the commit of every transaction committed so far, already flushed (the
+    walsender reads only flushed WAL, so the stream can reach it at once).
+
+    `pg_current_wal_lsn()` alone is not that: it is the WAL *write* position, and a commit under
+    `synchronous_commit = off` returns before its record is written, so a run could stop "caught
+    up" before a transaction its caller had just committed. A tiny transaction committed with
+    `synchronous_commit = local` flushes every WAL record before its own, committed ones included
+    (it needs an xid and a WAL record of its own, else PostgreSQL commits it asynchronously: a
+    heartbeat, which the stream consumes).
+    """
+    with conn.transaction():
+        conn.execute("SET LOCAL synchronous_commit = local")
+        conn.execute("SELECT txid_current(), pg_logical_emit_message(false, %s, '')", (HEARTBEAT_PREFIX,))
+    row = conn.execute("SELECT pg_current_wal_flush_lsn()::text").fetchone()
     assert row is not None
     return parse_lsn(row[0])
 

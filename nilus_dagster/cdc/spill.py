@@ -1,15 +1,16 @@
-"""The net effect of one open source transaction, kept on disk: a private SQLite file per transaction.
+"""The net effect of one open source transaction, kept on disk: a private SQLite file each.
 
-A transaction too big to buffer is folded chunk by chunk by the same collapsing code as a batch
-(cdc/changes.py, cdc/multiset_changes.py), but each chunk's collapsing state falls back to this
-store for what earlier chunks left: per key the last entry (and the old key a moved row carries
-unchanged TOASTed values from), per identical row of a key-less table the net count. At the
-transaction's Commit the store holds exactly what folding the whole transaction in memory would
-have held, and is read back in pieces of bounded size (`pieces`).
+A transaction too big to keep in memory (cdc/spanning.py) is folded chunk by chunk by the same
+collapsing code as a batch (cdc/changes.py, cdc/multiset_changes.py), but each chunk's
+collapsing state falls back to this store for what earlier chunks left: per key the last entry
+(and the old key a moved row carries unchanged TOASTed values from), per identical row of a
+key-less table the net count. At the transaction's Commit the store holds exactly what folding the
+whole transaction in memory would have held, and is read back in pieces of bounded size
+(`pieces`).
 
-The file (`nilus-spill-*` in the temporary directory, `TMPDIR`) is unlinked as soon as it is open:
-a killed run leaves nothing behind, and a restart can never apply a store it did not fill itself
-(the stream replays the transaction from the table checkpoints).
+The file (`nilus-spill-*` in the temporary directory, `TMPDIR`) is unlinked as soon as it is
+open: a killed run leaves nothing behind, and a restart can never apply a store it did not fill
+itself (the stream replays the transaction from the table checkpoints).
 """
 
 from __future__ import annotations
@@ -115,13 +116,13 @@ class KeyedStore:
 
     def write(self, changes: TableChanges) -> None:
         """Store what one chunk folded (its entries replace the stored ones of the same key)."""
-        rows, moved = changes.rows, changes.moved
-        assert isinstance(rows, _Rows) and isinstance(moved, _Moved)
-        if rows.cleared or moved.cleared:  # a truncate: nothing before it counts
+        rows, moved = changes.rows, changes.moved  # (plain dicts: the table's first write)
+        if changes.truncate:  # a truncate: nothing before it counts
             self.db.execute(f"DELETE FROM {self.rows_table}")
             self.db.execute(f"DELETE FROM {self.moved_table}")
             self.truncate = True
-        self.db.executemany(f"DELETE FROM {self.moved_table} WHERE k = ?", [(k,) for k in moved.popped])
+        popped = moved.popped if isinstance(moved, _Moved) else ()
+        self.db.executemany(f"DELETE FROM {self.moved_table} WHERE k = ?", [(k,) for k in popped])
         ids: dict[int, int] = {}
 
         def layout_id(layout: Layout) -> int:
