@@ -7,9 +7,10 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 
 from nilus_dagster.components.batch_assets import STATE_RESOURCE_KEY, ensure_run_tags
+from nilus_dagster.components.cdc_checks import cdc_check_specs, lag_check
 from nilus_dagster.components.cdc_config import CdcRunConfig, cdc_config, pipeline_key
 from nilus_dagster.components.cdc_operator_jobs import operator_jobs
-from nilus_dagster.components.cdc_reporting import CdcAssetReporter, lag_check, lag_check_specs
+from nilus_dagster.components.cdc_reporting import CdcAssetReporter
 from nilus_dagster.components.naming import table_asset_attributes
 from nilus_dagster.components.run_stop import DeliberateStop
 from nilus_dagster.components.stale_runs import end_stale_run
@@ -81,7 +82,7 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
         op_tags=run_tags(pipeline),
         pool=cdc_pool(pipeline),
         can_subset=True,
-        check_specs=lag_check_specs(pipeline, specs),
+        check_specs=cdc_check_specs(pipeline, specs),
     )
     def _stream(context: dg.AssetExecutionContext, config: CdcRunConfig, nilus_state: NilusStateStore):
         from nilus_dagster.cdc.pipeline import run_cdc_pipeline

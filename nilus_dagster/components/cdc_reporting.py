@@ -15,6 +15,7 @@ from typing import Any
 
 import dagster as dg
 
+from nilus_dagster.components.cdc_checks import as_evaluation, lag_check, row_parity_check
 from nilus_dagster.components.naming import asset_key
 
 REPORT_INTERVAL_S = 30.0
@@ -41,28 +42,6 @@ def progress_metadata(progress: Any) -> dict[str, dg.MetadataValue]:  # CdcProgr
     return metadata
 
 
-LAG_CHECK = "max_lag"
-
-
-def lag_check_specs(pipeline: Any, specs: list[dg.AssetSpec]) -> list[dg.AssetCheckSpec]:  # a Pipeline
-    if pipeline.checks.max_lag is None:
-        return []
-    description = f"The table's replication lag stays within {pipeline.checks.max_lag} (checks.max_lag)."
-    return [dg.AssetCheckSpec(LAG_CHECK, asset=spec.key, description=description) for spec in specs]
-
-
-def lag_check(pipeline: Any, key: dg.AssetKey, lag_seconds: float) -> dg.AssetCheckResult:
-    """The lag check's result for one table (logged while streaming, yielded at the run's end)."""
-    bound = pipeline.checks.max_lag_seconds
-    return dg.AssetCheckResult(
-        asset_key=key,
-        check_name=LAG_CHECK,
-        passed=lag_seconds <= bound,
-        severity=dg.AssetCheckSeverity.ERROR if pipeline.checks.severity == "error" else dg.AssetCheckSeverity.WARN,
-        metadata={"lag_seconds": dg.MetadataValue.float(lag_seconds), "max_lag_seconds": dg.MetadataValue.float(bound)},
-    )
-
-
 class CdcAssetReporter:
     """Receives a run's progress; logs materializations and observations of its table assets."""
 
@@ -78,6 +57,8 @@ class CdcAssetReporter:
         self._last_report = 0.0
         self._phase = ""
         self.last_lsn = ""  # the newest LSN reported (the checkpoint while idle)
+        self._parity_round = 0
+        self._parity_skipped: dict[str, str] = {}
 
     def __call__(self, progress: Any) -> None:
         now = time.monotonic()
@@ -85,6 +66,7 @@ class CdcAssetReporter:
         if progress.phase == "streaming":
             self.last_lag = progress.lag_seconds
             self.streamed = True
+        self._log_row_parity(progress)
         became_current = progress.phase == "streaming" and self._phase != "streaming"
         self._phase = progress.phase
         if not became_current and now - self._last_report < REPORT_INTERVAL_S:
@@ -109,16 +91,21 @@ class CdcAssetReporter:
             else:
                 self._context.log_event(dg.AssetObservation(asset_key=key, metadata=metadata))
             if self._pipeline.checks.max_lag is not None:
-                result = lag_check(self._pipeline, key, progress.lag_seconds)
-                self._context.log_event(
-                    dg.AssetCheckEvaluation(
-                        asset_key=key,
-                        check_name=LAG_CHECK,
-                        passed=result.passed,
-                        metadata=result.metadata,
-                        severity=result.severity,
-                    )
-                )
+                self._context.log_event(as_evaluation(lag_check(self._pipeline, key, progress.lag_seconds)))
+
+    def _log_row_parity(self, progress: Any) -> None:
+        """A row-count parity round's results as soon as it has them; a skipped round in the log."""
+        for table, reason in getattr(progress, "row_parity_skipped", {}).items():
+            if self._parity_skipped.get(table) != reason:
+                self._context.log.info(f"row_count_parity of {table} skipped this round: {reason}")
+        self._parity_skipped = dict(getattr(progress, "row_parity_skipped", {}))
+        if getattr(progress, "row_parity_round", 0) == self._parity_round:
+            return
+        self._parity_round = progress.row_parity_round
+        for table, parity in progress.row_parity.items():
+            if table in self.tables:
+                result = row_parity_check(self._pipeline, self.tables[table], parity)
+                self._context.log_event(as_evaluation(result))
 
     def changes_since_last(self, table: str, table_changes: dict[str, dict[str, int]]) -> dict[str, int]:
         """Rows inserted/updated/deleted (and truncates) since the table's last materialization."""
