@@ -348,8 +348,11 @@ class BigQuerySink(BigQueryJobs):
             load = self._stage(target, schema, data, fields)
             sql = bq_sql.batch_merge_sql(table_ref(table), table_ref(load.table), schema)
         with self._staging_table(load):
-            self._query(sql, f"{strategy.value} into {target.qualified}")
-        return WriteResult(rows=load.rows, bytes=load.bytes)
+            job, _ = self._query_job(sql, f"{strategy.value} into {target.qualified}")
+        # a MERGE's DML statistics say how many rows were new (the others updated existing rows)
+        stats = job.dml_stats if strategy is WriteStrategy.MERGE else None
+        inserted = stats.inserted_row_count if stats is not None else None
+        return WriteResult(rows=load.rows, bytes=load.bytes, inserted=inserted)
 
     def _refuse_uncarriable(self, target: SinkTable, table: str, stage: str, schema: TableSchema) -> None:
         rows = self._query(bq_sql.uncarriable_sql(table, stage, schema), f"checking moved rows of {target.qualified}")
