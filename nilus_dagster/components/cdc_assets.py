@@ -11,10 +11,12 @@ from nilus_dagster.components.cdc_checks import cdc_check_specs, lag_check
 from nilus_dagster.components.cdc_config import CdcRunConfig, cdc_config, pipeline_key
 from nilus_dagster.components.cdc_operator_jobs import operator_jobs
 from nilus_dagster.components.cdc_reporting import CdcAssetReporter
-from nilus_dagster.components.naming import table_asset_attributes
+from nilus_dagster.components.naming import asset_key, table_asset_attributes
 from nilus_dagster.components.run_stop import DeliberateStop
+from nilus_dagster.components.schema_drift import CdcDriftWatch
 from nilus_dagster.components.stale_runs import end_stale_run
 from nilus_dagster.components.tags import PIPELINE_TAG, TENANT_TAG, cdc_pool, ensure_pool_limit, run_tags
+from nilus_dagster.sinks.base import SinkTable
 from nilus_dagster.spec.pipelines import Pipeline
 from nilus_dagster.spec.project import PipelinesSpec
 from nilus_dagster.state import NilusStateStore
@@ -93,14 +95,18 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
         ensure_pool_limit(context.instance, cdc_pool(pipeline))
         ensure_run_tags(context.op_execution_context, pipeline)
         store = nilus_state.get_store()
-        reporter = CdcAssetReporter(context, pipeline)
+        engine_config = cdc_config(spec, pipeline)
+        sink = open_pipeline_sink(spec, pipeline)
+        targets = {t.table: (asset_key(pipeline, t), SinkTable(pipeline.sink.dataset, t.target_name))
+                   for t in pipeline.source.tables}
+        drift = CdcDriftWatch(pipeline, engine_config.source_dsn, sink, targets)
+        reporter = CdcAssetReporter(context, pipeline, drift)
         stop = DeliberateStop(context.instance, context.run.run_id, context.log)
         approved = _approval_watch(store, pipeline)
-        sink = open_pipeline_sink(spec, pipeline)
         try:
             with stop.signals(), stop.ending(SnapshotCancelled, "finished snapshot partitions are kept"):
                 result = run_cdc_pipeline(
-                    cdc_config(spec, pipeline),
+                    engine_config,
                     sink,
                     store,
                     run_id=context.run.run_id,
@@ -109,6 +115,7 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
                     stop_at_caught_up=config.stop_at == "caught_up",
                     interrupts=(dg.DagsterExecutionInterruptedError,),
                 )
+            drifts = {r.asset_key: r for r in drift.evaluate()} if reporter.streamed else {}
         finally:
             sink.close()
         if not reporter.streamed:  # stopped before the copies were current: no materialization
@@ -126,6 +133,7 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
             if excluded := result.generated_columns.get(table):
                 extra["excluded_generated_columns"] = dg.MetadataValue.text(", ".join(excluded))
             checks = [lag_check(pipeline, key, reporter.last_lag)] if pipeline.checks.max_lag else []
+            checks += [drifts[key]] if key in drifts else []
             yield dg.MaterializeResult(asset_key=key, metadata={**summary, **extra}, check_results=checks)
         stop.end_canceled(f"{result.stats.events_total} changes applied in this run")
 

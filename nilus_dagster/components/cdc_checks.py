@@ -1,5 +1,6 @@
-"""The asset checks of a CDC table: `max_lag` (lag against `checks.max_lag`) and `row_count_parity`
-(source rows against sink rows at a matched point, cdc/row_parity.py, every `checks.row_count_interval`).
+"""The asset checks of a CDC table: `max_lag` (lag against `checks.max_lag`), `row_count_parity`
+(source rows against sink rows at a matched point, cdc/row_parity.py, every `checks.row_count_interval`)
+and `schema_drift` (components/schema_drift.py).
 
 Results are logged as check evaluations while the run streams (severity `checks.severity`).
 """
@@ -11,6 +12,7 @@ from typing import Any
 import dagster as dg
 
 from nilus_dagster.components.batch_checks import ROW_COUNT_CHECK, check_severity, row_count_result
+from nilus_dagster.components.schema_drift import drift_check_spec
 from nilus_dagster.spec.pipelines import Pipeline
 
 LAG_CHECK = "max_lag"
@@ -32,7 +34,7 @@ def cdc_check_specs(pipeline: Pipeline, specs: list[dg.AssetSpec]) -> list[dg.As
             f"(every {pipeline.checks.row_count_interval}; a round that cannot match the point exactly is skipped)."
         )
         checks += [dg.AssetCheckSpec(ROW_COUNT_CHECK, asset=spec.key, description=description) for spec in specs]
-    return checks
+    return [*checks, *(drift_check_spec(spec.key) for spec in specs)]
 
 
 def lag_check(pipeline: Pipeline, key: dg.AssetKey, lag_seconds: float) -> dg.AssetCheckResult:

@@ -17,6 +17,7 @@ import dagster as dg
 
 from nilus_dagster.components.cdc_checks import as_evaluation, lag_check, row_parity_check
 from nilus_dagster.components.naming import asset_key
+from nilus_dagster.components.schema_drift import CdcDriftWatch
 
 REPORT_INTERVAL_S = 30.0
 IDLE_MATERIALIZATION_S = 600.0
@@ -45,8 +46,9 @@ def progress_metadata(progress: Any) -> dict[str, dg.MetadataValue]:  # CdcProgr
 class CdcAssetReporter:
     """Receives a run's progress; logs materializations and observations of its table assets."""
 
-    def __init__(self, context: dg.AssetExecutionContext, pipeline: Any) -> None:
+    def __init__(self, context: dg.AssetExecutionContext, pipeline: Any, drift: CdcDriftWatch | None = None) -> None:
         self._context = context
+        self._drift = drift  # schema_drift, evaluated when the copy becomes current and then when due
         self._pipeline = pipeline
         # by the source table's qualified name, as the engine counts changes
         self.tables = {t.table.qualified: asset_key(pipeline, t) for t in pipeline.source.tables}
@@ -69,6 +71,9 @@ class CdcAssetReporter:
         self._log_row_parity(progress)
         became_current = progress.phase == "streaming" and self._phase != "streaming"
         self._phase = progress.phase
+        if self._drift is not None and progress.phase == "streaming" and (became_current or self._drift.due()):
+            for result in self._drift.evaluate():
+                self._context.log_event(as_evaluation(result))
         if not became_current and now - self._last_report < REPORT_INTERVAL_S:
             return
         self._last_report = now

@@ -238,6 +238,14 @@ class BigQuerySink(BigQueryJobs):
         rows = self._query(f"SELECT COUNT(*) AS n FROM `{table}`", f"counting rows of {target.qualified}")
         return int(rows[0]["n"])
 
+    def column_names(self, target: SinkTable) -> list[str]:
+        table = f"{self.project}.{target.dataset}.{target.name}"
+        with sink_errors("reading the columns of", table):
+            try:
+                return [f.name for f in self.client.get_table(table, retry=self._retry).schema]
+            except api_errors.NotFound:
+                return []
+
     @contextlib.contextmanager
     def change_transaction(self) -> Iterator[None]:
         """BigQuery has no transaction across requests: the chunks go to shadow tables, and each
