@@ -76,6 +76,8 @@ class CdcProgress:
     snapshot_rows: int = 0
     snapshot_partitions_done: int = 0
     snapshot_partitions_total: int = 0
+    # per table during a snapshot: partitions_done, partitions_total (of this run), rows, percent
+    snapshot_tables: dict[str, dict[str, float]] = field(default_factory=dict)
     resync_tables: list[str] = field(default_factory=list)  # the tables being resynced (phase `resync`)
     source_lsn: str | None = None  # the newest WAL position the source server has
     unconfirmed_wal_bytes: int | None = None  # source WAL past the slot's confirmed (sink-durable) position

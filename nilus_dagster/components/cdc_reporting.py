@@ -43,6 +43,18 @@ def progress_metadata(progress: Any) -> dict[str, dg.MetadataValue]:  # CdcProgr
     return metadata
 
 
+def _table_snapshot_metadata(table_progress: dict[str, float] | None) -> dict[str, dg.MetadataValue]:
+    """A table's own snapshot progress (partitions of this run, rows, percent), if it has any."""
+    if not table_progress:
+        return {}
+    return {
+        "table_snapshot_rows": dg.MetadataValue.int(int(table_progress["rows"])),
+        "table_snapshot_partitions_done": dg.MetadataValue.int(int(table_progress["partitions_done"])),
+        "table_snapshot_partitions_total": dg.MetadataValue.int(int(table_progress["partitions_total"])),
+        "table_snapshot_percent": dg.MetadataValue.float(float(table_progress["percent"])),
+    }
+
+
 class CdcAssetReporter:
     """Receives a run's progress; logs materializations and observations of its table assets."""
 
@@ -70,22 +82,24 @@ class CdcAssetReporter:
             self.streamed = True
         self._log_row_parity(progress)
         became_current = progress.phase == "streaming" and self._phase != "streaming"
+        # a new phase, and the snapshot's last partition, are reported at once
+        told_now = progress.phase != self._phase or (
+            progress.phase == "snapshot" and progress.snapshot_partitions_done == progress.snapshot_partitions_total
+        )
         self._phase = progress.phase
         if self._drift is not None and progress.phase == "streaming" and (became_current or self._drift.due()):
             for result in self._drift.evaluate():
                 self._context.log_event(as_evaluation(result))
-        if not became_current and now - self._last_report < REPORT_INTERVAL_S:
+        if not told_now and now - self._last_report < REPORT_INTERVAL_S:
             return
         self._last_report = now
         metadata = progress_metadata(progress)
         if progress.phase == "snapshot":
-            self._context.log.info(
-                f"snapshot: {progress.snapshot_rows:,} rows, {progress.snapshot_partitions_done} of "
-                f"{progress.snapshot_partitions_total} partitions done"
-            )
+            self._log_snapshot(progress)
         for table, key in self.tables.items():
             if progress.phase != "streaming":
-                self._context.log_event(dg.AssetObservation(asset_key=key, metadata=metadata))
+                extra = _table_snapshot_metadata(getattr(progress, "snapshot_tables", {}).get(table))
+                self._context.log_event(dg.AssetObservation(asset_key=key, metadata={**metadata, **extra}))
                 continue
             changes = self.changes_since_last(table, progress.table_changes)
             idle_due = now - self._materialized_at.get(table, float("-inf")) >= IDLE_MATERIALIZATION_S
@@ -97,6 +111,18 @@ class CdcAssetReporter:
                 self._context.log_event(dg.AssetObservation(asset_key=key, metadata=metadata))
             if self._pipeline.checks.max_lag is not None:
                 self._context.log_event(as_evaluation(lag_check(self._pipeline, key, progress.lag_seconds)))
+
+    def _log_snapshot(self, progress: Any) -> None:
+        tables = getattr(progress, "snapshot_tables", {})
+        per_table = "; ".join(
+            f"{t} {p['percent']:g}% ({p['partitions_done']:g}/{p['partitions_total']:g} partitions, "
+            f"{p['rows']:,.0f} rows)"
+            for t, p in sorted(tables.items())
+        )
+        self._context.log.info(
+            f"snapshot: {progress.snapshot_rows:,} rows, {progress.snapshot_partitions_done} of "
+            f"{progress.snapshot_partitions_total} partitions done" + (f": {per_table}" if per_table else "")
+        )
 
     def _log_row_parity(self, progress: Any) -> None:
         """A row-count parity round's results as soon as it has them; a skipped round in the log."""
