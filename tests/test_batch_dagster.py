@@ -26,7 +26,9 @@ def env(pipeline_env: str) -> str:
 
 
 def _check(result: dg.ExecuteInProcessResult) -> dg.AssetCheckEvaluation:
-    (evaluation,) = [e for e in result.get_asset_check_evaluations() if e.asset_key == GOOD]
+    (evaluation,) = [
+        e for e in result.get_asset_check_evaluations() if e.asset_key == GOOD and e.check_name == "row_count_parity"
+    ]
     return evaluation
 
 

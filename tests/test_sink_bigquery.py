@@ -260,7 +260,8 @@ def test_merge_upserts_by_key_and_last_row_wins(bigquery_sink: BigQuerySink) -> 
         {"id": 3, "name": "c", "qty": 3},
         {"id": 2, "name": "B2", "qty": 21},
     ]
-    write_items(bigquery_sink, rows, WriteStrategy.MERGE)
+    result = bigquery_sink.write(target(bigquery_sink, "items"), ITEMS, [batch(ITEMS, rows)], WriteStrategy.MERGE)
+    assert result.inserted == 1  # id 3 (from the MERGE's DML statistics); id 2 was updated
     assert read_rows(bigquery_sink, "items") == [
         {"id": 1, "name": "a", "qty": 1},
         {"id": 2, "name": "B2", "qty": 21},

@@ -129,6 +129,7 @@ class ChangeApplier:
         self._batch_end_lsn = 0  # end LSN of the last complete transaction in the batch
         self._in_transaction = False
         self._commit_lsn = 0  # commit LSN of the transaction being read
+        self._xid = 0  # its xid
         # its changes, until Commit: RowChange tuples (see pgoutput.decode_row_change) and truncates
         self._transaction: list[RowChange | tuple[int, int, Truncate]] = []
         self._span: SpanningTransaction | None = None  # the open transaction, applied in chunks so far
@@ -157,6 +158,7 @@ class ChangeApplier:
         elif isinstance(message, Begin):
             self._in_transaction = True
             self._commit_lsn = message.final_lsn
+            self._xid = message.xid
             if self._batch_started is None:
                 self._batch_started = time.monotonic()
         elif isinstance(message, Commit):
@@ -207,6 +209,7 @@ class ChangeApplier:
     def _commit(self, commit: Commit) -> None:
         """Fold the finished transaction into the batch (the batch only ever holds whole ones), or
         finish applying it in chunks."""
+        txn_kinds = self._txn_kinds  # the folds below fill it in
         self._note_buffered()
         if self._span is not None and self._span.spilled:
             self._commit_span(commit.end_lsn)
@@ -223,6 +226,7 @@ class ChangeApplier:
         self._whole_only = False
         self.stats.transactions += 1
         self.stats.last_commit_time = commit.commit_time
+        self.stats.note_transaction(self._xid, txn_kinds)
 
     def _commit_span(self, end_lsn: int) -> None:
         span = self._span

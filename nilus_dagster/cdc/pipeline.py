@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import psycopg
@@ -26,6 +26,7 @@ from nilus_dagster.cdc.replication import (
     system_identifier,
 )
 from nilus_dagster.cdc.resync import RESYNC_MARKER  # a table resynced beside the stream (reconnect)
+from nilus_dagster.cdc.row_parity import ParityTable, RowParityProbe
 from nilus_dagster.cdc.run_config import (
     APPROVED_DETAIL,
     RESET_HINT,
@@ -208,6 +209,9 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
         the stream ends at a transaction boundary, the resync runs, and the stream restarts."""
         with connect_source(self.config.source_connection, self.config.source_dsn, autocommit=True) as conn:
             stop_at = caught_up_target(conn) if self.stop_at_caught_up else None
+        self._parity = self._parity_probe(tables)
+        if stop_at is not None and self._parity.tables:  # a run that ends once caught up checks there
+            stop_at = max(stop_at, self._parity.read_now() or 0)
         stats = StreamStats()
         while True:
             try:
@@ -229,6 +233,13 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
             CdcProgress("stopped", lsn=format_lsn(stats.applied_lsn) if stats.applied_lsn else None), force=True
         )
         return stats
+
+    def _parity_probe(self, tables: list[CdcTable]) -> RowParityProbe:
+        """Row-count parity rounds over the tables whose sink rows only the stream writes."""
+        config, interval = self.config, self.config.row_count_interval_s
+        pairs = self._targets(tables) if interval else []
+        checked = [ParityTable(t.name, target) for t, target in pairs if not t.partitioned]
+        return RowParityProbe(config.source_connection, config.source_dsn, self.sink, checked, interval or 0.0)
 
     def _stream_once(self, tables: list[CdcTable], stop_at: int | None, stats: StreamStats) -> None:
         config = self.config
@@ -292,6 +303,7 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
                 progress.lag_seconds = self._lag.observe(stream_progress.caught_up and fresh, stats.last_commit_time)
                 progress.events_total = stream_progress.events_total
                 progress.events_per_s = stream_progress.events_per_s
+                self._tick_parity(stream_progress, stream_tables, stats, progress)
                 self._report(progress)
 
             try:
@@ -312,6 +324,17 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
                     )
             except SlotLost as error:
                 raise self._fail(f"{error}; {RESET_HINT}", slot=self.slot) from None
+
+
+    def _tick_parity(
+        self, stream: StreamProgress, tables: dict[TableName, StreamTable], stats: StreamStats, progress: CdcProgress
+    ) -> None:
+        held = {t.source.name.qualified for t in tables.values() if t.held}
+        reached = max(stream.applied_lsn, stream.caught_up_lsn)
+        self._parity.tick(settled=stream.settled, reached_lsn=reached, stats=stats, held=held)
+        progress.row_parity = {name: asdict(result) for name, result in self._parity.results.items()}
+        progress.row_parity_round = self._parity.round
+        progress.row_parity_skipped = dict(self._parity.skipped)
 
 
 def current_database(conn: psycopg.Connection[Any]) -> str:

@@ -46,6 +46,7 @@ class CdcPipelineConfig:
     slot_name: str | None = None
     publication_name: str | None = None
     retry_for_s: float = 600.0  # how long a transient fault may last before the run fails (cdc/retry.py)
+    row_count_interval_s: float | None = None  # row-count parity rounds (cdc/row_parity.py); None: off
 
     def slot(self, database: str) -> str:
         """Slots are per cluster: the name includes the source database."""
@@ -76,6 +77,8 @@ class CdcProgress:
     snapshot_rows: int = 0
     snapshot_partitions_done: int = 0
     snapshot_partitions_total: int = 0
+    # per table during a snapshot: partitions_done, partitions_total (of this run), rows, percent
+    snapshot_tables: dict[str, dict[str, float]] = field(default_factory=dict)
     resync_tables: list[str] = field(default_factory=list)  # the tables being resynced (phase `resync`)
     source_lsn: str | None = None  # the newest WAL position the source server has
     unconfirmed_wal_bytes: int | None = None  # source WAL past the slot's confirmed (sink-durable) position
@@ -83,6 +86,11 @@ class CdcProgress:
     fault_seconds: float = 0.0
     # per table (schema.table): changes applied in this run by kind ("I", "U", "D", "T" truncate)
     table_changes: dict[str, dict[str, int]] = field(default_factory=dict)
+    # per table: the newest row-count parity result (cdc/row_parity.py RowParity as a dict), the
+    # number of rounds that gave results, and why a table's last round gave none
+    row_parity: dict[str, dict[str, Any]] = field(default_factory=dict)
+    row_parity_round: int = 0
+    row_parity_skipped: dict[str, str] = field(default_factory=dict)
 
     def as_detail(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -42,6 +42,11 @@ class SnapshotSteps:
             progress.snapshot_rows = snapshot.rows_done
             progress.snapshot_partitions_done = snapshot.partitions_done
             progress.snapshot_partitions_total = snapshot.partitions_total
+            progress.snapshot_tables = {
+                table: {"partitions_done": done, "partitions_total": total, "rows": rows,
+                        "percent": round(100.0 * done / total, 1) if total else 100.0}
+                for table, (done, total, rows) in snapshot.by_table.items()
+            }
             self._report(progress)
 
         return SnapshotRunner(

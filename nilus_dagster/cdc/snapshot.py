@@ -102,6 +102,8 @@ class SnapshotProgress:
     partitions_total: int
     partitions_done: int
     rows_done: int
+    # per table (schema.table): [partitions done, partitions to do in this run, rows written]
+    by_table: dict[str, list[int]] = field(default_factory=dict)
 
 
 # A partition's batches as its worker reads them: None ends them, an exception fails them.
@@ -195,6 +197,9 @@ class SnapshotRunner:
             self.sink.prepare_table(target, table.schema, cdc=True)
         tasks = self.plan(tables)
         progress = SnapshotProgress(len(tables), len(tasks), 0, 0)
+        for task in tasks:
+            if not task.fill:
+                progress.by_table.setdefault(task.table.name.qualified, [0, 0, 0])[1] += 1
         self.on_progress(progress)  # the copy begins (phase `snapshot`, 0 of N partitions)
         rows = self._read_and_write(tasks, progress) if tasks else 0
         self.mark_streaming_start(tables)
@@ -251,6 +256,10 @@ class SnapshotRunner:
                     )
                 progress.partitions_done += 1
                 progress.rows_done += written.rows
+                if not task.fill:
+                    table_progress = progress.by_table[task.table.name.qualified]
+                    table_progress[0] += 1
+                    table_progress[2] += written.rows
                 self.on_progress(progress)
         finally:
             stop.set()

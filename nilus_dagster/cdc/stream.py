@@ -42,6 +42,8 @@ class StreamProgress:
     lag_seconds: float
     transactions: int
     caught_up: bool = False  # nothing pending and the server said it has nothing newer
+    settled: bool = False  # nothing buffered and no open transaction: the sink holds all received
+    caught_up_lsn: int = 0  # the position the server last said it has nothing newer than
 
 
 def run_stream(
@@ -141,7 +143,8 @@ def _caught_up(stream: ReplicationStream, applier: ChangeApplier, target: int) -
 
 def _progress(stream: ReplicationStream, applier: ChangeApplier) -> StreamProgress:
     stats = applier.stats
-    caught_up = not applier.has_pending and not applier.in_transaction and bool(stream.caught_up_lsn)
+    settled = not applier.has_pending and not applier.in_transaction
+    caught_up = settled and bool(stream.caught_up_lsn)
     lag = 0.0
     if stats.last_commit_time is not None and not caught_up:
         lag = max(0.0, (datetime.now(UTC) - stats.last_commit_time).total_seconds())
@@ -153,4 +156,6 @@ def _progress(stream: ReplicationStream, applier: ChangeApplier) -> StreamProgre
         lag_seconds=round(lag, 3),
         transactions=stats.transactions,
         caught_up=caught_up,
+        settled=settled,
+        caught_up_lsn=stream.caught_up_lsn or 0,
     )

@@ -1,9 +1,11 @@
-"""Counters of a CDC stream: events, transactions, the applied LSN, changes per table, the recent rate."""
+"""Counters of a CDC stream: events, transactions, the applied LSN, changes per table, the recent rate,
+and the recent transactions per table by xid (for the row-count parity check, cdc/row_parity.py)."""
 
 from __future__ import annotations
 
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -23,6 +25,8 @@ class StreamStats:
     # per source table (schema.table): changes made durable by kind, "I", "U", "D", "T" (truncate)
     table_changes: dict[str, Counter[str]] = field(default_factory=dict)
     _samples: deque[tuple[float, int]] = field(default_factory=deque, repr=False)
+    # per table: the transactions that changed it, as (xid, rows added - rows removed, truncated)
+    transactions_by_table: dict[str, TableTransactions] = field(default_factory=dict, repr=False)
 
     @property
     def events_per_s(self) -> float:
@@ -36,7 +40,36 @@ class StreamStats:
         since, events = samples[0] if now - samples[0][0] >= 1.0 else (self.started, 0)
         return (self.events_total - events) / max(now - since, 1e-9)
 
+    def note_transaction(self, xid: int, kinds: dict[str, Counter[str]]) -> None:
+        """Remember a committed transaction's xid and net row-count effect on each table it changed."""
+        for table, counts in kinds.items():
+            tracked = self.transactions_by_table.get(table)
+            if tracked is None:
+                tracked = self.transactions_by_table[table] = TableTransactions()
+            tracked.add(xid, counts["I"] - counts["D"], counts["T"] > 0)
+
     def count(self, changes: dict[str, Counter[str]]) -> None:
         """Add the per-table counts of changes just made durable."""
         for table, kinds in changes.items():
             self.table_changes.setdefault(table, Counter()).update(kinds)
+
+
+TRACKED_TRANSACTIONS_MAX = 100_000  # per table; older ones are forgotten (a parity round then skips)
+
+
+@dataclass
+class TableTransactions:
+    """The transactions that changed one table, newest last, bounded; `forgotten_xid` is the newest
+    xid dropped for the bound (None: nothing dropped)."""
+
+    entries: deque[tuple[int, int, bool]] = field(default_factory=deque)
+    forgotten_xid: int | None = None
+
+    def add(self, xid: int, delta: int, truncated: bool) -> None:
+        self.entries.append((xid, delta, truncated))
+        if len(self.entries) > TRACKED_TRANSACTIONS_MAX:
+            self.forgotten_xid = self.entries.popleft()[0]
+
+    def forget_seen(self, sees: Callable[[int], bool]) -> None:
+        """Drop the transactions a snapshot sees: every later snapshot sees them too."""
+        self.entries = deque(entry for entry in self.entries if not sees(entry[0]))

@@ -9,6 +9,7 @@ from nilus_dagster.components.batch_checks import (
     row_count_result,
 )
 from nilus_dagster.components.naming import asset_key, table_asset_attributes
+from nilus_dagster.components.schema_drift import drift_check_spec, drift_result
 from nilus_dagster.components.tags import run_tags
 from nilus_dagster.sinks.base import SinkTable, WriteStrategy
 from nilus_dagster.spec.pipelines import Pipeline, SourceTable
@@ -37,7 +38,10 @@ def batch_table_asset(spec: PipelinesSpec, pipeline: Pipeline, table: SourceTabl
             **{"nilus/strategy": pipeline.sink.strategy, "nilus/cursor": table.cursor or "(full load)"},
         ),
         op_tags=run_tags(pipeline),
-        check_specs=batch_check_specs(pipeline, table, asset_key(pipeline, table)),
+        check_specs=[
+            *batch_check_specs(pipeline, table, asset_key(pipeline, table)),
+            drift_check_spec(asset_key(pipeline, table)),
+        ],
     )
     def _load(context: dg.AssetExecutionContext, nilus_state: NilusStateStore) -> dg.MaterializeResult:
         from nilus_dagster.batch import BatchTableLoad, load_table
@@ -67,9 +71,9 @@ def batch_table_asset(spec: PipelinesSpec, pipeline: Pipeline, table: SourceTabl
         try:
             result = load_table(load, sink, nilus_state.get_store(), on_progress=progress)
             sink_rows = result.table_rows if result.table_rows is not None else sink.row_count(load.target)
+            checks = [drift_result(pipeline, key, result.schema.column_names, sink.column_names(load.target))]
         finally:
             sink.close()
-        checks = []
         if has_row_count_check(pipeline, table):
             checks.append(row_count_result(pipeline, key, result.rows, sink_rows))
         metadata: dict[str, object] = {

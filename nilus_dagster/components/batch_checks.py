@@ -45,16 +45,23 @@ def column_schema(schema: Any) -> dg.TableSchema:  # nilus TableSchema
     )
 
 
-def row_count_result(pipeline: Pipeline, key: dg.AssetKey, source_rows: int, sink_rows: int) -> dg.AssetCheckResult:
-    severity = dg.AssetCheckSeverity.ERROR if pipeline.checks.severity == "error" else dg.AssetCheckSeverity.WARN
+def check_severity(pipeline: Pipeline) -> dg.AssetCheckSeverity:
+    """`checks.severity` of the pipeline, as Dagster spells it."""
+    return dg.AssetCheckSeverity.ERROR if pipeline.checks.severity == "error" else dg.AssetCheckSeverity.WARN
+
+
+def row_count_result(
+    pipeline: Pipeline, key: dg.AssetKey, source_rows: int, sink_rows: int, **extra: dg.MetadataValue
+) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         asset_key=key,
         check_name=ROW_COUNT_CHECK,
         passed=source_rows == sink_rows,
-        severity=severity,
+        severity=check_severity(pipeline),
         metadata={
             "source_rows": dg.MetadataValue.int(source_rows),
             "sink_rows": dg.MetadataValue.int(sink_rows),
             "difference": dg.MetadataValue.int(sink_rows - source_rows),
+            **extra,
         },
     )

@@ -8,21 +8,17 @@ from typing import Any
 import dagster as dg
 
 from nilus_dagster.components.batch_assets import STATE_RESOURCE_KEY, ensure_run_tags
+from nilus_dagster.components.cdc_checks import cdc_check_specs, dlq_check, lag_check, open_dead_letters
 from nilus_dagster.components.cdc_config import CdcRunConfig, cdc_config, pipeline_key
 from nilus_dagster.components.cdc_operator_jobs import operator_jobs
-from nilus_dagster.components.cdc_reporting import (
-    CdcAssetReporter,
-    dlq_check,
-    dlq_check_specs,
-    lag_check,
-    lag_check_specs,
-    open_dead_letters,
-)
+from nilus_dagster.components.cdc_reporting import CdcAssetReporter
 from nilus_dagster.components.lifecycle import LIVE_STATUSES, hold_watch, sensor_hold
-from nilus_dagster.components.naming import table_asset_attributes
+from nilus_dagster.components.naming import asset_key, table_asset_attributes
 from nilus_dagster.components.run_stop import DeliberateStop
+from nilus_dagster.components.schema_drift import CdcDriftWatch
 from nilus_dagster.components.stale_runs import end_stale_run
 from nilus_dagster.components.tags import PIPELINE_TAG, TENANT_TAG, cdc_pool, ensure_pool_limit, run_tags
+from nilus_dagster.sinks.base import SinkTable
 from nilus_dagster.spec.pipelines import Pipeline
 from nilus_dagster.spec.project import PipelinesSpec
 from nilus_dagster.state import NilusStateStore
@@ -91,7 +87,7 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
         op_tags=run_tags(pipeline),
         pool=cdc_pool(pipeline),
         can_subset=True,
-        check_specs=[*lag_check_specs(pipeline, specs), *dlq_check_specs(specs)],
+        check_specs=cdc_check_specs(pipeline, specs),
     )
     def _stream(context: dg.AssetExecutionContext, config: CdcRunConfig, nilus_state: NilusStateStore):
         from nilus_dagster.cdc.pipeline import run_cdc_pipeline
@@ -108,13 +104,19 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
         held = hold_watch(store, pipeline, stop)
         if held():  # launched while an operator holds the pipeline stopped or paused
             stop.end_canceled("nothing was read")
+        engine_config = cdc_config(spec, pipeline)
         sink = open_pipeline_sink(spec, pipeline)
+        targets = {
+            t.table: (asset_key(pipeline, t), SinkTable(pipeline.sink.dataset, t.target_name))
+            for t in pipeline.source.tables
+        }
+        drift = CdcDriftWatch(pipeline, engine_config.source_dsn, sink, targets)
         dead_letters = BackgroundRead(lambda: open_dead_letters(store, pipeline), DLQ_READ_INTERVAL_S)
-        reporter = CdcAssetReporter(context, pipeline, lambda: dead_letters.value_since(0.0))
+        reporter = CdcAssetReporter(context, pipeline, drift, lambda: dead_letters.value_since(0.0))
         try:
             with stop.signals(), stop.ending(SnapshotCancelled, "finished snapshot partitions are kept"):
                 result = run_cdc_pipeline(
-                    cdc_config(spec, pipeline),
+                    engine_config,
                     sink,
                     store,
                     run_id=context.run.run_id,
@@ -123,6 +125,7 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
                     stop_at_caught_up=config.stop_at == "caught_up",
                     interrupts=(dg.DagsterExecutionInterruptedError,),
                 )
+            drifts = {r.asset_key: r for r in drift.evaluate()} if reporter.streamed else {}
         finally:
             sink.close()
             dead_letters.close()
@@ -143,6 +146,7 @@ def _cdc_asset(spec: PipelinesSpec, pipeline: Pipeline) -> dg.AssetsDefinition:
                 extra["excluded_generated_columns"] = dg.MetadataValue.text(", ".join(excluded))
             checks = [lag_check(pipeline, key, reporter.last_lag)] if pipeline.checks.max_lag else []
             checks.append(dlq_check(pipeline, key, None if dlq_open is None else dlq_open.get(table, 0)))
+            checks += [drifts[key]] if key in drifts else []
             yield dg.MaterializeResult(asset_key=key, metadata={**summary, **extra}, check_results=checks)
         stop.end_canceled(f"{result.stats.events_total} changes applied in this run")
 

@@ -58,4 +58,5 @@ def cdc_config(spec: PipelinesSpec, pipeline: Pipeline):  # -> CdcPipelineConfig
         slot_name=options.slot_name,
         publication_name=options.publication_name,
         retry_for_s=options.retry_for_s,
+        row_count_interval_s=None if options.soft_delete else pipeline.checks.row_count_interval_seconds,
     )

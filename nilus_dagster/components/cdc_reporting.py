@@ -16,7 +16,9 @@ from typing import Any
 
 import dagster as dg
 
+from nilus_dagster.components.cdc_checks import as_evaluation, dlq_check, lag_check, row_parity_check
 from nilus_dagster.components.naming import asset_key
+from nilus_dagster.components.schema_drift import CdcDriftWatch
 
 REPORT_INTERVAL_S = 30.0
 IDLE_MATERIALIZATION_S = 600.0
@@ -42,66 +44,30 @@ def progress_metadata(progress: Any) -> dict[str, dg.MetadataValue]:  # CdcProgr
     return metadata
 
 
-LAG_CHECK = "max_lag"
-
-
-def lag_check_specs(pipeline: Any, specs: list[dg.AssetSpec]) -> list[dg.AssetCheckSpec]:  # a Pipeline
-    if pipeline.checks.max_lag is None:
-        return []
-    description = f"The table's replication lag stays within {pipeline.checks.max_lag} (checks.max_lag)."
-    return [dg.AssetCheckSpec(LAG_CHECK, asset=spec.key, description=description) for spec in specs]
-
-
-def lag_check(pipeline: Any, key: dg.AssetKey, lag_seconds: float) -> dg.AssetCheckResult:
-    """The lag check's result for one table (logged while streaming, yielded at the run's end)."""
-    bound = pipeline.checks.max_lag_seconds
-    return dg.AssetCheckResult(
-        asset_key=key,
-        check_name=LAG_CHECK,
-        passed=lag_seconds <= bound,
-        severity=dg.AssetCheckSeverity.ERROR if pipeline.checks.severity == "error" else dg.AssetCheckSeverity.WARN,
-        metadata={"lag_seconds": dg.MetadataValue.float(lag_seconds), "max_lag_seconds": dg.MetadataValue.float(bound)},
-    )
-
-
-DLQ_CHECK = "dead_letters"
-
-
-def dlq_check_specs(specs: list[dg.AssetSpec]) -> list[dg.AssetCheckSpec]:
-    description = (
-        "The table has no unacknowledged dead-letter entries (rows the sink could not take, on_error: dlq); "
-        "acknowledge them through the API's /dlq/ack once handled."
-    )
-    return [dg.AssetCheckSpec(DLQ_CHECK, asset=spec.key, description=description) for spec in specs]
-
-
-def open_dead_letters(store: Any, pipeline: Any) -> dict[str, int]:  # a StateStore
-    """Unacknowledged dead-letter entries of the pipeline, by source table."""
-    totals = store.dead_letter_totals(pipeline.tenant)
-    return {table: unacked for (_, name, table), (unacked, _) in totals.items() if name == pipeline.name}
-
-
-def dlq_check(pipeline: Any, key: dg.AssetKey, unacked: int | None) -> dg.AssetCheckResult:
-    """Passes while the table has no unacknowledged entries (None: the state store did not answer)."""
-    metadata = {"unacknowledged_entries": dg.MetadataValue.int(unacked)} if unacked is not None else {
-        "unknown": dg.MetadataValue.text("the state store did not answer")
+def _table_snapshot_metadata(table_progress: dict[str, float] | None) -> dict[str, dg.MetadataValue]:
+    """A table's own snapshot progress (partitions of this run, rows, percent), if it has any."""
+    if not table_progress:
+        return {}
+    return {
+        "table_snapshot_rows": dg.MetadataValue.int(int(table_progress["rows"])),
+        "table_snapshot_partitions_done": dg.MetadataValue.int(int(table_progress["partitions_done"])),
+        "table_snapshot_partitions_total": dg.MetadataValue.int(int(table_progress["partitions_total"])),
+        "table_snapshot_percent": dg.MetadataValue.float(float(table_progress["percent"])),
     }
-    return dg.AssetCheckResult(
-        asset_key=key,
-        check_name=DLQ_CHECK,
-        passed=unacked == 0,
-        severity=dg.AssetCheckSeverity.ERROR if pipeline.checks.severity == "error" else dg.AssetCheckSeverity.WARN,
-        metadata=metadata,
-    )
 
 
 class CdcAssetReporter:
     """Receives a run's progress; logs materializations and observations of its table assets."""
 
     def __init__(
-        self, context: dg.AssetExecutionContext, pipeline: Any, dead_letters: Callable[[], Any] = lambda: None
+        self,
+        context: dg.AssetExecutionContext,
+        pipeline: Any,
+        drift: CdcDriftWatch | None = None,
+        dead_letters: Callable[[], Any] = lambda: None,
     ) -> None:
         self._context = context
+        self._drift = drift  # schema_drift, evaluated when the copy becomes current and then when due
         self._pipeline = pipeline
         self._dead_letters = dead_letters  # the newest {table: unacknowledged entries} read, or None
         self.dlq_open: dict[str, int] | None = None  # as last evaluated
@@ -114,6 +80,8 @@ class CdcAssetReporter:
         self._last_report = 0.0
         self._phase = ""
         self.last_lsn = ""  # the newest LSN reported (the checkpoint while idle)
+        self._parity_round = 0
+        self._parity_skipped: dict[str, str] = {}
 
     def __call__(self, progress: Any) -> None:
         self._check_dead_letters()
@@ -122,20 +90,26 @@ class CdcAssetReporter:
         if progress.phase == "streaming":
             self.last_lag = progress.lag_seconds
             self.streamed = True
+        self._log_row_parity(progress)
         became_current = progress.phase == "streaming" and self._phase != "streaming"
+        # a new phase, and the snapshot's last partition, are reported at once
+        told_now = progress.phase != self._phase or (
+            progress.phase == "snapshot" and progress.snapshot_partitions_done == progress.snapshot_partitions_total
+        )
         self._phase = progress.phase
-        if not became_current and now - self._last_report < REPORT_INTERVAL_S:
+        if self._drift is not None and progress.phase == "streaming" and (became_current or self._drift.due()):
+            for result in self._drift.evaluate():
+                self._context.log_event(as_evaluation(result))
+        if not told_now and now - self._last_report < REPORT_INTERVAL_S:
             return
         self._last_report = now
         metadata = progress_metadata(progress)
         if progress.phase == "snapshot":
-            self._context.log.info(
-                f"snapshot: {progress.snapshot_rows:,} rows, {progress.snapshot_partitions_done} of "
-                f"{progress.snapshot_partitions_total} partitions done"
-            )
+            self._log_snapshot(progress)
         for table, key in self.tables.items():
             if progress.phase != "streaming":
-                self._context.log_event(dg.AssetObservation(asset_key=key, metadata=metadata))
+                extra = _table_snapshot_metadata(getattr(progress, "snapshot_tables", {}).get(table))
+                self._context.log_event(dg.AssetObservation(asset_key=key, metadata={**metadata, **extra}))
                 continue
             changes = self.changes_since_last(table, progress.table_changes)
             idle_due = now - self._materialized_at.get(table, float("-inf")) >= IDLE_MATERIALIZATION_S
@@ -146,16 +120,33 @@ class CdcAssetReporter:
             else:
                 self._context.log_event(dg.AssetObservation(asset_key=key, metadata=metadata))
             if self._pipeline.checks.max_lag is not None:
-                result = lag_check(self._pipeline, key, progress.lag_seconds)
-                self._context.log_event(
-                    dg.AssetCheckEvaluation(
-                        asset_key=key,
-                        check_name=LAG_CHECK,
-                        passed=result.passed,
-                        metadata=result.metadata,
-                        severity=result.severity,
-                    )
-                )
+                self._context.log_event(as_evaluation(lag_check(self._pipeline, key, progress.lag_seconds)))
+
+    def _log_snapshot(self, progress: Any) -> None:
+        tables = getattr(progress, "snapshot_tables", {})
+        per_table = "; ".join(
+            f"{t} {p['percent']:g}% ({p['partitions_done']:g}/{p['partitions_total']:g} partitions, "
+            f"{p['rows']:,.0f} rows)"
+            for t, p in sorted(tables.items())
+        )
+        self._context.log.info(
+            f"snapshot: {progress.snapshot_rows:,} rows, {progress.snapshot_partitions_done} of "
+            f"{progress.snapshot_partitions_total} partitions done" + (f": {per_table}" if per_table else "")
+        )
+
+    def _log_row_parity(self, progress: Any) -> None:
+        """A row-count parity round's results as soon as it has them; a skipped round in the log."""
+        for table, reason in getattr(progress, "row_parity_skipped", {}).items():
+            if self._parity_skipped.get(table) != reason:
+                self._context.log.info(f"row_count_parity of {table} skipped this round: {reason}")
+        self._parity_skipped = dict(getattr(progress, "row_parity_skipped", {}))
+        if getattr(progress, "row_parity_round", 0) == self._parity_round:
+            return
+        self._parity_round = progress.row_parity_round
+        for table, parity in progress.row_parity.items():
+            if table in self.tables:
+                result = row_parity_check(self._pipeline, self.tables[table], parity)
+                self._context.log_event(as_evaluation(result))
 
     def _check_dead_letters(self) -> None:
         """Evaluate the dead-letter check of every table whose count changed since the last read."""
@@ -165,13 +156,7 @@ class CdcAssetReporter:
         before, self.dlq_open = self.dlq_open, counts
         for table, key in self.tables.items():
             if before is None or before.get(table, 0) != counts.get(table, 0):
-                result = dlq_check(self._pipeline, key, counts.get(table, 0))
-                self._context.log_event(
-                    dg.AssetCheckEvaluation(
-                        asset_key=key, check_name=DLQ_CHECK, passed=result.passed, metadata=result.metadata,
-                        severity=result.severity,
-                    )
-                )
+                self._context.log_event(as_evaluation(dlq_check(self._pipeline, key, counts.get(table, 0))))
 
     def changes_since_last(self, table: str, table_changes: dict[str, dict[str, int]]) -> dict[str, int]:
         """Rows inserted/updated/deleted (and truncates) since the table's last materialization."""

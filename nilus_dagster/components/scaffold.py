@@ -40,7 +40,7 @@ attributes:
     #   type: cdc
     #   source: {{connection: shop, tables: [public.orders]}}
     #   sink: {{connection: warehouse, dataset: live}}
-    #   checks: {{max_lag: 5m}}
+    #   checks: {{max_lag: 5m, row_count_interval: 10m}}   # lag bound; how often source and sink rows are counted
 
   # state_store: {{dsn_env: NILUS_STATE_DSN}}   # where cursors, offsets and schema history live
 """

@@ -222,6 +222,10 @@ class Sink(Protocol):
         """How many rows the table holds now (0 if it does not exist)."""
         ...
 
+    def column_names(self, target: SinkTable) -> list[str]:
+        """The table's columns, in order (none if it does not exist)."""
+        ...
+
     def close(self) -> None:
         ...
 

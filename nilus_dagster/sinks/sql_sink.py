@@ -83,6 +83,10 @@ class SqlSink(ABC):
             run = self._runner(conn)
             return _count(run, target) if existing_columns(run, self.dialect, target) else 0
 
+    def column_names(self, target: SinkTable) -> list[str]:
+        with self._transaction(target) as conn:
+            return existing_columns(self._runner(conn), self.dialect, target)
+
     def widen_columns(self, target: SinkTable, columns: list[Column]) -> None:
         with self._transaction(target) as conn:
             widen_columns(self._runner(conn), self.dialect, target, columns)

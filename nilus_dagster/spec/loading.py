@@ -1,4 +1,6 @@
-"""Read pipeline declarations straight from a defs folder (for the API and tools, no Dagster)."""
+"""Read pipeline declarations straight from a defs folder (for the API and tools, without loading
+Dagster definitions). Templates in the attributes (`{{ env.X }}`, `{{ env('X', 'default') }}`) are
+rendered by Dagster's own component resolver, so they read exactly as Dagster loads them."""
 
 from __future__ import annotations
 
@@ -31,8 +33,20 @@ def load_spec_file(path: Path) -> list[PipelinesSpec]:
     for document in documents:
         if not isinstance(document, dict) or document.get("type") not in COMPONENT_TYPES:
             continue
-        specs.append(validate_spec(PipelinesSpec, document.get("attributes") or {}, path))
+        attributes = _render_templates(document.get("attributes") or {}, path)
+        specs.append(validate_spec(PipelinesSpec, attributes, path))
     return specs
+
+
+def _render_templates(attributes: object, path: Path) -> object:
+    """The attributes as Dagster's component loading resolves them (the same template scope)."""
+    from dagster.components.resolved.context import ResolutionContext
+    from dagster.components.resolved.errors import ResolutionException
+
+    try:
+        return ResolutionContext.default().resolve_value(attributes)
+    except ResolutionException as exc:
+        raise PipelineSpecError(path, [f"template: {exc}"]) from None
 
 
 def load_declared_pipelines(defs_dir: Path) -> list[DeclaredPipeline]:

@@ -147,8 +147,18 @@ class ChecksOptions(SpecModel):
         default="warn", description="How a failed check is reported: warn, or error (fails the asset's check)."
     )
     max_lag: str | None = Field(default=None, description="CDC: the most lag a table may have, e.g. 30s, 5m, 1h.")
+    row_count_interval: str | None = Field(
+        default="10m",
+        description="CDC: how often the row-count parity check counts source and sink (e.g. 10m, 1h); "
+        "null turns it off.",
+    )
 
-    @field_validator("max_lag")
+    @field_validator("row_count_interval", mode="before")
+    @classmethod
+    def _off(cls, value: object) -> object:
+        return None if value is False or value == "off" else value  # YAML reads a bare `off` as false
+
+    @field_validator("max_lag", "row_count_interval")
     @classmethod
     def _duration(cls, value: str | None) -> str | None:
         if value is not None and not _DURATION.match(value):
@@ -157,11 +167,19 @@ class ChecksOptions(SpecModel):
 
     @property
     def max_lag_seconds(self) -> float | None:
-        if self.max_lag is None:
-            return None
-        match = _DURATION.match(self.max_lag)
-        assert match is not None
-        return float(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2]]
+        return _seconds(self.max_lag)
+
+    @property
+    def row_count_interval_seconds(self) -> float | None:
+        return _seconds(self.row_count_interval)
+
+
+def _seconds(duration: str | None) -> float | None:
+    if duration is None:
+        return None
+    match = _DURATION.match(duration)
+    assert match is not None
+    return float(match[1]) * {"s": 1, "m": 60, "h": 3600}[match[2]]
 
 
 class Pipeline(SpecModel):

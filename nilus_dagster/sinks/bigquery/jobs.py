@@ -197,12 +197,18 @@ class BigQueryJobs:
                     time.sleep(min(2.0**failures, 32.0))
 
     def _query(self, sql: str, action: str, *parameters: bigquery.ScalarQueryParameter) -> list[bigquery.Row]:
+        return self._query_job(sql, action, *parameters)[1]
+
+    def _query_job(
+        self, sql: str, action: str, *parameters: bigquery.ScalarQueryParameter
+    ) -> tuple[bigquery.QueryJob, list[bigquery.Row]]:
+        """The finished job (its statistics, e.g. `dml_stats`) and its rows."""
         config = bigquery.QueryJobConfig(query_parameters=list(parameters))
         with sink_errors(action, self.project):
             job = self.client.query(
                 sql, job_config=config, location=self.location, retry=self._retry, job_retry=self._retry
             )
-            return list(job.result(retry=self._retry))
+            return job, list(job.result(retry=self._retry))
 
 
 def make_client(

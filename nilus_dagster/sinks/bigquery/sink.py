@@ -239,6 +239,14 @@ class BigQuerySink(BigQueryJobs):
         rows = self._query(f"SELECT COUNT(*) AS n FROM `{table}`", f"counting rows of {target.qualified}")
         return int(rows[0]["n"])
 
+    def column_names(self, target: SinkTable) -> list[str]:
+        table = f"{self.project}.{target.dataset}.{target.name}"
+        with sink_errors("reading the columns of", table):
+            try:
+                return [f.name for f in self.client.get_table(table, retry=self._retry).schema]
+            except api_errors.NotFound:
+                return []
+
     @contextlib.contextmanager
     def change_transaction(self) -> Iterator[None]:
         """BigQuery has no transaction across requests: the chunks go to shadow tables, and each
@@ -349,8 +357,11 @@ class BigQuerySink(BigQueryJobs):
             load = self._stage(target, schema, data, fields)
             sql = bq_sql.batch_merge_sql(table_ref(table), table_ref(load.table), schema)
         with self._staging_table(load):
-            self._query(sql, f"{strategy.value} into {target.qualified}")
-        return WriteResult(rows=load.rows, bytes=load.bytes)
+            job, _ = self._query_job(sql, f"{strategy.value} into {target.qualified}")
+        # a MERGE's DML statistics say how many rows were new (the others updated existing rows)
+        stats = job.dml_stats if strategy is WriteStrategy.MERGE else None
+        inserted = stats.inserted_row_count if stats is not None else None
+        return WriteResult(rows=load.rows, bytes=load.bytes, inserted=inserted)
 
     def _refuse_uncarriable(self, target: SinkTable, table: str, stage: str, schema: TableSchema) -> None:
         rows = self._query(bq_sql.uncarriable_sql(table, stage, schema), f"checking moved rows of {target.qualified}")
