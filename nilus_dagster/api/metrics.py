@@ -157,6 +157,13 @@ class StorageCollector(Collector):
             labels=labels,
         )
         events = CounterMetricFamily("nilus_cdc_events", "Change events applied", labels=labels)
+        sink_errors = CounterMetricFamily(
+            "nilus_sink_errors", "Sink errors the CDC run met and outlived (retried, waited out, or isolated)",
+            labels=labels,
+        )
+        failed_tables = GaugeMetricFamily(
+            "nilus_cdc_failed_tables", "CDC tables held failed (their sink apply kept failing)", labels=labels
+        )
         rate = GaugeMetricFamily("nilus_cdc_events_per_second", "Recent change events per second", labels=labels)
         age = GaugeMetricFamily("nilus_cdc_heartbeat_age_seconds", "Seconds since the last heartbeat", labels=labels)
         snapshot = GaugeMetricFamily(
@@ -173,15 +180,17 @@ class StorageCollector(Collector):
                 (events, "events_total"),
                 (rate, "events_per_s"),
                 (unconfirmed, "unconfirmed_wal_bytes"),
+                (sink_errors, "sink_errors_total"),
             ):
                 value = _number(beat.detail.get(field))
                 if value is not None:
                     family.add_metric(key, value)
+            failed_tables.add_metric(key, len(beat.detail.get("failed_tables") or {}))
         cdc_pipelines = {(p.tenant, p.name) for p in self.services.declarations.all() if p.type == "cdc"}
         for tenant, pipeline in sorted(cdc_pipelines | set(heartbeats)):
             for table in store.snapshot_progress(tenant, pipeline):
                 snapshot.add_metric([tenant, pipeline, table.table], table.percent)
-        return [lag, unconfirmed, events, rate, age, snapshot]
+        return [lag, unconfirmed, events, rate, age, snapshot, sink_errors, failed_tables]
 
 
 STALE_BEAT_S = 30.0  # a live run beats every few seconds

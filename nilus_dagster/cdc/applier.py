@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import groupby
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nilus_dagster.cdc.buffered_rows import filling, remapping, rewrite_rows
 from nilus_dagster.cdc.lsn import format_lsn
@@ -42,11 +42,14 @@ from nilus_dagster.cdc.pgoutput import (
     relation_schema,
 )
 from nilus_dagster.cdc.setup import CdcTable
-from nilus_dagster.cdc.spanning import SpanningTransaction
+from nilus_dagster.cdc.spanning import SpannedTableFailed, SpanningTransaction
 from nilus_dagster.cdc.stream_stats import StreamStats
 from nilus_dagster.schema import TableName, TableSchema
 from nilus_dagster.schema.evolution import SchemaDiff, diff_schemas
 from nilus_dagster.sinks.base import Checkpoint, ChunkedApplyUnsupported, Sink, SinkTable
+
+if TYPE_CHECKING:
+    from nilus_dagster.cdc.table_failures import TableIsolation
 
 _KIND_NAMES = {b"I"[0]: "I", b"U"[0]: "U", b"D"[0]: "D"}
 
@@ -77,6 +80,7 @@ class StreamTable:
     held: bool = False  # paused by `schema_changes: pause` until approved, or being resynced
     # being resynced beside the stream (cdc/live_resync.py): the slot is acknowledged no further
     resync_limit: int | None = None
+    failed: str | None = None  # held because its sink apply keeps failing: why (cdc/table_failures.py)
 
 
 _TRUNCATE = b"T"[0]
@@ -114,6 +118,7 @@ class ChangeApplier:
     stats: StreamStats = field(default_factory=StreamStats)
     on_flushed: Callable[[int], Any] | None = None  # told of flushes the applier makes by itself
     keepalive: Callable[[], Any] | None = None  # called while a long Commit applies (the server must hear from us)
+    isolation: TableIsolation | None = None  # one table's failing apply holds that table only
 
     def __post_init__(self) -> None:
         # relation id → the columns its tuples carry (as of the last Relation message), the table
@@ -230,7 +235,15 @@ class ChangeApplier:
         except BaseException:
             span.rollback()
             raise
-        span.commit(end_lsn, self.keepalive)  # one sink transaction: all of it or none of it
+        try:
+            span.commit(end_lsn, self.keepalive)  # one sink transaction: all of it or none of it
+        except SpannedTableFailed as failure:
+            if self.isolation is None:
+                raise failure.error from failure.error.__cause__
+            self.isolation.span_failed(self.tables[failure.table], failure.error)  # raises
+        if self.isolation is not None:
+            for name in span.touched:
+                self.isolation.applied(name)
         self.stats.events_total += span.events
         self.stats.batches += 1
         self.stats.chunked_transactions += 1
@@ -292,8 +305,14 @@ class ChangeApplier:
         known = self._relations.get(relation.relation_id)
         if known is not None and known[2] != names:
             rewrite_rows(self._transaction, relation.relation_id, remapping(known[2], names), old_key_only=False)
-        if diff.is_empty or table.resync_limit is not None or self._commit_lsn < table.applied_lsn:
-            # (a table being resynced, or a replayed transaction it skips: the resync's copy is newer)
+        if (
+            diff.is_empty
+            or table.resync_limit is not None
+            or table.failed is not None
+            or self._commit_lsn < table.applied_lsn
+        ):
+            # (a table being resynced, or a replayed transaction it skips: the resync's copy is newer;
+            # a failed table judges the change when it is retried and the stream replays it)
             self._relations[relation.relation_id] = (relation.columns, table, names)
             return
         # Changes committed before the schema change land first, under the schema they had.
@@ -344,18 +363,22 @@ class ChangeApplier:
             return 0
         end_lsn = self._batch_end_lsn
         checkpoint_value = format_lsn(end_lsn)
+        isolation, failing, applied = self.isolation, [], False
         for name, changes in self._batch.items():
             table = self.tables[name]
             if changes.events == 0 and not changes.truncate:
                 continue
-            self.sink.apply_changes(
-                table.target,
-                changes.schema,
-                changes.to_change_set(),
-                Checkpoint(table.checkpoint_key, checkpoint_value),
-                soft_delete=self.soft_delete,
-            )
-            table.applied_lsn = end_lsn
+            apply = self._table_apply(table, changes, Checkpoint(table.checkpoint_key, checkpoint_value))
+            if isolation is None:
+                apply()
+            elif not isolation.attempt(table, apply):
+                failing.append((table, apply))  # retried once the other tables are applied
+                continue
+            table.applied_lsn, applied = end_lsn, True
+        for table, apply in failing:
+            assert isolation is not None
+            if isolation.settle(table, apply, others_applied=applied, keepalive=self.keepalive):
+                table.applied_lsn = end_lsn  # else: failed and held, its checkpoint kept
         self.stats.events_total += self._batch_events
         self.stats.batches += 1
         self.stats.applied_lsn = end_lsn
@@ -367,8 +390,17 @@ class ChangeApplier:
         self._batch_end_lsn = 0
         return end_lsn
 
+    def _table_apply(
+        self, table: StreamTable, changes: TableChanges | MultisetChanges, checkpoint: Checkpoint
+    ) -> Callable[[], Any]:
+        change_set = changes.to_change_set()
+        schema = changes.schema
+        return lambda: self.sink.apply_changes(
+            table.target, schema, change_set, checkpoint, soft_delete=self.soft_delete
+        )
+
     def durable_lsn(self, position: int) -> int:
-        """The position the slot may be acknowledged to: never past a table held for approval, nor
-        past the limit of one being resynced."""
+        """The position the slot may be acknowledged to: never past a table held for approval or
+        failed (their checkpoints), nor past the limit of one being resynced."""
         held = [t.applied_lsn if t.resync_limit is None else t.resync_limit for t in self.tables.values() if t.held]
         return min([position, *held])

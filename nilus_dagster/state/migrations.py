@@ -109,4 +109,21 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX ON {schema}.cdc_offsets (tenant, pipeline, connector_name, offset_key, id DESC);
         """,
     ),
+    (
+        5,
+        """
+        CREATE TABLE IF NOT EXISTS {schema}.table_failures (
+            tenant text NOT NULL,
+            pipeline text NOT NULL,
+            table_name text NOT NULL,
+            status text NOT NULL,
+            reason text NOT NULL,
+            checkpoint text,
+            run_id text,
+            failed_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant, pipeline, table_name)
+        );
+        """,
+    ),
 ]
