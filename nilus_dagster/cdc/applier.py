@@ -46,7 +46,7 @@ from nilus_dagster.cdc.spanning import SpannedTableFailed, SpanningTransaction
 from nilus_dagster.cdc.stream_stats import StreamStats
 from nilus_dagster.schema import TableName, TableSchema
 from nilus_dagster.schema.evolution import SchemaDiff, diff_schemas
-from nilus_dagster.sinks.base import Checkpoint, ChunkedApplyUnsupported, Sink, SinkTable
+from nilus_dagster.sinks.base import ChangeSet, Checkpoint, ChunkedApplyUnsupported, Sink, SinkTable
 
 if TYPE_CHECKING:
     from nilus_dagster.cdc.table_failures import TableIsolation
@@ -363,22 +363,16 @@ class ChangeApplier:
             return 0
         end_lsn = self._batch_end_lsn
         checkpoint_value = format_lsn(end_lsn)
-        isolation, failing, applied = self.isolation, [], False
-        for name, changes in self._batch.items():
-            table = self.tables[name]
-            if changes.events == 0 and not changes.truncate:
-                continue
-            apply = self._table_apply(table, changes, Checkpoint(table.checkpoint_key, checkpoint_value))
-            if isolation is None:
+        applies = [
+            (table, self._table_apply(table, changes, Checkpoint(table.checkpoint_key, checkpoint_value)))
+            for table, changes in ((self.tables[name], changes) for name, changes in self._batch.items())
+            if changes.events or changes.truncate
+        ]
+        if self.isolation is None:
+            for _, apply in applies:
                 apply()
-            elif not isolation.attempt(table, apply):
-                failing.append((table, apply))  # retried once the other tables are applied
-                continue
-            table.applied_lsn, applied = end_lsn, True
-        for table, apply in failing:
-            assert isolation is not None
-            if isolation.settle(table, apply, others_applied=applied, keepalive=self.keepalive):
-                table.applied_lsn = end_lsn  # else: failed and held, its checkpoint kept
+        for table in self.isolation.apply_all(applies, self.keepalive) if self.isolation else [t for t, _ in applies]:
+            table.applied_lsn = end_lsn  # (a table that failed now is held: its checkpoint kept)
         self.stats.events_total += self._batch_events
         self.stats.batches += 1
         self.stats.applied_lsn = end_lsn
@@ -393,11 +387,15 @@ class ChangeApplier:
     def _table_apply(
         self, table: StreamTable, changes: TableChanges | MultisetChanges, checkpoint: Checkpoint
     ) -> Callable[[], Any]:
-        change_set = changes.to_change_set()
-        schema = changes.schema
-        return lambda: self.sink.apply_changes(
-            table.target, schema, change_set, checkpoint, soft_delete=self.soft_delete
-        )
+        """Applies the table's changes; the change set is built on the first call and kept only for a retry."""
+        built: list[ChangeSet] = []
+
+        def apply() -> None:
+            built[:] = built or [changes.to_change_set()]
+            self.sink.apply_changes(table.target, changes.schema, built[0], checkpoint, soft_delete=self.soft_delete)
+            built.clear()
+
+        return apply
 
     def durable_lsn(self, position: int) -> int:
         """The position the slot may be acknowledged to: never past a table held for approval or

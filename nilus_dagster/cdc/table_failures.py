@@ -101,6 +101,20 @@ class TableIsolation:
             self._first_failure.pop(name, None)
 
     # -- applying ----------------------------------------------------------------------------
+    def apply_all(
+        self, applies: list[tuple[StreamTable, Callable[[], Any]]], keepalive: Callable[[], Any] | None = None
+    ) -> list[StreamTable]:
+        """Apply each table's changes of a batch (each its own sink transaction); a failed one is
+        retried once the others are applied. Returns the tables applied (not those now failed)."""
+        applied, failing = [], []
+        for table, apply in applies:
+            (applied if self.attempt(table, apply) else failing).append((table, apply))
+        others_applied = bool(applied)
+        for table, apply in failing:
+            if self.settle(table, apply, others_applied=others_applied, keepalive=keepalive):
+                applied.append((table, apply))
+        return [table for table, _ in applied]
+
     def attempt(self, table: StreamTable, apply: Callable[[], Any]) -> bool:
         """Apply one table's changes; False when it failed in a way worth isolating (transient
         errors and anything but sink errors are raised)."""
