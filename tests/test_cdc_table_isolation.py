@@ -19,14 +19,16 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
-from batch_project import SinkTarget
+from batch_project import SinkTarget, failure_message
+from cdc_project import cdc_project
 from table_compare import source_rows
 from test_cdc_crash import finish_worker, wait_for
-from test_cdc_live_resync import ITEMS_TABLE, LiveRun, _beat, in_sink, live_run
+from test_cdc_live_resync import ITEMS_TABLE, LiveRun, _beat, in_sink, live_run, pipeline_config
 from test_cdc_resync import NOTES, assert_exact, churn, create_tables, spec_dict, stop_churn
 
 from nilus_dagster.cdc.operations import NothingToRetry, retry_tables
 from nilus_dagster.cdc.pipeline import request_table_resync
+from nilus_dagster.state.store import StateStore
 
 
 @pytest.fixture
@@ -181,3 +183,29 @@ def test_a_table_whose_sink_privileges_are_revoked_is_failed_then_resumes_exactl
         retry_tables(live.config, live.store, ["public.items"])
         recovered(live)
     finish_exact(env, sink, spec)
+
+
+def test_the_retry_tables_job_asks_for_a_retry_of_failed_tables_only(
+    pipeline_env: str, state_dsn: str, duckdb_sink: SinkTarget, instance
+) -> None:
+    """The operator job (no CDC run needed: it records the request the live run picks up)."""
+    spec = spec_dict(duckdb_sink)
+    defs = cdc_project(duckdb_sink, *spec["pipelines"])
+    job = defs.resolve_job_def("acme__crashy__retry_tables")
+    _, config = pipeline_config(spec)
+
+    def retry(tables: list[str]):  # noqa: ANN202 - Dagster's result
+        return job.execute_in_process(instance=instance, raise_on_error=False,
+                                      run_config={"ops": {"acme__crashy__retry_tables_op": {"config": {"tables": tables}}}})
+
+    with StateStore(state_dsn).open() as store:
+        store.record_table_failure(config.key, "public.items", "permission denied", "0/10", "r1")
+        refused = retry(["public.notes"])
+        assert not refused.success and "none of public.notes is failed" in failure_message(refused)
+        assert "failed tables: public.items" in failure_message(refused)
+        unknown = retry(["public.nope"])
+        assert not unknown.success and "not tables of this pipeline" in failure_message(unknown)
+        done = retry(["public.items", "public.notes"])
+        assert done.success, failure_message(done)
+        assert [(f.table_name, f.status) for f in store.table_failures("acme", "crashy")] == [("public.items", "retry")]
+        assert instance.get_run_by_id(done.run_id).tags["nilus/operation"] == "crashy:retry_tables"
