@@ -156,15 +156,16 @@ def open_sink_reader(location: str) -> Any:
     return duckdb.connect(location, read_only=True)
 
 
-def compare(cluster: Cluster, sink_location: str, rows: int) -> int:
-    """Row by row, in id ranges; returns the rows compared (raises on the first difference)."""
+def compare(cluster: Cluster, sink_location: str, rows: int, max_id: int | None = None) -> int:
+    """Row by row, in id ranges up to `max_id` (default `rows`); returns the rows compared (raises
+    on the first difference)."""
     compared = 0
     with cluster.connect() as source, open_sink_reader(sink_location) as sink:
         sink.execute("SET TimeZone = 'UTC'")
         (count,) = sink.execute(f"SELECT count(*) FROM {TARGET.qualified}").fetchone()  # type: ignore[misc]
         if count != rows:
             raise AssertionError(f"the sink holds {count} rows, the source {rows}")
-        for low in range(1, rows + 1, COMPARE_RANGE):
+        for low in range(1, (max_id or rows) + 1, COMPARE_RANGE):
             high = low + COMPARE_RANGE - 1
             query = f"SELECT {COLUMNS} FROM {{}} WHERE id BETWEEN {low} AND {high} ORDER BY id"
             expected = normalized(source.execute(query.format(TABLE)).fetchall())

@@ -290,7 +290,10 @@ def _fill_state(dsn: str) -> None:
                 lsn="9/9",
             )
         store.set_pipeline_state(stream, "active", {"slot": "nilus_stream"})
-        store.beat(stream, "r-stream", {"lsn": "0/4", "lag_seconds": 1.5, "events_total": 1234, "events_per_s": 50.0})
+        store.record_table_failure(stream, "acme.addresses", "postgres sink writing acme.addresses failed: "
+                                   "permission denied", "0/3", "r-stream")
+        store.beat(stream, "r-stream", {"lsn": "0/4", "lag_seconds": 1.5, "events_total": 1234, "events_per_s": 50.0,
+                                        "sink_errors_total": 3, "failed_tables": {"acme.addresses": "denied"}})
         store.plan_snapshot(stream, "acme.customers", [(0, 10), (10, 20)], rows_estimate=100)
         store.mark_partition_done(stream, "acme.customers", 0, 50)
 

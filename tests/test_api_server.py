@@ -47,6 +47,8 @@ def test_metrics_server_reports_pipelines_cdc_and_api(world: World) -> None:
         assert _sample(text, "nilus_pipeline_last_run_success", tenant="globex", pipeline="events") == 0.0
         assert _sample(text, "nilus_cdc_lag_seconds", tenant="acme", pipeline="stream") == 1.5
         assert _sample(text, "nilus_cdc_events_total", tenant="acme", pipeline="stream") == 1234
+        assert _sample(text, "nilus_sink_errors_total", tenant="acme", pipeline="stream") == 3
+        assert _sample(text, "nilus_cdc_failed_tables", tenant="acme", pipeline="stream") == 1
         assert (
             _sample(text, "nilus_cdc_snapshot_percent", tenant="acme", pipeline="stream", table="acme.customers") == 50
         )

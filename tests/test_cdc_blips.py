@@ -34,6 +34,7 @@ from blips_harness import (
 from fault_proxy import FaultProxy
 from table_compare import assert_same_rows, postgres_sink_rows, source_rows
 
+from nilus_dagster.cdc.lsn import parse_lsn
 from nilus_dagster.embedded.postgres import BIN_DIR, EmbeddedPostgres
 from nilus_dagster.sinks.duckdb import DuckDBSink
 from nilus_dagster.sinks.postgres import PostgresSink
@@ -218,7 +219,8 @@ def test_a_fault_longer_than_retry_for_fails_the_run_and_a_lost_slot_fails_it_at
 def test_run_survives_a_duckdb_file_locked_by_another_process(
     source_db: str, store: StateStore, duckdb_path: Path
 ) -> None:
-    """The sink waits for the lock; the run's first report after it shows the lag of the stall."""
+    """The sink waits for the lock (never acknowledging the slot past what is durable); the run's
+    first report after it shows the lag of the stall and the outage in `sink_errors_total`."""
     import subprocess
 
     make_table(source_db)
@@ -230,12 +232,19 @@ def test_run_survives_a_duckdb_file_locked_by_another_process(
          "print('locked', flush=True); time.sleep(6)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
     locked_at = time.monotonic()
-    write(source_db, 1000, 20)
+    with psycopg.connect(source_db, autocommit=True) as conn:
+        before_writes = parse_lsn(conn.execute("SELECT pg_current_wal_lsn()::text").fetchone()[0])
+        write(source_db, 1000, 20)
+        time.sleep(2)  # the run holds these changes, waiting for the file
+        confirmed = conn.execute("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                                 (live.run.slot,)).fetchone()[0]
+    assert parse_lsn(confirmed) <= before_writes, "the slot was acknowledged past what the sink holds"
     holder.wait(timeout=30)
     took = wait_until(in_sink(read, source_db), RECOVER_S, "changes after the lock was released")
     assert took < RECOVER_S
     assert max(live.lag_since(locked_at)) >= 4.0, "the stall did not show in the lag"
     wait_until(lambda: live.lag_since(locked_at)[-1] == 0.0, 15, "the lag to fall back to 0")
+    assert max(p.sink_errors_total for _, p in live.progress) >= 1, "the outage did not show"
     assert live.thread.is_alive()
     live.finish()
     assert_same_rows(source_rows(source_db, "public.t", COLUMNS, "id"), read())

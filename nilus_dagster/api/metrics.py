@@ -160,6 +160,13 @@ class StorageCollector(Collector):
             labels=labels,
         )
         events = CounterMetricFamily("nilus_cdc_events", "Change events applied", labels=labels)
+        sink_errors = CounterMetricFamily(
+            "nilus_sink_errors", "Sink errors the CDC run met and outlived (retried, waited out, or isolated)",
+            labels=labels,
+        )
+        failed_tables = GaugeMetricFamily(
+            "nilus_cdc_failed_tables", "CDC tables held failed (their sink apply kept failing)", labels=labels
+        )
         rate = GaugeMetricFamily("nilus_cdc_events_per_second", "Recent change events per second", labels=labels)
         age = GaugeMetricFamily("nilus_cdc_heartbeat_age_seconds", "Seconds since the last heartbeat", labels=labels)
         snapshot = GaugeMetricFamily(
@@ -175,18 +182,19 @@ class StorageCollector(Collector):
             beat_age = max(0.0, now - beat.beat_at.timestamp())
             age.add_metric(key, beat_age)
             lag.add_metric(key, cdc_lag(beat.detail, beat_age))
-            reported = [(events, "events_total"), (rate, "events_per_s")]
+            reported = [(events, "events_total"), (rate, "events_per_s"), (sink_errors, "sink_errors_total")]
             if (tenant, pipeline) not in slots:
                 reported.append((unconfirmed, "unconfirmed_wal_bytes"))
             for family, field in reported:
                 value = _number(beat.detail.get(field))
                 if value is not None:
                     family.add_metric(key, value)
+            failed_tables.add_metric(key, len(beat.detail.get("failed_tables") or {}))
         cdc_pipelines = {(p.tenant, p.name) for p in self.services.declarations.all() if p.type == "cdc"}
         for tenant, pipeline in sorted(cdc_pipelines | set(heartbeats)):
             for table in store.snapshot_progress(tenant, pipeline):
                 snapshot.add_metric([tenant, pipeline, table.table], table.percent)
-        return [lag, unconfirmed, events, rate, age, snapshot]
+        return [lag, unconfirmed, events, rate, age, snapshot, sink_errors, failed_tables]
 
     def _holds(self) -> list[Metric]:
         """Pipelines an operator stopped or paused (1 while held), and for how long."""

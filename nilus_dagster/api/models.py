@@ -202,3 +202,25 @@ class ExistsResponse(BaseModel):
 
 class StorageHealth(BaseModel):
     status: str
+
+
+class TableFailureOut(BaseModel):
+    pipeline_name: str
+    table_name: str = Field(description="schema.table in the source")
+    status: str = Field(description="failed (held), retry (asked, not yet picked up), retrying (streaming again)")
+    reason: str = Field(description="the sink error that made the table fail")
+    checkpoint: str | None = Field(description="its sink checkpoint (LSN): it continues from there once fixed")
+    run_id: str | None
+    failed_at: datetime
+    updated_at: datetime
+
+
+class TableFailuresResponse(BaseModel):
+    failures: list[TableFailureOut]
+    total: int
+
+
+class TableRetryResponse(BaseModel):
+    pipeline_name: str
+    table_name: str
+    status: str = Field(description="retry: the live CDC run (or else the next one) streams it again")

@@ -152,3 +152,7 @@ class OffsetFilters(_CdcFilters):
 
 class SchemaHistoryFilters(_CdcFilters):
     pass
+
+
+class TableFailureFilters(_Query):
+    pipeline: Annotated[str | None, Field(pattern=NAME_PATTERN, description="Only this pipeline's tables")] = None

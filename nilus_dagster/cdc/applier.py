@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import groupby
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nilus_dagster.cdc.buffered_rows import filling, remapping, rewrite_rows
 from nilus_dagster.cdc.lsn import format_lsn
@@ -44,11 +44,14 @@ from nilus_dagster.cdc.pgoutput import (
 )
 from nilus_dagster.cdc.poison import PoisonHandler, change_set_of
 from nilus_dagster.cdc.setup import CdcTable
-from nilus_dagster.cdc.spanning import SpanningTransaction
+from nilus_dagster.cdc.spanning import SpannedTableFailed, SpanningTransaction
 from nilus_dagster.cdc.stream_stats import StreamStats
 from nilus_dagster.schema import TableName, TableSchema
 from nilus_dagster.schema.evolution import SchemaDiff, diff_schemas
-from nilus_dagster.sinks.base import Checkpoint, ChunkedApplyUnsupported, Sink, SinkTable, carried_schema
+from nilus_dagster.sinks.base import ChangeSet, Checkpoint, ChunkedApplyUnsupported, Sink, SinkTable, carried_schema
+
+if TYPE_CHECKING:
+    from nilus_dagster.cdc.table_failures import TableIsolation
 
 _KIND_NAMES = {b"I"[0]: "I", b"U"[0]: "U", b"D"[0]: "D"}
 
@@ -79,6 +82,7 @@ class StreamTable:
     held: bool = False  # paused by `schema_changes: pause` until approved, or being resynced
     # being resynced beside the stream (cdc/live_resync.py): the slot is acknowledged no further
     resync_limit: int | None = None
+    failed: str | None = None  # held because its sink apply keeps failing: why (cdc/table_failures.py)
 
 
 _TRUNCATE = b"T"[0]
@@ -117,6 +121,7 @@ class ChangeApplier:
     on_flushed: Callable[[int], Any] | None = None  # told of flushes the applier makes by itself
     keepalive: Callable[[], Any] | None = None  # called while a long Commit applies (the server must hear from us)
     on_poison: PoisonHandler | None = None  # a row the sink cannot take (cdc/poison.py); None: raise
+    isolation: TableIsolation | None = None  # one table's failing apply holds that table only
 
     def __post_init__(self) -> None:
         # relation id → the columns its tuples carry (as of the last Relation message), the table
@@ -238,7 +243,15 @@ class ChangeApplier:
         except BaseException:
             span.rollback()
             raise
-        span.commit(end_lsn, self.keepalive)  # one sink transaction: all of it or none of it
+        try:
+            span.commit(end_lsn, self.keepalive)  # one sink transaction: all of it or none of it
+        except SpannedTableFailed as failure:
+            if self.isolation is None:
+                raise failure.error from failure.error.__cause__
+            self.isolation.span_failed(self.tables[failure.table], failure.error)  # raises
+        if self.isolation is not None:
+            for name in span.touched:
+                self.isolation.applied(name)
         self.stats.events_total += span.events
         self.stats.batches += 1
         self.stats.chunked_transactions += 1
@@ -300,8 +313,14 @@ class ChangeApplier:
         known = self._relations.get(relation.relation_id)
         if known is not None and known[2] != names:
             rewrite_rows(self._transaction, relation.relation_id, remapping(known[2], names), old_key_only=False)
-        if diff.is_empty or table.resync_limit is not None or self._commit_lsn < table.applied_lsn:
-            # (a table being resynced, or a replayed transaction it skips: the resync's copy is newer)
+        if (
+            diff.is_empty
+            or table.resync_limit is not None
+            or table.failed is not None
+            or self._commit_lsn < table.applied_lsn
+        ):
+            # (a table being resynced, or a replayed transaction it skips: the resync's copy is newer;
+            # a failed table judges the change when it is retried and the stream replays it)
             self._relations[relation.relation_id] = (relation.columns, table, names)
             return
         # Changes committed before the schema change land first, under the schema they had.
@@ -352,21 +371,17 @@ class ChangeApplier:
             return 0
         end_lsn = self._batch_end_lsn
         checkpoint_value = format_lsn(end_lsn)
-        for name, changes in self._batch.items():
-            table = self.tables[name]
-            if changes.events == 0 and not changes.truncate:
-                continue
-            change_set = change_set_of(table, changes, self.on_poison)
-            if change_set is None:
-                continue  # held (on_error: pause_table): its checkpoint stays, the slot waits for it
-            self.sink.apply_changes(
-                table.target,
-                changes.schema,
-                change_set,
-                Checkpoint(table.checkpoint_key, checkpoint_value),
-                soft_delete=self.soft_delete,
-            )
-            table.applied_lsn = end_lsn
+        applies = [
+            (table, self._table_apply(table, changes, Checkpoint(table.checkpoint_key, checkpoint_value)))
+            for table, changes in ((self.tables[name], changes) for name, changes in self._batch.items())
+            if changes.events or changes.truncate
+        ]
+        if self.isolation is None:
+            for _, apply in applies:
+                apply()
+        for table in self.isolation.apply_all(applies, self.keepalive) if self.isolation else [t for t, _ in applies]:
+            if not table.held:  # (held now: failed, or on_error: pause_table; its checkpoint kept)
+                table.applied_lsn = end_lsn
         self.stats.events_total += self._batch_events
         self.stats.batches += 1
         self.stats.applied_lsn = end_lsn
@@ -378,8 +393,24 @@ class ChangeApplier:
         self._batch_end_lsn = 0
         return end_lsn
 
+    def _table_apply(
+        self, table: StreamTable, changes: TableChanges | MultisetChanges, checkpoint: Checkpoint
+    ) -> Callable[[], Any]:
+        """Applies the table's changes; the change set (poison rows set aside, cdc/poison.py) is built on
+        the first call and kept only for a retry."""
+        built: list[ChangeSet | None] = []
+
+        def apply() -> None:
+            built[:] = built or [change_set_of(table, changes, self.on_poison)]  # poison rows set aside once
+            if built[0] is None:
+                return  # held (on_error: pause_table): its checkpoint stays, the slot waits for it
+            self.sink.apply_changes(table.target, changes.schema, built[0], checkpoint, soft_delete=self.soft_delete)
+            built.clear()
+
+        return apply
+
     def durable_lsn(self, position: int) -> int:
-        """The position the slot may be acknowledged to: never past a table held for approval, nor
-        past the limit of one being resynced."""
+        """The position the slot may be acknowledged to: never past a table held for approval or
+        failed (their checkpoints), nor past the limit of one being resynced."""
         held = [t.applied_lsn if t.resync_limit is None else t.resync_limit for t in self.tables.values() if t.held]
         return min([position, *held])

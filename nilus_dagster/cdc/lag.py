@@ -47,14 +47,18 @@ class LagClock:
 
     def __init__(self) -> None:
         self._current_at = time.time()  # wall-clock time the run last knew itself current
+        self._known = False  # caught up, or a commit applied: until then, counted from the run's start
 
     def observe(self, caught_up: bool, last_commit: datetime | None) -> float:
         now = time.time()
         if caught_up:
-            self._current_at = now
+            self._current_at, self._known = now, True
             return 0.0
         if last_commit is not None:
-            self._current_at = max(self._current_at, last_commit.timestamp())
+            # A run that starts behind (a backlog) is as far behind as its first applied commit.
+            first = not self._known
+            self._current_at = last_commit.timestamp() if first else max(self._current_at, last_commit.timestamp())
+            self._known = True
         return self.lag()
 
     def lag(self) -> float:

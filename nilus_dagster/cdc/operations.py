@@ -1,5 +1,5 @@
 """Operator actions on a CDC pipeline: approve a held schema change, reset (re-snapshot all),
-resync (re-snapshot some tables while the others keep their place)."""
+resync (re-snapshot some tables while the others keep their place), retry failed tables."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from nilus_dagster.cdc.pipeline import APPROVED_DETAIL, CdcPipelineConfig, current_database, request_table_resync
 from nilus_dagster.cdc.replication import drop_slot
+from nilus_dagster.cdc.resync import validate_resync_tables
 from nilus_dagster.sources.postgres.connection import connect_source
 from nilus_dagster.state.records import PipelineKey, ResyncRequest
 from nilus_dagster.state.store import StateStore
@@ -55,6 +56,7 @@ def reset_pipeline(config: CdcPipelineConfig, store: StateStore) -> str:
         slot = config.slot(current_database(conn))
         drop_slot(conn, slot)
     store.clear_snapshot(config.key.tenant, config.key.pipeline)
+    store.clear_table_failures(config.key)  # every table is snapshotted again
     store.set_pipeline_state(config.key, "active", {"reset": True})
     return slot
 
@@ -120,3 +122,29 @@ def _progress_line(store: StateStore, key: PipelineKey, requests: Sequence[Resyn
         done = f", {table.percent}% copied" if request.status == "running" and table else ""
         parts.append(f"{request.table_name}: {request.status}{done}")
     return "waiting for the live CDC run: " + "; ".join(parts)
+
+
+class NothingToRetry(Exception):
+    """A retry was asked for tables that are not failed."""
+
+
+def retry_tables(config: CdcPipelineConfig, store: StateStore, tables: Sequence[str]) -> str:
+    """Ask the CDC run to stream failed tables again, each from its own checkpoint (fix the cause
+    first: restore the sink table, grant the permission). The live run restarts its stream within
+    a heartbeat; with no live run, the next one does. A table that fails again is held again."""
+    names = validate_resync_tables(tables, [t.table for t in config.tables])
+    asked = [n.qualified for n in names]
+    retried = store.request_table_retry(config.key, asked)
+    if not retried:
+        raise NothingToRetry(
+            f"none of {', '.join(asked)} is failed in pipeline {config.key.pipeline}"
+            + _failed_listing(store, config.key)
+        )
+    skipped = sorted(set(asked) - set(retried))
+    note = f" ({', '.join(skipped)} not failed)" if skipped else ""
+    return f"retry of {', '.join(retried)} requested{note}: the CDC run streams them again from their checkpoints"
+
+
+def _failed_listing(store: StateStore, key: PipelineKey) -> str:
+    failed = [f.table_name for f in store.table_failures(key.tenant, key.pipeline)]
+    return f"; failed tables: {', '.join(failed)}" if failed else "; it has no failed tables"

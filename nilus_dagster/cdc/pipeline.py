@@ -42,6 +42,7 @@ from nilus_dagster.cdc.run_reconnect import ReconnectSteps
 from nilus_dagster.cdc.run_resync import ResyncSteps, request_table_resync
 from nilus_dagster.cdc.run_schema import SchemaSteps
 from nilus_dagster.cdc.run_snapshot import SnapshotSteps
+from nilus_dagster.cdc.run_table_failures import TableFailureSteps
 from nilus_dagster.cdc.setup import CdcTable, check_server, resolve_tables, sync_publication
 from nilus_dagster.cdc.source_facts import TableFacts
 from nilus_dagster.cdc.stream import (
@@ -58,7 +59,9 @@ from nilus_dagster.state.store import StateStore
 
 
 @dataclass
-class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, ReconnectSteps, PoisonSteps):
+class CdcRun(
+    LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, ReconnectSteps, PoisonSteps, TableFailureSteps
+):
     """State and collaborators of one run; `run()` does the work."""
 
     config: CdcPipelineConfig
@@ -88,6 +91,7 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
         self._live: LiveResync | None = None  # a resync running beside the stream
         self.slot = self.config.slot_name or ""  # resolved against the source database in run()
         self._init_reconnect()
+        self._init_table_failures()
 
     # -- helpers ---------------------------------------------------------------------------
     def _set_state(self, state: str, **detail: Any) -> None:
@@ -102,6 +106,7 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
     def _report(self, progress: CdcProgress, *, force: bool = False) -> None:
         progress.retained_wal_bytes = self._retained_wal
         self._live_progress(progress)
+        self._failure_progress(progress)
         self.on_progress(progress)
         now = time.monotonic()
         if force or now - self._last_beat >= self.heartbeat_interval_s or progress.phase != self._beat_phase:
@@ -123,6 +128,7 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
             return self._run()
         finally:
             self._close_state_io()
+            self._close_table_failures()
 
     def _run(self) -> CdcRunResult:
         result = CdcRunResult()
@@ -215,7 +221,9 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
         stats = StreamStats()
         while True:
             try:
-                self._through_faults(lambda: self._stream_once(tables, stop_at, stats), "streaming")
+                self._through_faults(
+                    self._counting_sink_faults(lambda: self._stream_once(tables, stop_at, stats)), "streaming"
+                )
             except BaseException:
                 self._abandon_live()
                 raise
@@ -224,6 +232,8 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
                 if self.should_stop():
                     break
                 continue
+            if self._retry_due and not self.should_stop():
+                continue  # a failed table is retried: it takes every change after its checkpoint
             if self.should_stop() or not self._resync_requested():
                 break
             self._resync(tables, set())
@@ -245,6 +255,7 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
         config = self.config
         latest = self.store.latest_schemas(config.key.tenant, config.key.pipeline)
         stream_tables: dict[TableName, StreamTable] = {}
+        self._load_table_failures({t.name for t in tables})
         for table, target in self._targets(tables):
             recorded = latest.get(table.name.qualified)
             schema = TableSchema.from_json(recorded.table_schema) if recorded else table.schema
@@ -252,15 +263,17 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
             if facts is not None:
                 self._facts.setdefault(table.name, facts)
             schema = carried_schema(self.sink, TableSchema(schema.table, schema.columns, table.schema.primary_key))
-            self.sink.prepare_table(target, schema, cdc=True)
             checkpoint = self.sink.read_checkpoint(config.table_checkpoint(table.name))
-            stream_tables[table.name] = StreamTable(
+            stream_table = stream_tables[table.name] = StreamTable(
                 source=table,
                 target=target,
                 checkpoint_key=config.table_checkpoint(table.name),
                 applied_lsn=parse_lsn(checkpoint) if checkpoint not in (None, RESYNC_MARKER) else 0,
                 schema=schema,
             )
+            if self._sink_table_usable(stream_table, target, checkpoint):  # a dropped one is not recreated
+                self.sink.prepare_table(target, schema, cdc=True)
+        self._isolation.hold_failed(stream_tables)
         leaf_watcher = LeafWatcher(
             config.source_connection,
             config.source_dsn,
@@ -284,6 +297,7 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
                 batch_max_ms=config.batch_max_ms,
                 soft_delete=config.soft_delete,
                 stats=stats,
+                isolation=self._isolation,
             )
             start = min((t.applied_lsn for t in stream_tables.values()), default=0)
             progress = CdcProgress("streaming")
@@ -316,7 +330,11 @@ class CdcRun(LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, Reconnect
                     run_stream(
                         stream,
                         applier,
-                        should_stop=lambda: self.should_stop() or self._resync_tick(tables, applier),
+                        should_stop=lambda: (
+                            self.should_stop()
+                            or self._resync_tick(tables, applier)
+                            or self._table_retry_requested(applier.tables)
+                        ),
                         stop_at_lsn=stop_at,
                         on_progress=report,
                         on_durable=self._record_offset,

@@ -84,6 +84,9 @@ class CdcProgress:
     unconfirmed_wal_bytes: int | None = None  # source WAL past the slot's confirmed (sink-durable) position
     fault: str | None = None  # set while the stream is down and being retried (cdc/run_reconnect.py)
     fault_seconds: float = 0.0
+    # tables held because their sink apply keeps failing (schema.table → reason; cdc/table_failures.py)
+    failed_tables: dict[str, str] = field(default_factory=dict)
+    sink_errors_total: int = 0  # sink errors this run met and outlived (retried, waited out, or isolated)
     # per table (schema.table): changes applied in this run by kind ("I", "U", "D", "T" truncate)
     table_changes: dict[str, dict[str, int]] = field(default_factory=dict)
     # per table: the newest row-count parity result (cdc/row_parity.py RowParity as a dict), the

@@ -37,6 +37,7 @@ class ResyncSteps:
         _record_schema: Callable[[TableName, TableSchema, int, Any], None]
         _snapshot_runner: Callable[[int, str | None, str], SnapshotRunner]
         _targets: Callable[[list[CdcTable]], list[tuple[CdcTable, SinkTable]]]
+        _tables_resynced: Callable[[list[TableName]], None]
 
     def request_resync(self, tables: Sequence[str | TableName], reason: str = "") -> list[int]:
         """Ask for tables to be re-snapshotted (validated against the pipeline; UnknownTables
@@ -156,6 +157,7 @@ class ResyncSteps:
         by_name = {t.name: t for t in fresh}
         tables[:] = [by_name.get(t.name, t) for t in tables]
         self.store.mark_resyncs(ids, "done")
+        self._tables_resynced(names)  # a failed table starts over from its new checkpoint
         self._after_resync(names, lsn)
 
     def _after_resync(self, names: list[TableName], lsn: int) -> None:

@@ -29,13 +29,21 @@ from nilus_dagster.cdc.multiset_changes import MultisetChanges, TableChanges, ne
 from nilus_dagster.cdc.poison import PoisonHandler, change_set_of
 from nilus_dagster.cdc.spill import SpillStore
 from nilus_dagster.schema import TableName
-from nilus_dagster.sinks.base import Checkpoint, ChunkedApplyUnsupported, Sink
+from nilus_dagster.sinks.base import Checkpoint, ChunkedApplyUnsupported, Sink, SinkError
 
 if TYPE_CHECKING:
     from nilus_dagster.cdc.applier import StreamTable
 
 
 Changes = TableChanges | MultisetChanges
+
+
+class SpannedTableFailed(SinkError):
+    """One table's piece failed, so the whole sink transaction did: which table, and why."""
+
+    def __init__(self, table: TableName, error: SinkError):
+        super().__init__(str(error))
+        self.table, self.error = table, error
 
 
 class TransactionAbandoned(Exception):
@@ -126,15 +134,17 @@ class SpanningTransaction:
         try:
             with self.sink.change_transaction():
                 for name, table in self.touched.items():
-                    last = None  # the checkpoint goes with the table's last piece: one call fewer
+                    # The checkpoint goes with the table's first piece (one call fewer; the whole
+                    # block is one transaction): a sink table dropped meanwhile is refused there,
+                    # never recreated by a piece (see SinkTableMissing).
+                    checkpoint: Checkpoint | None = Checkpoint(table.checkpoint_key, value)
                     for piece in store.tables[name].pieces(table.schema, self.piece_rows):
-                        if last is not None:
-                            self._apply(table, last, None)
-                            if keepalive is not None:
-                                keepalive()
-                        last = piece
-                    checkpoint = Checkpoint(table.checkpoint_key, value)
-                    self._apply(table, last if last is not None else new_table_changes(table.schema), checkpoint)
+                        self._apply(table, piece, checkpoint)
+                        checkpoint = None
+                        if keepalive is not None:
+                            keepalive()
+                    if checkpoint is not None:
+                        self._apply(table, new_table_changes(table.schema), checkpoint)
         finally:
             store.close()
         for table in self.touched.values():
@@ -151,4 +161,9 @@ class SpanningTransaction:
             return
         change_set = change_set_of(table, changes, self.on_poison, spanning=True)
         assert change_set is not None  # a table cannot be held inside a spilled transaction (cdc/run_poison.py)
-        self.sink.apply_changes(table.target, changes.schema, change_set, checkpoint, soft_delete=self.soft_delete)
+        try:
+            self.sink.apply_changes(table.target, changes.schema, change_set, checkpoint, soft_delete=self.soft_delete)
+        except SpannedTableFailed:
+            raise
+        except SinkError as error:
+            raise SpannedTableFailed(table.source.name, error) from error

@@ -25,6 +25,12 @@ class ResyncConfig(dg.Config):
     wait_s: float = 600.0  # how long the job waits for the live CDC run to finish the resync
 
 
+class RetryTablesConfig(dg.Config):
+    """Run config of the `<tenant>__<pipeline>__retry_tables` job."""
+
+    tables: list[str] = Field(description="the failed tables to stream again, as schema.table")
+
+
 def pipeline_key(pipeline: Pipeline) -> PipelineKey:
     return PipelineKey(pipeline.tenant, pipeline.name, pipeline.effective_resource_id)
 

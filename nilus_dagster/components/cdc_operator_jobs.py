@@ -1,10 +1,11 @@
-"""Operator jobs of a CDC pipeline: approve a held schema change, reset, resync tables."""
+"""Operator jobs of a CDC pipeline: approve a held schema change, reset, resync tables, retry
+failed tables."""
 
 from collections.abc import Callable
 
 import dagster as dg
 
-from nilus_dagster.components.cdc_config import ResyncConfig, cdc_config, pipeline_key
+from nilus_dagster.components.cdc_config import ResyncConfig, RetryTablesConfig, cdc_config, pipeline_key
 from nilus_dagster.components.lifecycle import lifecycle_jobs
 from nilus_dagster.components.tags import operation_tags
 from nilus_dagster.spec.pipelines import Pipeline
@@ -57,6 +58,27 @@ def _resync_job(spec: PipelinesSpec, pipeline: Pipeline) -> dg.JobDefinition:
     return _job
 
 
+def _retry_tables_job(spec: PipelinesSpec, pipeline: Pipeline) -> dg.JobDefinition:
+    """`<tenant>__<pipeline>__retry_tables`: stream failed tables again from their checkpoints."""
+    name = f"{pipeline.job_name}__retry_tables"
+
+    @dg.op(name=f"{name}_op", tags=operation_tags(pipeline, "retry_tables"))
+    def _act(context: dg.OpExecutionContext, config: RetryTablesConfig, nilus_state: NilusStateStore) -> None:
+        from nilus_dagster.cdc.operations import NothingToRetry, retry_tables
+        from nilus_dagster.cdc.resync import UnknownTables
+
+        try:
+            context.log.info(retry_tables(cdc_config(spec, pipeline), nilus_state.get_store(), config.tables))
+        except (UnknownTables, NothingToRetry) as error:
+            raise dg.Failure(str(error)) from None
+
+    @dg.job(name=name, tags=operation_tags(pipeline, "retry_tables"))
+    def _job() -> None:
+        _act()
+
+    return _job
+
+
 def operator_jobs(spec: PipelinesSpec, pipeline: Pipeline) -> list[dg.JobDefinition]:
     from nilus_dagster.cdc.operations import approve_schema_change, reset_pipeline
 
@@ -72,5 +94,6 @@ def operator_jobs(spec: PipelinesSpec, pipeline: Pipeline) -> list[dg.JobDefinit
         _operator_job(pipeline, "approve_schema", approve),
         _operator_job(pipeline, "reset", reset),
         _resync_job(spec, pipeline),
+        _retry_tables_job(spec, pipeline),
         *lifecycle_jobs(pipeline),
     ]

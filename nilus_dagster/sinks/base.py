@@ -132,6 +132,17 @@ class SinkUnavailable(SinkError):
     """The sink could not be reached (worth retrying: it may be restarting or the network down)."""
 
 
+class SinkTableMissing(SinkError):
+    """A CDC sink table is gone although its checkpoint says it holds the rows up to it (dropped
+    behind the pipeline's back): it is never recreated silently with only the newer changes."""
+
+    def __init__(self, sink: str, table: str, checkpoint: str):
+        super().__init__(
+            f"{sink} sink table {table} is missing although its checkpoint ({checkpoint}) says it holds the "
+            "rows up to there (dropped or renamed?): restore it and retry the table, or resync the table"
+        )
+
+
 class ChunkedApplyUnsupported(SinkError):
     """The sink cannot hold one transaction open across several `apply_changes` calls."""
 

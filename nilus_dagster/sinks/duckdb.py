@@ -17,6 +17,7 @@ and ONE transaction for the whole block: every call inside joins it, the block's
 
 from __future__ import annotations
 
+import logging
 import random
 import threading
 import time
@@ -58,6 +59,8 @@ from nilus_dagster.sinks.sql_sink import SqlSink
 from nilus_dagster.sinks.streaming import CountingBatches
 
 MAX_DECIMAL_PRECISION = 38
+_LOCK_WARN_S = 5.0  # a wait for another process's lock is logged every this often
+_log = logging.getLogger(__name__)
 
 
 def _decimal(precision: int | None, scale: int | None) -> str:
@@ -133,6 +136,7 @@ class DuckDBSink(SqlSink):
     def __init__(self, path: str | Path, *, lock_timeout_s: float = 300) -> None:
         self.path = Path(path)
         self.lock_timeout_s = lock_timeout_s
+        self.lock_waits = 0  # times a transaction had to wait for another process's lock (an outage count)
         self._session: _Session | None = None
         self._session_lock = threading.Lock()
 
@@ -143,7 +147,8 @@ class DuckDBSink(SqlSink):
 
     def _connect(self) -> duckdb.DuckDBPyConnection:
         """Open the file, waiting (with jittered exponential backoff) while another process writes."""
-        deadline = time.monotonic() + self.lock_timeout_s
+        started = time.monotonic()
+        deadline, warn_at = started + self.lock_timeout_s, started + _LOCK_WARN_S
         delay = 0.02
         while True:
             try:
@@ -154,6 +159,12 @@ class DuckDBSink(SqlSink):
             except duckdb.IOException as e:
                 if not _is_lock_conflict(e):
                     raise SinkError(f"duckdb sink cannot open {self.path}: {e}") from e
+                if delay == 0.02:
+                    self.lock_waits += 1
+                if time.monotonic() >= warn_at:
+                    warn_at += _LOCK_WARN_S
+                    _log.warning("duckdb sink: %s is held by another process; waiting (%.0fs so far, at most "
+                                 "%gs)", self.path, time.monotonic() - started, self.lock_timeout_s)
                 if time.monotonic() + delay > deadline:
                     raise SinkError(
                         f"duckdb sink: {self.path} stayed locked by another process for "
@@ -242,14 +253,22 @@ class DuckDBSink(SqlSink):
         return SinkError(f"duckdb sink {self.path}{where} failed: {error}")
 
     def _ensure_table(
-        self, conn: duckdb.DuckDBPyConnection, target: SinkTable, schema: TableSchema, *, cdc: bool
+        self,
+        conn: duckdb.DuckDBPyConnection,
+        target: SinkTable,
+        schema: TableSchema,
+        *,
+        cdc: bool,
+        checkpoint_key: str | None = None,
     ) -> list[str]:
         """`ensure_table`, skipped when this session already ensured the same table and columns."""
         session = self._current_session()
         fact = (target, tuple((c.name, c.type) for c in schema.columns), schema.primary_key, cdc)
         if session is not None and fact in session.ensured:
             return []
-        added = ensure_table(self._runner(conn), DUCKDB_DIALECT, target, schema, cdc=cdc)
+        added = ensure_table(
+            self._runner(conn), DUCKDB_DIALECT, target, schema, cdc=cdc, checkpoint_key=checkpoint_key
+        )
         if session is not None:
             session.pending.add(fact)
         return added
@@ -320,7 +339,9 @@ class DuckDBSink(SqlSink):
         """Apply the ChangeSet (creating/evolving the CDC table as needed) and the checkpoint at once."""
         column_ddls(DUCKDB_DIALECT, target, sink_columns(schema, True))
         with self._transaction(target) as conn:
-            added = self._ensure_table(conn, target, schema, cdc=True)
+            added = self._ensure_table(
+                conn, target, schema, cdc=True, checkpoint_key=checkpoint.key if checkpoint else None
+            )
             staged: dict[str, pa.Table] = {}
 
             def stage(name: str, table: pa.Table, columns: Sequence[Column]) -> sql.Composable:

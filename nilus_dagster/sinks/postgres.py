@@ -237,7 +237,9 @@ class PostgresSink(SqlSink):
         column_ddls(POSTGRES_DIALECT, target, sink_columns(schema, True))
         with self._transaction(target) as conn:
             run = self._runner(conn)
-            added = ensure_table(run, POSTGRES_DIALECT, target, schema, cdc=True)
+            added = ensure_table(
+                run, POSTGRES_DIALECT, target, schema, cdc=True, checkpoint_key=checkpoint.key if checkpoint else None
+            )
             staged: list[sql.Identifier] = []
 
             def stage(name: str, table: pa.Table, columns: Sequence[Column]) -> sql.Composable:

@@ -22,6 +22,7 @@ from nilus_dagster.sinks.base import (
     SYNCED_AT_COLUMN,
     Checkpoint,
     SinkTable,
+    SinkTableMissing,
     UnsupportedColumnType,
 )
 
@@ -111,15 +112,27 @@ def existing_columns(run: SqlRunner, dialect: SqlDialect, target: SinkTable) -> 
 
 
 def ensure_table(
-    run: SqlRunner, dialect: SqlDialect, target: SinkTable, schema: TableSchema, *, cdc: bool
+    run: SqlRunner,
+    dialect: SqlDialect,
+    target: SinkTable,
+    schema: TableSchema,
+    *,
+    cdc: bool,
+    checkpoint_key: str | None = None,
 ) -> list[str]:
     """Create the schema and table if missing, add missing columns; return the added names.
 
-    Columns the sink has but the source lost are kept (new rows get NULL there).
+    Columns the sink has but the source lost are kept (new rows get NULL there). With
+    `checkpoint_key`, a missing table whose checkpoint is stored raises SinkTableMissing instead
+    of being recreated (it was dropped: recreating it would hold only the newer changes).
     """
     columns = sink_columns(schema, cdc)
     ddls = column_ddls(dialect, target, columns)
     present = existing_columns(run, dialect, target)
+    if not present and checkpoint_key is not None:
+        stored = load_checkpoint(run, dialect, checkpoint_key)
+        if stored is not None:
+            raise SinkTableMissing(dialect.sink_name, target.qualified, stored)
     if not present:
         run(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(target.dataset)))
         parts = list(ddls)

@@ -50,8 +50,10 @@ class SqlSink(ABC):
     ) -> None:
         """Insert (or, with `merge`, upsert by primary key) every batch, inside `conn`'s transaction."""
 
-    def _ensure_table(self, conn: Any, target: SinkTable, schema: TableSchema, *, cdc: bool) -> list[str]:
-        return ensure_table(self._runner(conn), self.dialect, target, schema, cdc=cdc)
+    def _ensure_table(
+        self, conn: Any, target: SinkTable, schema: TableSchema, *, cdc: bool, checkpoint_key: str | None = None
+    ) -> list[str]:
+        return ensure_table(self._runner(conn), self.dialect, target, schema, cdc=cdc, checkpoint_key=checkpoint_key)
 
     def _save_checkpoint(self, conn: Any, checkpoint: Checkpoint) -> None:
         save_checkpoint(self._runner(conn), self.dialect, checkpoint)
@@ -77,6 +79,10 @@ class SqlSink(ABC):
             self._runner(conn)(sql.SQL("DROP TABLE IF EXISTS {}").format(table_ident(target)))
             self._ensure_table(conn, target, schema, cdc=True)
             self._save_checkpoint(conn, checkpoint)
+
+    def table_exists(self, target: SinkTable) -> bool:
+        with self._transaction(target) as conn:
+            return bool(existing_columns(self._runner(conn), self.dialect, target))
 
     def row_count(self, target: SinkTable) -> int:
         with self._transaction(target) as conn:

@@ -103,14 +103,16 @@ class StoreBase:
                     "(version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"
                 )
             )
-            row = conn.execute(self._q("SELECT max(version) AS v FROM {schema}.schema_migrations")).fetchone()
-            current = (row or {}).get("v") or 0
-            for version, statement in MIGRATIONS:
-                if version > current:
+            rows = conn.execute(self._q("SELECT version FROM {schema}.schema_migrations")).fetchall()
+            applied = {r["version"] for r in rows}
+            # Every migration not applied yet, in order (also one numbered below an applied one:
+            # branches merged in either order each get theirs).
+            for version, statement in sorted(MIGRATIONS):
+                if version not in applied:
                     conn.execute(self._q(statement))
                     conn.execute(self._q("INSERT INTO {schema}.schema_migrations (version) VALUES (%s)"), (version,))
-                    current = version
-            return current
+                    applied.add(version)
+            return max(applied, default=0)
 
     def ping(self) -> None:
         """Raise StateStoreError unless the store answers a query."""

@@ -135,6 +135,23 @@ MIGRATIONS: list[tuple[int, str]] = [
         """,
     ),
     (
+        5,
+        """
+        CREATE TABLE IF NOT EXISTS {schema}.table_failures (
+            tenant text NOT NULL,
+            pipeline text NOT NULL,
+            table_name text NOT NULL,
+            status text NOT NULL,
+            reason text NOT NULL,
+            checkpoint text,
+            run_id text,
+            failed_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant, pipeline, table_name)
+        );
+        """,
+    ),
+    (
         6,  # operator surface (issue 15): a pipeline held stopped/paused, and the audit trail
         """
         CREATE TABLE {schema}.pipeline_control (

@@ -117,3 +117,23 @@ class Heartbeat:
 class Page(Generic[T]):
     items: list[T]
     total: int
+
+
+# A CDC table held because its sink apply keeps failing: failed → retry (asked by an operator) →
+# retrying (a run streams it again) → the row is removed once a change reached the sink.
+TABLE_FAILURE_STATES = ("failed", "retry", "retrying")
+
+
+@dataclass(frozen=True)
+class TableFailure:
+    """One CDC table of a pipeline held in state `failed`: why, and where it stopped."""
+
+    tenant: str
+    pipeline: str
+    table_name: str
+    status: str
+    reason: str
+    checkpoint: str | None  # its sink checkpoint (LSN): it continues from there once fixed
+    run_id: str | None
+    failed_at: datetime
+    updated_at: datetime

@@ -24,6 +24,7 @@ from nilus_dagster.state.records import (
     SchemaHistoryRecord,
 )
 from nilus_dagster.state.snapshots import SnapshotStore
+from nilus_dagster.state.table_failures import TableFailureStore
 
 __all__ = ["StateStore", "StateStoreError"]
 
@@ -49,7 +50,7 @@ ORDER BY o.id DESC
 """
 
 
-class StateStore(SnapshotStore, DeadLetterStore):
+class StateStore(SnapshotStore, DeadLetterStore, TableFailureStore):
     """All persistent pipeline state, in one PostgreSQL schema that this class migrates."""
 
     # -- pipeline state --------------------------------------------------------------------
