@@ -25,7 +25,7 @@ from table_compare import Row, assert_same_rows, bigquery_rows, source_rows
 
 from nilus_dagster.cdc.changes import TableChanges
 from nilus_dagster.schema import Column, ColumnType, TableName, TableSchema
-from nilus_dagster.sinks.base import CHECKPOINT_TABLE, Checkpoint, SinkError, SinkTable
+from nilus_dagster.sinks.base import CHECKPOINT_TABLE, Checkpoint, SinkTable
 from nilus_dagster.sinks.bigquery import BigQuerySink
 from nilus_dagster.sinks.bigquery.spanning import ShadowTransaction
 
@@ -112,6 +112,11 @@ def loaded_rows(result: dg.ExecuteInProcessResult, node: str) -> int:
     return result.asset_materializations_for_node(node)[0].metadata["rows"].value
 
 
+class SimulatedCrash(RuntimeError):
+    """The process dying at this point: not a sink error, which the run would retry or isolate
+    to the table (cdc/table_failures.py), so the run ends there."""
+
+
 @pytest.fixture
 def fail_checkpoint_once(monkeypatch: pytest.MonkeyPatch) -> CrashBeforeCheckpoint:
     """Make the next checkpoint write matching `condition` fail after its data job committed
@@ -123,7 +128,7 @@ def fail_checkpoint_once(monkeypatch: pytest.MonkeyPatch) -> CrashBeforeCheckpoi
         def save(sink: BigQuerySink, checkpoint: Checkpoint | None) -> None:
             if checkpoint is not None and not failed and condition(checkpoint):
                 failed.append(checkpoint.key)
-                raise SinkError(f"simulated crash before checkpoint {checkpoint.key}")
+                raise SimulatedCrash(f"simulated crash before checkpoint {checkpoint.key}")
             original(sink, checkpoint)
 
         monkeypatch.setattr(BigQuerySink, "_save_checkpoint", save)
@@ -431,7 +436,7 @@ def fail_once(monkeypatch: pytest.MonkeyPatch) -> Callable[..., list[str]]:
             if after:
                 original(sink, *args, **kwargs)
             failed.append(method)
-            raise SinkError(f"simulated crash {'after' if after else 'before'} {method}")
+            raise SimulatedCrash(f"simulated crash {'after' if after else 'before'} {method}")
 
         monkeypatch.setattr(BigQuerySink, method, wrapper)
         return failed
@@ -607,7 +612,7 @@ def test_change_set_reapplied_after_crash_before_checkpoint(
     bigquery_sink.apply_changes(target, DOCS, initial.to_change_set(), Checkpoint(key, "0/20"), soft_delete=True)
     batch = decoded_batch().to_change_set()
     fail_checkpoint_once(lambda checkpoint: True)
-    with pytest.raises(SinkError, match="simulated crash"):
+    with pytest.raises(SimulatedCrash, match="simulated crash"):
         bigquery_sink.apply_changes(target, DOCS, batch, Checkpoint(key, "0/40"), soft_delete=True)
     assert bigquery_sink.read_checkpoint(key) == "0/20"
     view = "id, title, body, _nilus_lsn, _nilus_deleted"
@@ -712,7 +717,7 @@ def test_cdc_big_transaction_cut_short_leaves_targets_untouched(
 
     def fail_third(span: ShadowTransaction, *args: Any, **kwargs: Any) -> None:
         if len(chunks) >= 3:
-            raise SinkError("simulated crash in the middle of a transaction")
+            raise SimulatedCrash("simulated crash in the middle of a transaction")
         original(span, *args, **kwargs)
 
     monkeypatch.setattr(ShadowTransaction, "apply_chunk", fail_third)

@@ -20,7 +20,7 @@ the transaction from the slot.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -134,21 +134,41 @@ class SpanningTransaction:
         try:
             with self.sink.change_transaction():
                 for name, table in self.touched.items():
-                    # The checkpoint goes with the table's first piece (one call fewer; the whole
-                    # block is one transaction): a sink table dropped meanwhile is refused there,
-                    # never recreated by a piece (see SinkTableMissing).
-                    checkpoint: Checkpoint | None = Checkpoint(table.checkpoint_key, value)
-                    for piece in store.tables[name].pieces(table.schema, self.piece_rows):
-                        self._apply(table, piece, checkpoint)
-                        checkpoint = None
-                        if keepalive is not None:
-                            keepalive()
-                    if checkpoint is not None:
-                        self._apply(table, new_table_changes(table.schema), checkpoint)
+                    pieces = store.tables[name].pieces(table.schema, self.piece_rows)
+                    self._apply_pieces(table, pieces, Checkpoint(table.checkpoint_key, value), keepalive)
         finally:
             store.close()
         for table in self.touched.values():
             table.applied_lsn = end_lsn
+
+    def _apply_pieces(
+        self,
+        table: StreamTable,
+        pieces: Iterable[Changes],
+        checkpoint: Checkpoint,
+        keepalive: Callable[[], Any] | None,
+    ) -> None:
+        """One table's pieces, its checkpoint with one of them (one call fewer; the whole block is
+        one sink transaction). With the first piece, so that a sink table dropped meanwhile is
+        refused there, never recreated by a piece (SinkTableMissing); with the last where the sink
+        needs it there (`checkpoint_with_last_piece`: BigQuery merges a shadow at the checkpoint)."""
+        last = getattr(self.sink, "checkpoint_with_last_piece", False)
+        pending: Checkpoint | None = checkpoint
+        previous: Changes | None = None
+        for piece in pieces:
+            if last:
+                if previous is not None:
+                    self._apply(table, previous, None)
+                previous = piece
+            else:
+                self._apply(table, piece, pending)
+                pending = None
+            if keepalive is not None:
+                keepalive()
+        if last:
+            self._apply(table, previous if previous is not None else new_table_changes(table.schema), checkpoint)
+        elif pending is not None:
+            self._apply(table, new_table_changes(table.schema), pending)
 
     def rollback(self) -> None:
         """Nothing reached the sink: forget the folded changes."""

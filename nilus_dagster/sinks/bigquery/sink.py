@@ -74,6 +74,9 @@ class BigQuerySink(BigQueryJobs):
 
     name = "bigquery"
     holds_numeric_specials = False  # NUMERIC/BIGNUMERIC: NaN and ±Infinity are refused per value
+    # In change_transaction() a table's checkpoint moves its shadow into the target: it must come
+    # with the table's last piece (cdc/spanning.py).
+    checkpoint_with_last_piece = True
     _span: ShadowTransaction | None = None  # inside change_transaction(): the open transaction's shadows
 
     # -- protocol --
