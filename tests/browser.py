@@ -12,14 +12,14 @@ that needs a CDN stays blank, as on an offline machine.
 from __future__ import annotations
 
 import shutil
-import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from apt_packages import ensure_packages
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 
-APT_PACKAGES = ("chromium", "chromium-driver")
+APT_PACKAGES = ["chromium", "chromium-driver"]
 
 
 def _binaries() -> tuple[str | None, str | None]:
@@ -28,12 +28,8 @@ def _binaries() -> tuple[str | None, str | None]:
 
 def ensure_chromium() -> tuple[str, str]:
     """Paths of chromium and chromedriver, installing Debian's packages first if needed."""
+    ensure_packages(APT_PACKAGES, lambda: None not in _binaries())
     browser, driver = _binaries()
-    if browser is None or driver is None:
-        env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", *APT_PACKAGES], check=True, env=env, timeout=1200)
-        browser, driver = _binaries()
     assert browser and driver, f"apt-get install {' '.join(APT_PACKAGES)} did not provide chromium/chromedriver"
     return browser, driver
 
