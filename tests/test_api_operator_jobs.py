@@ -19,12 +19,14 @@ import pytest
 from batch_project import SinkTarget, failure_message, sink_target
 from cdc_project import cdc_pipeline, cdc_project, run_until_caught_up
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
 from table_compare import assert_same_rows, source_rows
 from test_cdc_crash import create_items
 
 from nilus_dagster.api.app import create_app
 from nilus_dagster.api.settings import Settings
 from nilus_dagster.components.lifecycle import AUDIT_TAG, OPERATOR_TAG
+from nilus_dagster.state import NilusStateStore
 from nilus_dagster.state.store import StateStore
 
 BASE = "/nilus-manager/api/v1"
@@ -112,6 +114,8 @@ def test_progress_metrics_drift_and_schema_approval(
     assert metrics["tables"] == [
         {"table": "public.items", "events_total": 5, "failed": False, "last_checkpoint_at": metrics["last_checkpoint_at"]}
     ]
+    scrape = generate_latest(client.app.state.metrics_registry).decode()  # the same per table in Prometheus
+    assert 'nilus_cdc_table_events_total{pipeline="crashy",table="public.items",tenant="acme"} 5.0' in scrape
     (drift,) = _get(client, "drift")["tables"]
     assert drift == {**drift, "has_drift": False, "compared_with": "sink", "added": [], "dropped": [], "retyped": []}
     assert _get(client, "schema/proposed")["pending"] is False
@@ -188,3 +192,35 @@ def test_resync_and_reset_launch_their_jobs(
         ("resync", "ok", "env0"),
         ("reset", "ok", "env1"),
     ]
+
+
+def test_paused_pipeline_warns_when_retained_wal_grows(
+    world: tuple[dg.Definitions, TestClient], pipeline_env: str, state_dsn: str
+) -> None:
+    """While paused nothing consumes the slot: the metric shows the WAL it retains, and the keep-alive
+    sensor's `held_wal_retention` check passes at the hold's start and warns once that WAL grew."""
+    defs, client = world
+    env, instance = pipeline_env, dg.DagsterInstance.get()
+    create_items(env, 5)
+    _caught_up(defs, instance)
+    paused = client.put(f"{PIPE}/state", json={"state": "pause"}, headers=EDITOR)
+    assert paused.status_code == 200 and paused.json()["state"] == "paused", paused.text
+    sensor = defs.resolve_sensor_def(f"{JOB}__keep_alive")
+
+    def tick(cursor: str | None) -> dg.SensorResult:
+        resources = {"nilus_state": NilusStateStore(dsn=state_dsn)}
+        with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+            result = sensor(context)
+        assert isinstance(result, dg.SensorResult) and "paused" in str(result.skip_reason), result
+        return result
+
+    first = tick(None)
+    assert [(e.check_name, e.passed) for e in first.asset_events] == [("held_wal_retention", True)]
+    _sql(env, "INSERT INTO public.items SELECT g, 0, repeat('z', 500), now() FROM generate_series(100, 2100) g")
+    second = tick(first.cursor)
+    (warning,) = second.asset_events
+    assert not warning.passed and warning.severity == dg.AssetCheckSeverity.WARN
+    assert warning.metadata["growth_bytes"].value > 500 * 2000  # the rows written while paused, at least
+    scrape = generate_latest(client.app.state.metrics_registry).decode()
+    held = [line for line in scrape.splitlines() if line.startswith("nilus_pipeline_held_retained_wal_bytes{")]
+    assert len(held) == 1 and 'state="paused"' in held[0] and float(held[0].split()[-1]) > 500 * 2000
