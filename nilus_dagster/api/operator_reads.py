@@ -142,12 +142,14 @@ def drift(model: ReadModel, pipeline: Pipeline) -> om.DriftResponse:
     cannot be read now (e.g. a DuckDB file a run holds) names are compared with that schema too."""
     from nilus_dagster.sources.postgres.catalog import read_table_schema
     from nilus_dagster.sources.postgres.connection import connect_source
-    from nilus_dagster.spec.connections import MissingSecret
+    from nilus_dagster.spec.connections import MissingSecret, PostgresConnection
 
     store = model.store
     connection = model.declarations.source(pipeline)
+    if not isinstance(connection, PostgresConnection):
+        raise ApiError(503, "unavailable", "the pipeline's source connection is not loaded")
     try:
-        dsn = connection.dsn(pipeline.source.connection)  # type: ignore[union-attr]
+        dsn = connection.dsn(pipeline.source.connection)
     except MissingSecret as error:
         raise ApiError(503, "unavailable", f"the source cannot be read from the API: {error}") from None
     recorded = store.latest_schemas(pipeline.tenant, pipeline.name)
