@@ -158,7 +158,7 @@ def test_progress_metrics_drift_and_schema_approval(
 
 
 def test_resync_and_reset_launch_their_jobs(
-    world: tuple[dg.Definitions, TestClient], pipeline_env: str, state_dsn: str
+    world: tuple[dg.Definitions, TestClient], pipeline_env: str, state_dsn: str, pg_sink: SinkTarget
 ) -> None:
     defs, client = world
     env, instance = pipeline_env, dg.DagsterInstance.get()
@@ -177,6 +177,8 @@ def test_resync_and_reset_launch_their_jobs(
     assert _get(client, "progress")["phase"] == "resync"
     _caught_up(defs, instance)  # the next run carries it out
     assert _get(client, "progress")["phase"] == "streaming"
+    columns = COLUMNS[:3]
+    assert_same_rows(source_rows(env, "public.items", columns, "id"), _sink_items(pg_sink, columns))
 
     assert client.post(f"{PIPE}/reset", headers=EDITOR).status_code == 403  # reset is for admins
     reset = client.post(f"{PIPE}/reset", headers=ADMIN)
