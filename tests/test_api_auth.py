@@ -19,9 +19,17 @@ BODIES = {
     "/schema-history": {"connector_name": "c", "table_name": "t", "table_schema": {}},
     "/dlq/ack": {"up_to_id": 1},
     "/dlq/purge": {},
+    "/resync": {"tables": ["acme.none"]},  # refused (422 unknown_tables) once the token passed
 }
-# Operator routes: reads need `read`, writes `operate` (role editor); /validate any valid token.
-OPERATOR_SCOPES = {"GET": "read", "PUT": "operate", "POST": None}
+# Operator routes: reads need `read`, writes `operate` (role editor), reset `admin`; /validate any valid token.
+OPERATOR_SCOPES = {"GET": "read", "PUT": "operate", "POST": "operate"}
+# What the right token gets on an operator route that refuses what the matrix asks (it changes nothing).
+OPERATOR_REFUSALS = {
+    "/schema/approve": (409,),  # no schema change waits
+    "/resync": (422,),  # not a table of the pipeline
+    "/reset": (409,),  # the world's run of the pipeline is live
+    "/drift": (200, 503),  # 503 when the API cannot read the source
+}
 
 
 def _routes(client: TestClient) -> list[tuple[str, str, str | None]]:
@@ -32,7 +40,9 @@ def _routes(client: TestClient) -> list[tuple[str, str, str | None]]:
         for method, op in item.items():
             tag = op["tags"][0]
             if tag == "operator":
-                scope = OPERATOR_SCOPES[method.upper()]
+                scope = None if path.endswith("/validate") else "admin" if path.endswith("/reset") else (
+                    OPERATOR_SCOPES[method.upper()]
+                )
             elif tag == "cdc" and method == "post":  # retry a failed table: an operator action
                 scope = "operate"
             elif tag == "dead-letter queue":  # reads with `read`, ack with `operate`, purge with `admin`
@@ -44,7 +54,8 @@ def _routes(client: TestClient) -> list[tuple[str, str, str | None]]:
 
 
 def _call(client: TestClient, method: str, template: str, tenant: str, headers: dict):
-    resource_id = "nilus:v1:stream:acme" if template.endswith(("/state", "/checkpoints")) else "rid-orders"
+    cdc_only = ("/state", "/checkpoints", "/progress", "/metrics", "/schema/proposed", "/drift", *OPERATOR_REFUSALS)
+    resource_id = "nilus:v1:stream:acme" if template.endswith(cdc_only) else "rid-orders"
     # (a retry of a table that is not failed: 404 once the token passed, the matrix changes nothing)
     path = template.format(tenant=tenant, resource_id=resource_id, pipeline_name="stream", table="acme.none")
     if path.endswith("/validate"):
@@ -62,7 +73,7 @@ def _error(response, status: int, code: str) -> None:
 
 def test_every_route_is_documented_and_covered(sqlite_client) -> None:
     routes = _routes(sqlite_client)
-    assert len(routes) == 27
+    assert len(routes) == 34
     assert {scope for *_, scope in routes} == {None, "read", "operate", "runtime", "admin"}
 
 
@@ -96,13 +107,13 @@ def test_auth_matrix_on_every_route(sqlite_world: World, matrix_client) -> None:
         allowed = (200, 201, 409) if method == "PUT" else (200, 201)  # the PUT asks a refused transition
         if template.endswith("/retry"):
             allowed = (404,)
+        allowed = next((codes for suffix, codes in OPERATOR_REFUSALS.items() if template.endswith(suffix)), allowed)
         ok = _call(sqlite_client, method, template, "acme", sqlite_world.headers(right))
         assert ok.status_code in allowed, (where, ok.text)
         assert _call(sqlite_client, method, template, "acme", sqlite_world.headers("admin")).status_code in allowed
         if scope == "read":  # an editor reads too
-            assert (
-                _call(sqlite_client, method, template, "acme", sqlite_world.headers("editor_acme")).status_code == 200
-            )
+            editor = _call(sqlite_client, method, template, "acme", sqlite_world.headers("editor_acme"))
+            assert editor.status_code in allowed, (where, editor.text)
         for wrong in wrongs:
             _error(_call(sqlite_client, method, template, "acme", sqlite_world.headers(wrong)), 403, "forbidden")
         if scope == "admin":  # an admin token may act on every tenant

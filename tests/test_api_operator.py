@@ -177,3 +177,80 @@ def test_graphql_operator_surface(sqlite_world: World, op_client: TestClient) ->
     )
     audit = gql("read_acme", '{ audit(tenant: "acme") { total audit { action result actor } } }')["data"]["audit"]
     assert audit == {"total": 1, "audit": [{"action": "state:resume", "result": "refused", "actor": "editor_acme"}]}
+
+
+def test_progress_and_metrics_from_the_state_store(sqlite_world: World, sqlite_client: TestClient) -> None:
+    reader = sqlite_world.headers("read_acme")
+    progress = sqlite_client.get(f"{BASE}/tenants/acme/pipelines/{STREAM}/progress", headers=reader)
+    assert progress.status_code == 200, progress.text
+    # the world planned two partitions of acme.customers (100 rows estimated) and copied one (50 rows)
+    assert progress.json()["phase"] == "snapshot"
+    assert progress.json()["tables"] == [
+        {"table": "acme.customers", "phase": "snapshot", "partitions_total": 2, "partitions_done": 1,
+         "rows_total": 100, "rows_done": 50, "percent": 50.0}
+    ]
+    metrics = sqlite_client.get(f"{BASE}/tenants/acme/pipelines/{STREAM}/metrics", headers=reader).json()
+    assert (metrics["state"], metrics["events_total"], metrics["sink_errors_total"]) == ("running", 1234, 3)
+    assert metrics["replication_lag_seconds"] >= 1.5 and metrics["last_checkpoint_at"] is not None
+    assert metrics["tables"] == [{"table": "acme.customers", "events_total": 0, "failed": False,
+                                  "last_checkpoint_at": None}]  # still being copied
+    proposed = sqlite_client.get(f"{BASE}/tenants/acme/pipelines/{STREAM}/schema/proposed", headers=reader).json()
+    assert proposed == {**proposed, "pending": False, "table": None, "proposed_schema": None}
+    for path in ("progress", "metrics", "schema/proposed", "drift"):
+        missing = sqlite_client.get(f"{BASE}/tenants/acme/pipelines/nope/{path}", headers=reader)
+        assert missing.status_code == 404 and missing.json()["code"] == "not_found", path
+        batch = sqlite_client.get(f"{BASE}/tenants/acme/pipelines/rid-orders/{path}", headers=reader)
+        assert batch.status_code == 409 and batch.json()["code"] == "not_cdc", path
+
+
+def test_job_actions_refused_before_any_run(sqlite_world: World, op_client: TestClient) -> None:
+    """What the API can tell is refused without launching a job, audited as refused."""
+    editor, admin = sqlite_world.headers("editor_acme"), sqlite_world.headers("admin")
+    url = f"{BASE}/tenants/acme/pipelines/{STREAM}"
+    approve = op_client.post(f"{url}/schema/approve", headers=editor)
+    assert approve.status_code == 409 and approve.json()["code"] == "no_pending_schema", approve.text
+    unknown = op_client.post(f"{url}/resync", json={"tables": ["acme.nope"]}, headers=editor)
+    assert unknown.status_code == 422 and "acme.customers" in unknown.json()["error"]
+    for body in ({"tables": []}, {}, {"tables": ["acme.customers"], "wait": 1}):
+        bad = op_client.post(f"{url}/resync", json=body, headers=editor)
+        assert bad.status_code == 422 and bad.json()["code"] == "invalid_parameter", bad.text
+    assert op_client.post(f"{url}/reset", headers=editor).status_code == 403  # reset needs admin
+    live = op_client.post(f"{url}/reset", headers=admin)  # the world's STARTED run of the pipeline
+    assert live.status_code == 409 and live.json()["code"] == "pipeline_running" and "stop" in live.json()["error"]
+    audit = op_client.get(f"{BASE}/tenants/acme/audit", headers=editor).json()["audit"]
+    assert [(e["action"], e["result"], e["actor"], e["run_ids"]) for e in reversed(audit)] == [
+        ("schema:approve", "refused", "editor_acme", []),
+        ("resync", "refused", "editor_acme", []),
+        ("reset", "refused", "admin", []),
+    ]
+
+
+def test_graphql_reads_and_job_actions(sqlite_world: World, op_client: TestClient, sqlite_client: TestClient) -> None:
+    def gql(client: TestClient, who: str, query: str) -> dict:
+        response = client.post(
+            "/nilus-manager/graphql", json={"query": query.replace("RID", STREAM)}, headers=sqlite_world.headers(who)
+        )
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    progress = gql(sqlite_client, "read_acme", '{ progress(tenant: "acme", resourceId: "RID") { phase tables { '
+                   "table partitionsDone partitionsTotal rowsDone percent } } }")["data"]["progress"]
+    assert progress == {"phase": "snapshot", "tables": [
+        {"table": "acme.customers", "partitionsDone": 1, "partitionsTotal": 2, "rowsDone": 50, "percent": 50.0}]}
+    metrics = gql(sqlite_client, "read_acme", '{ pipelineMetrics(tenant: "acme", resourceId: "RID") { state '
+                  "eventsTotal sinkErrorsTotal } }")["data"]["pipelineMetrics"]
+    assert metrics == {"state": "running", "eventsTotal": 1234, "sinkErrorsTotal": 3}
+    proposed = gql(sqlite_client, "read_acme", '{ proposedSchema(tenant: "acme", resourceId: "RID") { pending } }')
+    assert proposed["data"]["proposedSchema"] == {"pending": False}
+    denied = gql(sqlite_client, "read_globex", '{ progress(tenant: "acme", resourceId: "RID") { phase } }')
+    assert denied["errors"][0]["extensions"]["code"] == "forbidden"
+
+    def code(who: str, mutation: str) -> str:
+        return gql(op_client, who, f"mutation {{ {mutation} {{ runId }} }}")["errors"][0]["extensions"]["code"]
+
+    assert code("editor_acme", 'approveSchema(tenant: "acme", resourceId: "RID")') == "no_pending_schema"
+    assert code("read_acme", 'approveSchema(tenant: "acme", resourceId: "RID")') == "forbidden"
+    resync = 'resyncTables(tenant: "acme", resourceId: "RID", tables: ["acme.nope"])'
+    assert code("editor_acme", resync) == "unknown_tables"
+    assert code("editor_acme", 'resetPipeline(tenant: "acme", resourceId: "RID")') == "forbidden"
+    assert code("admin", 'resetPipeline(tenant: "acme", resourceId: "RID")') == "pipeline_running"

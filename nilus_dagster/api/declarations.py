@@ -15,6 +15,7 @@ from pathlib import Path
 from nilus_dagster.spec.connections import Connection
 from nilus_dagster.spec.loading import load_declared_pipelines
 from nilus_dagster.spec.pipelines import Pipeline
+from nilus_dagster.spec.project import PipelinesSpec
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class Declarations:
         self._fingerprint: tuple | None = None
         self._by_tenant: dict[str, list[Pipeline]] | None = None
         self._sources: dict[tuple[str, str], Connection] = {}
+        self._specs: dict[tuple[str, str], PipelinesSpec] = {}
         self._error: str | None = None
 
     def _scan(self) -> tuple:
@@ -52,13 +54,16 @@ class Declarations:
                     return
                 by_tenant: dict[str, list[Pipeline]] = {}
                 sources: dict[tuple[str, str], Connection] = {}
+                specs: dict[tuple[str, str], PipelinesSpec] = {}
                 for declared in load_declared_pipelines(self.defs_dir):
                     pipeline = declared.pipeline
                     by_tenant.setdefault(pipeline.tenant, []).append(pipeline)
                     sources[(pipeline.tenant, pipeline.name)] = declared.spec.connections[pipeline.source.connection]
+                    specs[(pipeline.tenant, pipeline.name)] = declared.spec
                 for pipelines in by_tenant.values():
                     pipelines.sort(key=lambda p: p.name)
-                self._by_tenant, self._sources, self._fingerprint, self._error = by_tenant, sources, fingerprint, None
+                self._by_tenant, self._sources, self._specs = by_tenant, sources, specs
+                self._fingerprint, self._error = fingerprint, None
             except Exception as exc:  # a bad edit must not take the API down
                 self._error = str(exc)
                 log.error("cannot load pipeline declarations from %s: %s", self.defs_dir, exc)
@@ -81,6 +86,11 @@ class Declarations:
         """The connection the pipeline's source is declared with."""
         self._refresh()
         return self._sources.get((pipeline.tenant, pipeline.name))
+
+    def spec(self, pipeline: Pipeline) -> PipelinesSpec | None:
+        """The project spec (connections, state store) the pipeline is declared in."""
+        self._refresh()
+        return self._specs.get((pipeline.tenant, pipeline.name))
 
     def check(self) -> str | None:
         """None when declarations are loaded, else the reason."""

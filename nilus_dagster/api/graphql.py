@@ -24,7 +24,7 @@ from strawberry.utils.logging import StrawberryLogger
 
 from nilus_dagster.api import models
 from nilus_dagster.api.auth import Principal
-from nilus_dagster.api.deps import authenticate, read_model
+from nilus_dagster.api.deps import authenticate, read_model, services
 from nilus_dagster.api.graphql_errors import GraphQLApiError as _Error
 from nilus_dagster.api.graphql_errors import call_model
 from nilus_dagster.api.graphql_operator import Mutation, OperatorQuery
@@ -36,6 +36,7 @@ from nilus_dagster.api.params import (
     StatsQuery,
 )
 from nilus_dagster.api.read_model import ReadModel
+from nilus_dagster.api.services import Services
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -244,9 +245,11 @@ schema = _Schema(
 
 
 async def _context(
-    principal: Annotated[Principal, Depends(authenticate)], model: Annotated[ReadModel, Depends(read_model)]
+    principal: Annotated[Principal, Depends(authenticate)],
+    model: Annotated[ReadModel, Depends(read_model)],
+    svc: Annotated[Services, Depends(services)],
 ) -> dict[str, Any]:
-    return {"principal": principal, "model": model}
+    return {"principal": principal, "model": model, "services": svc}
 
 
 def graphql_router() -> GraphQLRouter:

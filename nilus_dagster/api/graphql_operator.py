@@ -1,5 +1,6 @@
-"""The operator surface in GraphQL: lifecycle state, checkpoints, audit (queries) and
-`setPipelineState` (mutation), over the same logic, tokens and scopes as REST."""
+"""The operator surface in GraphQL: lifecycle state, checkpoints, progress, metrics, proposed
+schema, drift, audit (queries) and `setPipelineState`, `approveSchema`, `resyncTables`,
+`resetPipeline` (mutations), over the same logic, tokens and scopes as REST."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from strawberry.experimental.pydantic import type as pydantic_type
 from strawberry.scalars import JSON
 from strawberry.types import Info
 
-from nilus_dagster.api import operator
+from nilus_dagster.api import operator, operator_actions, operator_reads
 from nilus_dagster.api import operator_models as om
 from nilus_dagster.api.graphql_errors import GraphQLApiError, call_model
 
@@ -50,6 +51,52 @@ class AuditPage:
     pass
 
 
+@pydantic_type(model=om.TableProgress, all_fields=True)
+class TableProgress:
+    phase: str
+
+
+@pydantic_type(model=om.ProgressResponse, all_fields=True)
+class Progress:
+    phase: str
+
+
+@pydantic_type(model=om.TableMetrics, all_fields=True)
+class TableMetrics:
+    pass
+
+
+@pydantic_type(model=om.PipelineMetrics, all_fields=True)
+class PipelineMetrics:
+    pass
+
+
+@pydantic_type(model=om.ProposedSchema, all_fields=True)
+class ProposedSchema:
+    current_schema: JSON | None
+    proposed_schema: JSON | None
+
+
+@pydantic_type(model=om.ColumnRetyped, all_fields=True)
+class ColumnRetyped:
+    pass
+
+
+@pydantic_type(model=om.TableDrift, all_fields=True)
+class TableDrift:
+    compared_with: str
+
+
+@pydantic_type(model=om.DriftResponse, all_fields=True)
+class Drift:
+    pass
+
+
+@pydantic_type(model=om.ActionLaunched, all_fields=True)
+class ActionLaunched:
+    pass
+
+
 async def _as(info: Info, scope: str, tenant: str, run: Callable[[Any], T]) -> T:
     principal = info.context["principal"]
     if not principal.may(scope, tenant):
@@ -72,6 +119,35 @@ class OperatorQuery:
             return operator.checkpoints(model, operator.find_pipeline(model, tenant, resource_id))
 
         return Checkpoints.from_pydantic(await _as(info, "read", tenant, run))
+
+    @strawberry.field(description="The copy phase and, per table, partitions and rows copied")
+    async def progress(self, info: Info, tenant: str, resource_id: str) -> Progress:
+        def run(model: Any) -> om.ProgressResponse:
+            return operator_reads.progress(model, operator.find_pipeline(model, tenant, resource_id))
+
+        return Progress.from_pydantic(await _as(info, "read", tenant, run))
+
+    @strawberry.field(description="State, events/s, lag, last checkpoint, events and sink errors; per table")
+    async def pipeline_metrics(self, info: Info, tenant: str, resource_id: str) -> PipelineMetrics:
+        def run(model: Any) -> om.PipelineMetrics:
+            pipeline = operator.find_pipeline(model, tenant, resource_id)
+            return operator_reads.metrics(model.runs.instance, model, pipeline)
+
+        return PipelineMetrics.from_pydantic(await _as(info, "read", tenant, run))
+
+    @strawberry.field(description="The schema change waiting for approval, if any")
+    async def proposed_schema(self, info: Info, tenant: str, resource_id: str) -> ProposedSchema:
+        def run(model: Any) -> om.ProposedSchema:
+            return operator_reads.proposed_schema(model, operator.find_pipeline(model, tenant, resource_id))
+
+        return ProposedSchema.from_pydantic(await _as(info, "read", tenant, run))
+
+    @strawberry.field(description="Per table: columns added, dropped or retyped in the source against the sink")
+    async def drift(self, info: Info, tenant: str, resource_id: str) -> Drift:
+        def run(model: Any) -> om.DriftResponse:
+            return operator_reads.drift(model, operator.find_pipeline(model, tenant, resource_id))
+
+        return Drift.from_pydantic(await _as(info, "read", tenant, run))
 
     @strawberry.field(description="Operator actions, newest first")
     async def audit(
@@ -109,3 +185,38 @@ class Mutation:
             return operator.set_state(model.runs.instance, model, pipeline, body.state, actor)
 
         return StateChanged.from_pydantic(await _as(info, "operate", tenant, run))
+
+    @strawberry.mutation(description="Approve the held schema change: runs the job __approve_schema (scope operate)")
+    async def approve_schema(self, info: Info, tenant: str, resource_id: str) -> ActionLaunched:
+        actor, svc = info.context["principal"].name, info.context["services"]
+
+        def run(model: Any) -> om.ActionLaunched:
+            pipeline = operator.find_pipeline(model, tenant, resource_id)
+            return operator_actions.approve_schema(svc, model, pipeline, actor)
+
+        return ActionLaunched.from_pydantic(await _as(info, "operate", tenant, run))
+
+    @strawberry.mutation(description="Copy tables again: runs the job __resync (scope operate)")
+    async def resync_tables(
+        self, info: Info, tenant: str, resource_id: str, tables: list[str], reason: str | None = None
+    ) -> ActionLaunched:
+        try:
+            body = om.ResyncBody(tables=tables, **({"reason": reason} if reason is not None else {}))
+        except ValidationError as exc:
+            raise GraphQLApiError(str(exc.errors()[0]["msg"]), "invalid_parameter") from None
+        actor, svc = info.context["principal"].name, info.context["services"]
+
+        def run(model: Any) -> om.ActionLaunched:
+            pipeline = operator.find_pipeline(model, tenant, resource_id)
+            return operator_actions.resync(svc, model, pipeline, body, actor)
+
+        return ActionLaunched.from_pydantic(await _as(info, "operate", tenant, run))
+
+    @strawberry.mutation(description="Start over: runs the job __reset (scope admin; refused while a run is live)")
+    async def reset_pipeline(self, info: Info, tenant: str, resource_id: str) -> ActionLaunched:
+        actor, svc = info.context["principal"].name, info.context["services"]
+
+        def run(model: Any) -> om.ActionLaunched:
+            return operator_actions.reset(svc, model, operator.find_pipeline(model, tenant, resource_id), actor)
+
+        return ActionLaunched.from_pydantic(await _as(info, "admin", tenant, run))

@@ -172,6 +172,20 @@ class StorageCollector(Collector):
         snapshot = GaugeMetricFamily(
             "nilus_cdc_snapshot_percent", "Initial snapshot progress per table", labels=[*labels, "table"]
         )
+        table_events = CounterMetricFamily(
+            "nilus_cdc_table_events",
+            "Change events applied per table by the live (or last) run",
+            labels=[*labels, "table"],
+        )
+        table_failed = GaugeMetricFamily(
+            "nilus_cdc_table_failed", "1 while the table is held failed (its sink apply kept failing)",
+            labels=[*labels, "table"],
+        )
+        held_wal = GaugeMetricFamily(
+            "nilus_pipeline_held_retained_wal_bytes",
+            "Source WAL the slot of a paused or stopped pipeline retains (grows while held: nothing consumes it)",
+            labels=[*labels, "state"],
+        )
         heartbeats = store.list_heartbeats()
         slots = slot_positions(self.services.declarations, store)  # also while no run is alive
         for (tenant, pipeline), position in sorted(slots.items()):
@@ -190,11 +204,22 @@ class StorageCollector(Collector):
                 if value is not None:
                     family.add_metric(key, value)
             failed_tables.add_metric(key, len(beat.detail.get("failed_tables") or {}))
+            for table, kinds in sorted((beat.detail.get("table_changes") or {}).items()):
+                table_events.add_metric([*key, table], sum(v for v in kinds.values() if isinstance(v, int)))
+            for table in sorted(beat.detail.get("failed_tables") or {}):
+                table_failed.add_metric([*key, table], 1.0)
+        for hold in ControlStore(store).holds():
+            position = slots.get((hold.tenant, hold.pipeline))
+            if hold.held and position is not None:
+                held_wal.add_metric([hold.tenant, hold.pipeline, hold.desired], position.unconfirmed_wal_bytes)
         cdc_pipelines = {(p.tenant, p.name) for p in self.services.declarations.all() if p.type == "cdc"}
         for tenant, pipeline in sorted(cdc_pipelines | set(heartbeats)):
             for table in store.snapshot_progress(tenant, pipeline):
                 snapshot.add_metric([tenant, pipeline, table.table], table.percent)
-        return [lag, unconfirmed, events, rate, age, snapshot, sink_errors, failed_tables]
+        return [
+            lag, unconfirmed, events, rate, age, snapshot, sink_errors, failed_tables, table_events, table_failed,
+            held_wal,
+        ]
 
     def _holds(self) -> list[Metric]:
         """Pipelines an operator stopped or paused (1 while held), and for how long."""

@@ -20,7 +20,8 @@ from nilus_dagster.components.lifecycle import (
 )
 from nilus_dagster.spec.pipelines import Pipeline
 from nilus_dagster.state.control import AuditRecord, ControlStore
-from nilus_dagster.state.records import RESYNC_OPEN
+from nilus_dagster.state.records import RESYNC_OPEN, OffsetRecord
+from nilus_dagster.state.store import StateStore
 
 
 def find_pipeline(model: ReadModel, tenant: str, resource_id: str, *, cdc: bool = True) -> Pipeline:
@@ -66,31 +67,38 @@ def set_state(
     )
 
 
-def checkpoints(model: ReadModel, pipeline: Pipeline, now: datetime | None = None) -> om.CheckpointsResponse:
-    """Per table: the durable stream position (the slot offset the run records after the sink
-    committed it; one slot serves every table) unless the table is still being (re)copied."""
-    store, now = model.store, now or datetime.now(UTC)
+def table_phases(store: StateStore, pipeline: Pipeline) -> tuple[OffsetRecord | None, dict[str, str]]:
+    """The pipeline's durable slot offset (None before its first run) and each table's phase:
+    resync (being copied again), snapshot (first copy under way), streaming or not_started."""
     offsets = store.latest_offsets(pipeline.tenant, pipeline.name)
     offset = offsets[0] if offsets else None
     progress = {p.table: p for p in store.snapshot_progress(pipeline.tenant, pipeline.name)}
     resyncing = {r.table_name for r in store.open_resyncs(pipeline.tenant, pipeline.name) if r.status in RESYNC_OPEN}
-    tables = []
+    phases = {}
     for source_table in pipeline.source.tables:
         name = source_table.name
         copying = progress.get(name)
         if name in resyncing:
-            phase = "resync"
+            phases[name] = "resync"
         elif copying is not None and copying.partitions_done < copying.partitions_total:
-            phase = "snapshot"
-        elif offset is None:
-            phase = "not_started"
+            phases[name] = "snapshot"
         else:
-            phase = "streaming"
+            phases[name] = "not_started" if offset is None else "streaming"
+    return offset, phases
+
+
+def checkpoints(model: ReadModel, pipeline: Pipeline, now: datetime | None = None) -> om.CheckpointsResponse:
+    """Per table: the durable stream position (the slot offset the run records after the sink
+    committed it; one slot serves every table) unless the table is still being (re)copied."""
+    now = now or datetime.now(UTC)
+    offset, phases = table_phases(model.store, pipeline)
+    tables = []
+    for name, phase in phases.items():
         streaming = phase == "streaming" and offset is not None
         tables.append(
             om.TableCheckpoint(
                 table=name,
-                phase=phase,
+                phase=phase,  # type: ignore[arg-type]
                 lsn=offset.offset_value.get("lsn") if streaming else None,
                 checkpointed_at=offset.record_insert_ts if streaming else None,
                 age_seconds=round((now - offset.record_insert_ts).total_seconds(), 3) if streaming else None,

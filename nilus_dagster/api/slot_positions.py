@@ -11,12 +11,14 @@ is unreachable, or whose DSN is not set there, is left out (the heartbeat's valu
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from nilus_dagster.api.declarations import Declarations
 from nilus_dagster.cdc.lag import SourcePosition, source_position
 from nilus_dagster.sources.postgres.connection import connect_source
 from nilus_dagster.spec.connections import MissingSecret, PostgresConnection
+from nilus_dagster.spec.pipelines import Pipeline
 from nilus_dagster.state.store import StateStore
 
 log = logging.getLogger(__name__)
@@ -30,11 +32,14 @@ class _Slot:
     slot: str
 
 
-def slot_positions(declarations: Declarations, store: StateStore) -> dict[tuple[str, str], SourcePosition]:
+def slot_positions(
+    declarations: Declarations, store: StateStore, only: Iterable[Pipeline] | None = None
+) -> dict[tuple[str, str], SourcePosition]:
     """(tenant, pipeline) → the server's WAL position and the slot's unconfirmed bytes, for every
-    declared CDC pipeline whose slot exists; one short connection per source database."""
+    declared CDC pipeline (or those of `only`) whose slot exists; one short connection per source
+    database."""
     by_dsn: dict[tuple[str, str], list[_Slot]] = {}
-    for pipeline in declarations.all():
+    for pipeline in declarations.all() if only is None else only:
         if pipeline.type != "cdc":
             continue
         connection = declarations.source(pipeline)

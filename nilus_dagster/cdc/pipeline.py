@@ -239,9 +239,9 @@ class CdcRun(
             self._resync(tables, set())
         if self._pending_offset is not None:
             self._record_offset(self._pending_offset, force=True)
-        self._report(
-            CdcProgress("stopped", lsn=format_lsn(stats.applied_lsn) if stats.applied_lsn else None), force=True
-        )
+        final = CdcProgress("stopped", lsn=format_lsn(stats.applied_lsn) if stats.applied_lsn else None)
+        final.events_total, final.table_changes = stats.events_total, stats.table_changes  # the run's totals
+        self._report(final, force=True)
         return stats
 
     def _parity_probe(self, tables: list[CdcTable]) -> RowParityProbe:

@@ -12,6 +12,7 @@ from nilus_dagster.components.cdc_checks import cdc_check_specs, dlq_check, lag_
 from nilus_dagster.components.cdc_config import CdcRunConfig, cdc_config, pipeline_key
 from nilus_dagster.components.cdc_operator_jobs import operator_jobs
 from nilus_dagster.components.cdc_reporting import CdcAssetReporter
+from nilus_dagster.components.held_wal import held_wal_evaluations
 from nilus_dagster.components.lifecycle import LIVE_STATUSES, hold_watch, sensor_hold
 from nilus_dagster.components.naming import asset_key, table_asset_attributes
 from nilus_dagster.components.run_stop import DeliberateStop
@@ -161,7 +162,7 @@ def _read_or(read: Callable[[], Any], fallback: Any) -> Any:
         return fallback
 
 
-def _keep_alive_sensor(pipeline: Pipeline) -> dg.SensorDefinition:
+def _keep_alive_sensor(spec: PipelinesSpec, pipeline: Pipeline) -> dg.SensorDefinition:
     @dg.sensor(
         name=f"{pipeline.job_name}__keep_alive",
         job_name=pipeline.job_name,
@@ -171,7 +172,12 @@ def _keep_alive_sensor(pipeline: Pipeline) -> dg.SensorDefinition:
     )
     def _keep_alive(context: dg.SensorEvaluationContext, nilus_state: NilusStateStore):
         ensure_pool_limit(context.instance, cdc_pool(pipeline))  # before any run of the pipeline launches
-        return keep_alive_decision(context.instance, nilus_state.get_store(), pipeline, pipeline.job_name)
+        store = nilus_state.get_store()
+        decision = keep_alive_decision(context.instance, store, pipeline, pipeline.job_name)
+        if not isinstance(decision, dg.SkipReason):
+            return decision
+        evaluations, cursor = held_wal_evaluations(spec, pipeline, store, context.cursor)  # while held
+        return dg.SensorResult(skip_reason=decision, asset_events=evaluations, cursor=cursor)
 
     return _keep_alive
 
@@ -237,7 +243,7 @@ def cdc_pipeline_definitions(spec: PipelinesSpec, pipeline: Pipeline) -> dg.Defi
     return dg.Definitions(
         assets=[assets],
         jobs=[job, *operator_jobs(spec, pipeline)],
-        sensors=[_keep_alive_sensor(pipeline)],
+        sensors=[_keep_alive_sensor(spec, pipeline)],
     )
 
 

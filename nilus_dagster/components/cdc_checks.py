@@ -1,7 +1,7 @@
 """The asset checks of a CDC table: `max_lag` (lag against `checks.max_lag`), `row_count_parity`
 (source rows against sink rows at a matched point, cdc/row_parity.py, every `checks.row_count_interval`),
-`schema_drift` (components/schema_drift.py) and `dead_letters` (no unacknowledged dead-letter
-entries, on_error: dlq).
+`schema_drift` (components/schema_drift.py), `dead_letters` (no unacknowledged dead-letter
+entries, on_error: dlq) and `held_wal_retention` (components/held_wal.py, while paused or stopped).
 
 Results are logged as check evaluations while the run streams (severity `checks.severity`).
 """
@@ -13,6 +13,7 @@ from typing import Any
 import dagster as dg
 
 from nilus_dagster.components.batch_checks import ROW_COUNT_CHECK, check_severity, row_count_result
+from nilus_dagster.components.held_wal import held_wal_check_specs
 from nilus_dagster.components.schema_drift import drift_check_spec
 from nilus_dagster.spec.pipelines import Pipeline
 
@@ -36,7 +37,8 @@ def cdc_check_specs(pipeline: Pipeline, specs: list[dg.AssetSpec]) -> list[dg.As
             f"(every {pipeline.checks.row_count_interval}; a round that cannot match the point exactly is skipped)."
         )
         checks += [dg.AssetCheckSpec(ROW_COUNT_CHECK, asset=spec.key, description=description) for spec in specs]
-    return [*checks, *(drift_check_spec(spec.key) for spec in specs), *dlq_check_specs(specs)]
+    drift = [drift_check_spec(spec.key) for spec in specs]
+    return [*checks, *drift, *dlq_check_specs(specs), *held_wal_check_specs(specs)]
 
 
 def lag_check(pipeline: Pipeline, key: dg.AssetKey, lag_seconds: float) -> dg.AssetCheckResult:

@@ -7,19 +7,23 @@ import dagster as dg
 
 from nilus_dagster.components.cdc_config import ResyncConfig, RetryTablesConfig, cdc_config, pipeline_key
 from nilus_dagster.components.lifecycle import lifecycle_jobs
+from nilus_dagster.components.operator_audit import Refusals, audited
 from nilus_dagster.components.tags import operation_tags
 from nilus_dagster.spec.pipelines import Pipeline
 from nilus_dagster.spec.project import PipelinesSpec
 from nilus_dagster.state import NilusStateStore, StateStore
 
 
-def _operator_job(pipeline: Pipeline, operation: str, act: Callable[[StateStore], str]) -> dg.JobDefinition:
-    """A one-op job `<tenant>__<pipeline>__<operation>` that acts on the pipeline's state."""
+def _operator_job(
+    pipeline: Pipeline, operation: str, action: str, act: Callable[[StateStore], str], refusals: Refusals
+) -> dg.JobDefinition:
+    """A one-op job `<tenant>__<pipeline>__<operation>` that acts on the pipeline's state (audited)."""
     name = f"{pipeline.job_name}__{operation}"
 
     @dg.op(name=f"{name}_op", tags=operation_tags(pipeline, operation))
     def _act(context: dg.OpExecutionContext, nilus_state: NilusStateStore) -> None:
-        context.log.info(act(nilus_state.get_store()))
+        store = nilus_state.get_store()
+        context.log.info(audited(context, store, pipeline, action, {}, lambda: act(store), refusals))
 
     @dg.job(name=name, tags=operation_tags(pipeline, operation))
     def _job() -> None:
@@ -38,18 +42,16 @@ def _resync_job(spec: PipelinesSpec, pipeline: Pipeline) -> dg.JobDefinition:
         from nilus_dagster.cdc.operations import ResyncFailed, resync_tables
         from nilus_dagster.cdc.resync import UnknownTables
 
-        try:
-            message = resync_tables(
-                cdc_config(spec, pipeline),
-                nilus_state.get_store(),
-                config.tables,
-                config.reason,
-                wait_s=config.wait_s,
+        store = nilus_state.get_store()
+
+        def act() -> str:
+            return resync_tables(
+                cdc_config(spec, pipeline), store, config.tables, config.reason, wait_s=config.wait_s,
                 log=context.log.info,
             )
-        except (UnknownTables, ResyncFailed) as error:
-            raise dg.Failure(str(error)) from None
-        context.log.info(message)
+
+        params = {"tables": list(config.tables), "reason": config.reason}
+        context.log.info(audited(context, store, pipeline, "resync", params, act, (UnknownTables, ResyncFailed)))
 
     @dg.job(name=name, tags=operation_tags(pipeline, "resync"))
     def _job() -> None:
@@ -67,10 +69,14 @@ def _retry_tables_job(spec: PipelinesSpec, pipeline: Pipeline) -> dg.JobDefiniti
         from nilus_dagster.cdc.operations import NothingToRetry, retry_tables
         from nilus_dagster.cdc.resync import UnknownTables
 
-        try:
-            context.log.info(retry_tables(cdc_config(spec, pipeline), nilus_state.get_store(), config.tables))
-        except (UnknownTables, NothingToRetry) as error:
-            raise dg.Failure(str(error)) from None
+        store = nilus_state.get_store()
+
+        def act() -> str:
+            return retry_tables(cdc_config(spec, pipeline), store, config.tables)
+
+        params = {"tables": list(config.tables)}
+        refusals = (UnknownTables, NothingToRetry)
+        context.log.info(audited(context, store, pipeline, "retry_tables", params, act, refusals))
 
     @dg.job(name=name, tags=operation_tags(pipeline, "retry_tables"))
     def _job() -> None:
@@ -80,7 +86,7 @@ def _retry_tables_job(spec: PipelinesSpec, pipeline: Pipeline) -> dg.JobDefiniti
 
 
 def operator_jobs(spec: PipelinesSpec, pipeline: Pipeline) -> list[dg.JobDefinition]:
-    from nilus_dagster.cdc.operations import approve_schema_change, reset_pipeline
+    from nilus_dagster.cdc.operations import NothingToApprove, approve_schema_change, reset_pipeline
 
     def approve(store: StateStore) -> str:
         table = approve_schema_change(store, pipeline_key(pipeline))
@@ -91,8 +97,8 @@ def operator_jobs(spec: PipelinesSpec, pipeline: Pipeline) -> list[dg.JobDefinit
         return f"dropped slot {slot} and the snapshot progress; the next run snapshots every table again"
 
     return [
-        _operator_job(pipeline, "approve_schema", approve),
-        _operator_job(pipeline, "reset", reset),
+        _operator_job(pipeline, "approve_schema", "schema:approve", approve, (NothingToApprove,)),
+        _operator_job(pipeline, "reset", "reset", reset, ()),
         _resync_job(spec, pipeline),
         _retry_tables_job(spec, pipeline),
         *lifecycle_jobs(pipeline),
