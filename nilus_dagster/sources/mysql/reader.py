@@ -12,7 +12,10 @@ The reader never commits: it runs inside the caller's `START TRANSACTION WITH CO
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import re
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -131,13 +134,50 @@ def read_table(
     columns = ", ".join(quote_identifier(c.name) for c in schema.columns)
     query = f"SELECT {columns} FROM {quoted_table(schema.table)}" + (f" WHERE {where}" if where else "")
     yielded = False
-    with conn.cursor(pymysql.cursors.SSCursor) as cursor:
-        cursor.execute(query, tuple(params) or None)
-        while rows := cursor.fetchmany(batch_rows):
-            yield _to_batch(schema, target, converters, rows)
-            yielded = True
+    for rows in _fetched(conn, query, tuple(params), batch_rows):
+        yield _to_batch(schema, target, converters, rows)
+        yielded = True
     if not yielded:
         yield pa.RecordBatch.from_pylist([], schema=target)
+
+
+_DONE = object()
+
+
+def _fetched(conn: pymysql.Connection, query: str, params: tuple[Any, ...], batch_rows: int) -> Iterator[list[Any]]:
+    """The query's rows, `batch_rows` at a time, fetched on a worker thread one batch ahead: the
+    driver parses batch k+1 while the caller converts and writes batch k (the sink's writes release
+    the GIL). Errors are raised here; abandoning the iterator stops the worker after its batch and
+    leaves the rest of the result unread (the snapshot's connection is then closed, not reused)."""
+    ready: queue.Queue[Any] = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def fetch() -> None:
+        try:
+            cursor = conn.cursor(pymysql.cursors.SSCursor)
+            cursor.execute(query, params or None)
+            while rows := cursor.fetchmany(batch_rows):
+                if stop.is_set():
+                    return  # abandoned: the rest stays unread; closing the connection discards it
+                ready.put(rows)
+            cursor.close()
+            ready.put(_DONE)
+        except BaseException as error:  # noqa: BLE001 - handed to the consumer, raised there
+            ready.put(error)
+
+    worker = threading.Thread(target=fetch, name="nilus-mysql-fetch", daemon=True)
+    worker.start()
+    try:
+        while (item := ready.get()) is not _DONE:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        while worker.is_alive():  # unblock a worker waiting to hand over a batch nobody will take
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.1)
+        worker.join()
 
 
 def _to_batch(
