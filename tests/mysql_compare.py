@@ -53,9 +53,10 @@ def mysql_execute(dsn: str, *statements: str) -> None:
 
 
 def mysql_rows(dsn: str, table: str, columns: list[str], order_by: str,
-               expect: dict[str, Callable[[Any], Any]] | None = None) -> list[Row]:
+               expect: dict[str, Callable[[Any], Any]] | None = None, floats: tuple[str, ...] = ()) -> list[Row]:
+    """`floats`: FLOAT columns, read through a DOUBLE (a FLOAT's text has only 6 significant digits)."""
     expect = expect or {}
-    cols = ", ".join(f"`{c}`" for c in columns)
+    cols = ", ".join(f"`{c}` + 0e0" if c in floats else f"`{c}`" for c in columns)
     with mysql_connect(dsn) as conn, conn.cursor() as cursor:
         cursor.execute(f"SELECT {cols} FROM {table} ORDER BY {order_by}")
         rows = cursor.fetchall()
