@@ -197,3 +197,20 @@ def test_setup_errors_say_the_fix(
     denied = failure_message(_run(duckdb_sink, instance, pipeline("denied", [f"{database}.nokey"])))
     assert "connection 'src': cannot connect to MySQL: (1045)" in denied
     assert "check the user and the password" in denied and "wrong-secret" not in denied
+
+
+def test_new_source_column_is_added_and_a_widened_type_follows(
+    mysql_env: str, duckdb_sink: SinkTarget, instance: dg.DagsterInstance
+) -> None:
+    database = _database(mysql_env)
+    mysql_execute(mysql_env, "CREATE TABLE people (id int PRIMARY KEY, name varchar(20), score smallint)",
+                  "INSERT INTO people VALUES (1, 'ann', 7)")
+    assert _run(duckdb_sink, instance, pipeline("people", [f"{database}.people"])).success
+    mysql_execute(mysql_env, "ALTER TABLE people ADD COLUMN email varchar(50), MODIFY score int",
+                  "INSERT INTO people VALUES (2, 'bob', 100000, 'bob@example.com')")
+    result = _run(duckdb_sink, instance, pipeline("people", [f"{database}.people"]))
+    assert result.success, failure_message(result)
+    metadata = result.asset_materializations_for_node(f"acme__people__{database}__people")[0].metadata
+    assert metadata["schema_change"].value == "+email text, ~score int16 -> int32"
+    columns = ["id", "name", "score", "email"]
+    assert_same_rows(mysql_rows(mysql_env, "people", columns, "id"), sink_rows(duckdb_sink, "analytics.people", columns))
