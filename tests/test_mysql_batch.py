@@ -88,6 +88,15 @@ def test_every_type_lands_exactly(mysql_env: str, sql_sink: SinkTarget, instance
     assert materialization.metadata["rows"].value == 3
 
 
+def test_assets_show_the_mysql_source(mysql_env: str, duckdb_sink: SinkTarget) -> None:
+    defs = project(duckdb_sink, pipeline("shop", ["shop.orders"]), source_type="mysql")
+    key = dg.AssetKey(["acme", "shop", "shop", "orders"])
+    spec = defs.resolve_assets_def(key).specs_by_key[key]
+    assert set(spec.kinds) == {"mysql", "duckdb"}
+    source = defs.resolve_asset_graph().get(dg.AssetKey(["acme", "sources", "src", "shop", "orders"]))
+    assert "in the MySQL connection src" in (source.description or "")
+
+
 def test_incremental_merge_loads_only_new_rows(
     mysql_env: str, sql_sink: SinkTarget, instance: dg.DagsterInstance
 ) -> None:
