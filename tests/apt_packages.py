@@ -11,7 +11,7 @@ _LOCK = Path("/tmp/nilus-tests-apt.lock")
 _ENV = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
 
 
-def ensure_packages(packages: list[str], present: Callable[[], bool]) -> None:
+def ensure_packages(packages: list[str], present: Callable[[], bool], *, recommends: bool = True) -> None:
     """apt-get install `packages` unless `present()` already holds (checked again under the lock)."""
     if present():
         return
@@ -20,4 +20,5 @@ def ensure_packages(packages: list[str], present: Callable[[], bool]) -> None:
         if present():
             return
         subprocess.run(["apt-get", "update", "-qq"], check=True, env=_ENV, timeout=600)
-        subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=True, env=_ENV, timeout=1200)
+        options = [] if recommends else ["--no-install-recommends"]
+        subprocess.run(["apt-get", "install", "-y", "-qq", *options, *packages], check=True, env=_ENV, timeout=1200)

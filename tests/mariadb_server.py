@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import quote
 
-APT_PACKAGES = ("mariadb-server", "mariadb-client")
+from apt_packages import ensure_packages
+
+APT_PACKAGES = ["mariadb-server", "mariadb-client"]
 SERVER_TIME_ZONE = "+05:30"
 ROOT_PASSWORD = "nilus-test"  # a throwaway server's root; TCP logins need a password in the DSN tests
 
@@ -35,16 +37,9 @@ def _binaries() -> tuple[str | None, str | None]:
 
 def ensure_mariadb() -> tuple[str, str]:
     """Paths of mariadb-install-db and mariadbd, installing Debian's packages first if needed."""
+    # --no-install-recommends: the package's own service and tools beyond the server are not wanted.
+    ensure_packages(APT_PACKAGES, lambda: None not in _binaries(), recommends=False)
     install_db, server = _binaries()
-    if install_db is None or server is None:
-        env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
-        # --no-install-recommends and policy-rc.d semantics: the package's own service is not wanted.
-        subprocess.run(
-            ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *APT_PACKAGES],
-            check=True, env=env, timeout=1200,
-        )
-        install_db, server = _binaries()
     assert install_db and server, f"apt-get install {' '.join(APT_PACKAGES)} did not provide mariadbd"
     return install_db, server
 
