@@ -99,8 +99,8 @@ class BinlogApplier:
             (
                 _KINDS[c.kind],
                 0,
-                None if c.new is None else convert(c.new, c.none_sources),
-                None if c.old is None else convert(c.old, c.none_sources),
+                None if c.new is None else convert(c.new, c.new_none),
+                None if c.old is None else convert(c.old, c.old_none),
                 False,
                 False,
             )

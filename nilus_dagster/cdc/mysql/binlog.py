@@ -45,8 +45,9 @@ class RowChange:
     table: TableName
     new: dict[str, Any] | None
     old: dict[str, Any] | None
-    # columns the library read as NULL for a reason other than NULL (a zero date: "out of date range")
-    none_sources: dict[str, str] = field(default_factory=dict)
+    # why the library read a column as None ("null", "empty set", "out of date range"...), per side
+    new_none: dict[str, str] = field(default_factory=dict)
+    old_none: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -182,8 +183,8 @@ def _row_changes(event: Any, table: TableName) -> Iterator[RowChange]:
             yield RowChange("I", table, row["values"], None, row.get("none_sources") or {})
     elif isinstance(event, UpdateRowsEvent):
         for row in event.rows:
-            sources = {**(row.get("before_none_sources") or {}), **(row.get("after_none_sources") or {})}
-            yield RowChange("U", table, row["after_values"], row["before_values"], sources)
+            yield RowChange("U", table, row["after_values"], row["before_values"], row.get("after_none_sources") or {},
+                            row.get("before_none_sources") or {})
     else:
         for row in event.rows:
-            yield RowChange("D", table, None, row["values"], row.get("none_sources") or {})
+            yield RowChange("D", table, None, row["values"], old_none=row.get("none_sources") or {})

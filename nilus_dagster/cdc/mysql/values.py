@@ -27,6 +27,8 @@ Normalize = Callable[[Any], Any]
 _EPOCH = datetime(1970, 1, 1)
 _UNSUPPORTED = ("uuid", "inet4", "inet6", "geometry", "point", "linestring", "polygon", "multipoint",
                 "multilinestring", "multipolygon", "geometrycollection", "geomcollection", "vector")
+EMPTY_SET = "empty set"  # mysql-replication's reason for a None that is the empty SET value ''
+_NOT_IN_ROW = ("cols bitmap", "same with before values")  # a partial row image / JSON partial update
 _SET_MEMBERS = re.compile(r"'((?:[^']|'')*)'")
 
 
@@ -115,6 +117,14 @@ class RowConverter:
                 f"{self.schema.table}: a binlog row has columns {sorted(values)} but the table streams "
                 f"{list(self.names)}: its columns changed outside the stream; reset the pipeline"
             )
+        for name, reason in none_sources.items():
+            if reason == EMPTY_SET:
+                values = {**values, name: ""}
+            elif reason in _NOT_IN_ROW:
+                raise UnstreamableColumn(
+                    f"{self.schema.table}.{name}: a binlog row lacks the column's value ({reason}): the source must "
+                    "log whole rows (binlog_row_image = FULL)"
+                )
         for name, column in self._dated:
             if zero_date(column, values[name], none_sources.get(name)):
                 raise UnstreamableColumn(
