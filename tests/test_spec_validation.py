@@ -66,7 +66,7 @@ def test_good_declaration_resolves_defaults() -> None:
             "nowhere",
             "pipelines[0] (orders).sink.connection: unknown connection 'nowhere' (declared connections: bq, shop, warehouse)",
         ),
-        ("pipelines.0.source.connection", "warehouse", "connection 'warehouse' is duckdb; this needs one of postgres"),
+        ("pipelines.0.source.connection", "warehouse", "connection 'warehouse' is duckdb; a batch pipeline's source needs one of postgres, mysql"),
         (
             "pipelines.0.schedule",
             "every hour",
@@ -90,7 +90,7 @@ def test_good_declaration_resolves_defaults() -> None:
         ("pipelines.0.tenant", "ac me", "tenant 'ac me' is not valid"),
         ("pipelines.0.colour", "red", "pipelines[0].colour: unknown field 'colour' (allowed fields: cdc, checks, description"),
         ("connections.shop.password", "hunter2", "secrets are never written in YAML"),
-        ("connections.shop.type", "mysql", "connections.shop"),
+        ("connections.shop.type", "oracle", "connections.shop"),
         ("connections.warehouse.path", ":memory:", "a DuckDB sink needs a file path"),
         ("pipelines.0.source.tables", [], "pipelines[0].source.tables: List should have at least 1 item"),
         ("pipelines.0.source.tables", [{"name": "public.orders", "primary_key": []}], "strategy merge needs a key"),

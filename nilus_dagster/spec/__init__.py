@@ -5,6 +5,7 @@ from nilus_dagster.spec.connections import (
     Connection,
     DuckDBConnection,
     MissingSecret,
+    MySQLConnection,
     PostgresConnection,
 )
 from nilus_dagster.spec.pipelines import CdcOptions, Pipeline, Sink, Source, SourceTable
@@ -16,6 +17,7 @@ __all__ = [
     "Connection",
     "DuckDBConnection",
     "MissingSecret",
+    "MySQLConnection",
     "Pipeline",
     "PipelinesSpec",
     "PostgresConnection",

@@ -21,12 +21,15 @@ class PipelineSpecError(ValueError):
         super().__init__(f"Invalid nilus pipeline declaration in {self.source}:\n{listing}")
 
 
+_CONNECTION_TAGS = ("postgres", "mysql", "duckdb", "bigquery")
+
+
 def _field_path(loc: tuple[int | str, ...]) -> str:
     path = ""
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in ("postgres", "duckdb", "bigquery") and path.count(".") >= 1 and path.startswith("connections"):
+        elif part in _CONNECTION_TAGS and path.count(".") >= 1 and path.startswith("connections"):
             continue  # the discriminated union's tag, not a field the user wrote
         else:
             path += f".{part}" if path else str(part)
@@ -35,10 +38,20 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
 
 def _allowed_fields(model: type[BaseModel], loc: tuple[int | str, ...]) -> list[str]:
     """Best effort: the fields of the model that holds an unknown field."""
-    from nilus_dagster.spec.connections import BigQueryConnection, DuckDBConnection, PostgresConnection
+    from nilus_dagster.spec.connections import (
+        BigQueryConnection,
+        DuckDBConnection,
+        MySQLConnection,
+        PostgresConnection,
+    )
 
     if loc and loc[0] == "connections" and len(loc) >= 3:
-        by_type = {"postgres": PostgresConnection, "duckdb": DuckDBConnection, "bigquery": BigQueryConnection}
+        by_type = {
+            "postgres": PostgresConnection,
+            "mysql": MySQLConnection,
+            "duckdb": DuckDBConnection,
+            "bigquery": BigQueryConnection,
+        }
         owner = by_type.get(str(loc[2]))
         return sorted(owner.model_fields) if owner else []
     current: Any = model

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from nilus_dagster.spec.connections import SINK_CONNECTION_TYPES, Connection, SpecModel
+from nilus_dagster.spec.connections import SINK_CONNECTION_TYPES, SOURCE_CONNECTION_TYPES, Connection, SpecModel
 from nilus_dagster.spec.pipelines import Pipeline, check_name
 
 
@@ -27,7 +27,9 @@ class PipelinesSpec(SpecModel):
         seen: dict[tuple[str, str], int] = {}
         for index, p in enumerate(self.pipelines):
             where = f"pipelines[{index}] ({p.name})"
-            self._check_connection(where + ".source.connection", p.source.connection, ("postgres",))
+            self._check_connection(
+                where + ".source.connection", p.source.connection, SOURCE_CONNECTION_TYPES[p.type], p.type
+            )
             self._check_connection(where + ".sink.connection", p.sink.connection, SINK_CONNECTION_TYPES)
             if (p.tenant, p.name) in seen:
                 raise ValueError(
@@ -42,13 +44,14 @@ class PipelinesSpec(SpecModel):
                 raise ValueError(f"{where}.sink.table_options: only BigQuery sinks take table_options")
         return self
 
-    def _check_connection(self, where: str, name: str, allowed: tuple[str, ...]) -> None:
+    def _check_connection(self, where: str, name: str, allowed: tuple[str, ...], mode: str = "") -> None:
         if name not in self.connections:
             known = ", ".join(sorted(self.connections)) or "none declared"
             raise ValueError(f"{where}: unknown connection '{name}' (declared connections: {known})")
         kind = self.connections[name].type
         if kind not in allowed:
-            raise ValueError(f"{where}: connection '{name}' is {kind}; this needs one of {', '.join(allowed)}")
+            needs = f"a {mode} pipeline's source" if mode else "this"
+            raise ValueError(f"{where}: connection '{name}' is {kind}; {needs} needs one of {', '.join(allowed)}")
 
     @staticmethod
     def _check_merge_keys(where: str, pipeline: Pipeline) -> None:

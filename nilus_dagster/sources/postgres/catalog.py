@@ -12,12 +12,9 @@ from typing import Any
 import psycopg
 
 from nilus_dagster.schema.table import Column, TableName, TableSchema
+from nilus_dagster.sources.errors import SourceError
 from nilus_dagster.sources.postgres.partitions import partition_leaves
 from nilus_dagster.sources.postgres.types import column_type
-
-
-class SourceError(Exception):
-    """A problem with the source database or its data, worded for the pipeline's owner."""
 
 
 class TableNotFound(SourceError):

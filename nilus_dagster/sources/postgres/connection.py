@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import psycopg
 
+from nilus_dagster.sources.errors import SourceUnreachable
+
 # A connect timeout and TCP keepalives on every source connection: a dead peer is noticed in
 # seconds (unanswered probes; unacknowledged data after `tcp_user_timeout` ms), not hours.
 CONNECT_OPTIONS: dict[str, object] = {
@@ -14,10 +16,6 @@ CONNECT_OPTIONS: dict[str, object] = {
     "keepalives_count": 3,
     "tcp_user_timeout": 15_000,
 }
-
-
-class SourceUnreachable(Exception):
-    """The source database could not be reached or refused the login."""
 
 
 def connect_source(connection_name: str, dsn: str, **kwargs: object) -> psycopg.Connection:

@@ -32,11 +32,7 @@ import pyarrow.json as pa_json
 
 from nilus_dagster.schema.arrow import arrow_type
 from nilus_dagster.schema.table import ColumnType
-from nilus_dagster.sources.postgres.catalog import SourceError
-
-
-class ValueDecodeError(SourceError):
-    """A source value that cannot be represented in its column's logical type."""
+from nilus_dagster.sources.errors import ValueDecodeError
 
 
 def text_to_arrow(values: pa.Array, column_type: ColumnType, *, column: str | None = None) -> pa.Array:
