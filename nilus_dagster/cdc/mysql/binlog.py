@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 from pymysqlreplication import BinLogStreamReader
 from pymysqlreplication.event import MariadbGtidEvent, QueryEvent, RotateEvent, XAPrepareEvent, XidEvent
@@ -23,6 +22,8 @@ from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, Write
 
 from nilus_dagster.cdc.mysql.position import BinlogPosition, advance_gtid
 from nilus_dagster.schema import TableName
+from nilus_dagster.sources.mysql.connection import _ssl_options as ssl_options
+from nilus_dagster.sources.mysql.connection import parse_dsn
 
 _CONTROL = re.compile(r"^\s*(BEGIN|COMMIT|ROLLBACK|SAVEPOINT|RELEASE\s+SAVEPOINT|XA\s)", re.IGNORECASE)
 _NAME = r"(?:`(?:[^`]|``)+`|[\w$]+)"
@@ -59,15 +60,11 @@ class Transaction:
 
 
 def connection_settings(dsn: str) -> dict[str, Any]:
-    """pymysql keyword arguments of a `mysql://user:password@host:port/database` DSN."""
-    parts = urlsplit(dsn)
-    return {
-        "host": parts.hostname or "127.0.0.1",
-        "port": parts.port or 3306,
-        "user": unquote(parts.username or ""),
-        "password": unquote(parts.password or ""),
-        "charset": "utf8mb4",
-    }
+    """pymysql keyword arguments of the source DSN (its TLS settings included), as the batch reader
+    logs in (sources/mysql/connection.py)."""
+    target = parse_dsn("source", dsn)
+    return {"host": target.host, "port": target.port, "user": target.user, "password": target.password,
+            "charset": "utf8mb4", **ssl_options(target)}
 
 
 def _identifier(text: str) -> str:
@@ -113,6 +110,7 @@ class BinlogReader:
         self.name = name
         self.tracked = tracked
         self._schemas = sorted({t.schema for t in tracked})
+        self.reached: BinlogPosition | None = None  # where the last read found the end of the binlog
 
     def read(self, start: BinlogPosition) -> Iterator[Transaction]:
         """Transactions that end after `start`, in binlog order, until the end of the binlog."""
@@ -131,8 +129,11 @@ class BinlogReader:
             report_slave={"hostname": self.name, "username": "", "password": "", "port": 0},
             enable_logging=False,
         )
+        self.reached = None
         try:
             yield from self._transactions(reader, start)
+            if reader.log_file is not None and reader.log_pos is not None:
+                self.reached = BinlogPosition(reader.log_file, reader.log_pos)
         finally:
             reader.close()
 

@@ -32,10 +32,11 @@ from nilus_dagster.cdc.run_config import RESET_HINT, CdcPipelineConfig, CdcPipel
 from nilus_dagster.cdc.setup import CdcSetupError
 from nilus_dagster.cdc.state_writer import StateWriter
 from nilus_dagster.cdc.stream_stats import StreamStats
-from nilus_dagster.schema import TableName
+from nilus_dagster.schema import TableName, TableSchema
 from nilus_dagster.sinks.base import Sink, carried_schema
 from nilus_dagster.sources.mysql.catalog import read_table_schema
 from nilus_dagster.sources.mysql.connection import connect_mysql
+from nilus_dagster.state.records import SchemaHistoryRecord
 from nilus_dagster.state.store import StateStore
 
 IDLE_CHECKPOINT_INTERVAL_S = 10.0  # how often tables the stream does not change get their checkpoint moved
@@ -114,7 +115,8 @@ class BinlogCdcRun:
         reset = state is not None and bool(state.detail.get("reset"))
         with closing(connect_mysql(config.source_connection, config.source_dsn)) as conn:
             check_server(conn, self.server_id, self.name)
-            tables = {t.table: self._table(conn, t.table, t.target, reset) for t in config.tables}
+            recorded = {} if reset else self.store.latest_schemas(key.tenant, key.pipeline)
+            tables = {t.table: self._table(conn, t.table, t.target, reset, recorded) for t in config.tables}
             self._check_identity(conn, state.detail if state is not None and not reset else {}, tables)
             pending = [t for t in tables.values() if t.applied is None]
             if pending and config.snapshot == "never":
@@ -134,15 +136,22 @@ class BinlogCdcRun:
                                                           should_stop=self.should_stop)
             server_id = int(_value(conn, "SELECT @@GLOBAL.server_id"))
         result.slot_created = bool(pending)
+        for table in pending:  # the schema in force from the table's snapshot position on
+            if table.applied is not None:
+                self.store.append_schema(key, connector_name=key.pipeline, table_name=table.name.qualified,
+                                         table_schema=table.schema.to_json(), lsn=table.applied.text())
         self._set_state("active", source_server_id=server_id, replica_server_id=self.server_id)
-        for table in tables.values():
-            self.store.append_schema(key, connector_name=key.pipeline, table_name=table.name.qualified,
-                                     table_schema=table.schema.to_json(),
-                                     lsn=table.applied.text() if table.applied else None)
         return tables
 
-    def _table(self, conn: Any, name: TableName, target: Any, reset: bool) -> BinlogTable:
-        schema = read_table_schema(conn, name)
+    def _table(self, conn: Any, name: TableName, target: Any, reset: bool,
+               recorded: dict[str, SchemaHistoryRecord]) -> BinlogTable:
+        """The table as the stream must read it: a table streamed before has the schema recorded at
+        its snapshot (the binlog from its checkpoint on was written under it, whatever the catalog
+        says now); a new one the catalog's, which its snapshot reads."""
+        checkpoint_key = self.config.table_checkpoint(name)
+        checkpoint = None if reset else self.sink.read_checkpoint(checkpoint_key)
+        history = recorded.get(name.qualified) if checkpoint else None
+        schema = TableSchema.from_json(history.table_schema) if history else read_table_schema(conn, name)
         if not schema.primary_key:
             raise CdcSetupError(
                 f"table {name} has no primary key: binlog CDC needs one to apply updates and deletes exactly "
@@ -155,8 +164,6 @@ class BinlogCdcRun:
             )
         schema = carried_schema(self.sink, schema)
         self.sink.check_table(target, schema, cdc=True)
-        checkpoint_key = self.config.table_checkpoint(name)
-        checkpoint = None if reset else self.sink.read_checkpoint(checkpoint_key)
         try:
             applied = BinlogPosition.parse(checkpoint) if checkpoint else None
         except BadPosition as error:
@@ -215,7 +222,8 @@ class BinlogCdcRun:
                 progress.lsn, progress.table_changes = position.text(), _plain(stats.table_changes)
                 progress.events_total, progress.events_per_s = stats.events_total, round(stats.events_per_s, 1)
                 self._report(progress)
-                if stopped or self.should_stop() or (target is not None and position.ordinal >= target.ordinal):
+                reached = max(position.ordinal, reader.reached.ordinal if reader.reached and not stopped else 0)
+                if stopped or self.should_stop() or (target is not None and reached >= target.ordinal):
                     break
                 try:
                     time.sleep(self.poll_interval_s)
