@@ -9,7 +9,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pymysql
-from table_compare import assert_same_rows, duckdb_rows, normalize
+from table_compare import assert_same_rows, duckdb_rows, normalize, postgres_sink_rows
 
 from nilus_dagster.cdc.pipeline import CdcPipelineConfig, CdcRunResult, CdcTableConfig, run_cdc_pipeline
 from nilus_dagster.schema import TableName
@@ -84,8 +84,10 @@ def mysql_rows(dsn: str, table: str, columns: list[str], order_by: str, kinds: d
     ]
 
 
-def assert_replica_matches(dsn: str, duckdb_path: Path, table: str, columns: list[str], order_by: str,
-                           kinds: dict[str, str] | None = None) -> None:
+def assert_replica_matches(dsn: str, location: Path | str, table: str, columns: list[str], order_by: str,
+                           kinds: dict[str, str] | None = None, *, sink: str = "duckdb") -> None:
+    """The source table equals its live sink rows (a DuckDB file, or a PostgreSQL sink's DSN)."""
     expected = mysql_rows(dsn, table, columns, order_by, kinds or {})
     live = f"(SELECT * FROM replica.{table} WHERE NOT coalesce(_nilus_deleted, false)) t"
-    assert_same_rows(expected, duckdb_rows(duckdb_path, live, columns, order_by))
+    reader = duckdb_rows if sink == "duckdb" else postgres_sink_rows
+    assert_same_rows(expected, reader(str(location), live, columns, order_by))

@@ -65,6 +65,7 @@ class BinlogCdcRun:
         self.name = replica_name(key.tenant, key.pipeline)
         self._writer = StateWriter(self._write_state)
         self._last_beat = 0.0
+        self._offset: BinlogPosition | None = None
 
     # -- state ----------------------------------------------------------------------------
     def _write_state(self, kind: str, value: Any) -> None:
@@ -84,6 +85,12 @@ class BinlogCdcRun:
     def _fail(self, reason: str) -> CdcPipelineFailed:
         self._set_state("failed", reason=reason)
         return CdcPipelineFailed(reason)
+
+    def _record_offset(self, position: BinlogPosition | None) -> None:
+        """The newest durable position, for monitoring (the sink's checkpoints are what a run resumes from)."""
+        if position is not None and position != self._offset:
+            self._offset = position
+            self._writer.put("offset", {"position": position.text(), "ordinal": position.ordinal})
 
     def _report(self, progress: CdcProgress, *, force: bool = False) -> None:
         self.on_progress(progress)
@@ -205,6 +212,7 @@ class BinlogCdcRun:
         reader = BinlogReader(config.source_dsn, self.server_id, self.name, set(tables))
         position = min((t.applied for t in tables.values() if t.applied), key=lambda p: p.ordinal)
         applier.durable = position
+        self._record_offset(position)
         target = None
         if self.stop_at_caught_up:
             with closing(connect_mysql(config.source_connection, config.source_dsn)) as conn:
@@ -218,7 +226,7 @@ class BinlogCdcRun:
                 if time.monotonic() - last_idle >= IDLE_CHECKPOINT_INTERVAL_S:
                     applier.flush(all_tables=True)
                     last_idle = time.monotonic()
-                    self._writer.put("offset", {"position": position.text(), "ordinal": position.ordinal})
+                self._record_offset(position)
                 progress.lsn, progress.table_changes = position.text(), _plain(stats.table_changes)
                 progress.events_total, progress.events_per_s = stats.events_total, round(stats.events_per_s, 1)
                 self._report(progress)
@@ -233,7 +241,7 @@ class BinlogCdcRun:
             raise self._fail(f"{error}; {RESET_HINT}") from None
         applier.flush(all_tables=True)
         position = applier.durable or position
-        self._writer.put("offset", {"position": position.text(), "ordinal": position.ordinal})
+        self._record_offset(position)
         self._report(CdcProgress("stopped", lsn=position.text()), force=True)
         return stats
 
@@ -247,6 +255,7 @@ class BinlogCdcRun:
                 applier.add(transaction)
                 if applier.ready():
                     applier.flush()
+                    self._record_offset(applier.durable)
                     self._report(progress)
                 if self.should_stop():
                     stopped = True
