@@ -30,11 +30,12 @@ def sink_target(kind: str, duckdb_path: Path, sink_pg: str, monkeypatch: pytest.
     return SinkTarget(kind, {"type": "postgres", "dsn_env": "SINK_DSN"}, sink_pg)
 
 
-def project(sink: SinkTarget, *pipelines: dict[str, Any]) -> dg.Definitions:
+def project(sink: SinkTarget, *pipelines: dict[str, Any], source_type: str = "postgres") -> dg.Definitions:
+    """Definitions of `pipelines`, reading connection `src` (a `source_type` DSN in SOURCE_DSN)."""
     spec = validate_spec(
         PipelinesSpec,
         {
-            "connections": {"src": {"type": "postgres", "dsn_env": "SOURCE_DSN"}, "sink": sink.connection},
+            "connections": {"src": {"type": source_type, "dsn_env": "SOURCE_DSN"}, "sink": sink.connection},
             "pipelines": list(pipelines),
         },
         "test defs.yaml",

@@ -90,6 +90,7 @@ def run_loads(spec: PipelinesSpec, name: str, store: StateStore) -> None:
             table=table,
             target=SinkTable(pipeline.sink.dataset, table.target_name),
             strategy=WriteStrategy(pipeline.sink.strategy),
+            source_type=source.type,
         )
         sink = open_pipeline_sink(spec, pipeline)
         try:

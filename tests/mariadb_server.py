@@ -171,5 +171,6 @@ class MariaDBServer:
         self._process = None
 
     def destroy(self) -> None:
-        self.stop()
+        """Kill the server and delete its files (a clean shutdown would only flush what is deleted)."""
+        self.kill()
         shutil.rmtree(self.base_dir, ignore_errors=True)

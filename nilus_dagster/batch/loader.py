@@ -1,4 +1,6 @@
-"""Load one source table into a sink: read with COPY inside one snapshot, write atomically.
+"""Load one source table into a sink: read inside one source snapshot, write atomically.
+
+The source (PostgreSQL or MySQL/MariaDB) is a `BatchSnapshot` (see `nilus_dagster.sources.batch`).
 
 Incremental loads read rows whose cursor is above the high-water mark and at most the maximum
 seen in the same snapshot. The sink stores the new mark in the same transaction as the rows
@@ -12,16 +14,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import psycopg
 import pyarrow as pa
-from psycopg import sql
 
 from nilus_dagster.schema import TableSchema
+from nilus_dagster.schema.arrow import arrow_schema
 from nilus_dagster.schema.evolution import SchemaDiff, diff_schemas
 from nilus_dagster.sinks.base import MarkCheckpoint, Sink, SinkTable, WriteStrategy, carried_schema
-from nilus_dagster.sources.postgres.catalog import read_table_schema
-from nilus_dagster.sources.postgres.connection import connect_source
-from nilus_dagster.sources.postgres.reader import read_table
+from nilus_dagster.sources.batch import BatchSnapshot, CursorRange, open_batch_snapshot
 from nilus_dagster.spec.pipelines import SourceTable
 from nilus_dagster.state.records import PipelineKey
 from nilus_dagster.state.store import StateStore
@@ -42,6 +41,7 @@ class BatchTableLoad:
     target: SinkTable
     strategy: WriteStrategy
     schema_changes: str = "evolve"
+    source_type: str = "postgres"  # the source connection's type: postgres or mysql
 
     @property
     def checkpoint_key(self) -> str:
@@ -62,8 +62,8 @@ class BatchLoadResult:
     inserted: int | None = None  # merge: new rows (the other rows written updated existing ones)
 
 
-def _source_schema(conn: psycopg.Connection, load: BatchTableLoad) -> TableSchema:
-    schema = read_table_schema(conn, load.table.table)
+def _source_schema(source: BatchSnapshot, load: BatchTableLoad) -> TableSchema:
+    schema = source.table_schema(load.table.table)
     if load.table.primary_key:
         try:
             schema = schema.with_primary_key(tuple(load.table.primary_key))
@@ -108,26 +108,16 @@ def _check_schema_policy(store: StateStore, load: BatchTableLoad, schema: TableS
     return diff
 
 
-def _cursor_bounds(
-    conn: psycopg.Connection, load: BatchTableLoad, schema: TableSchema, previous: str | None
-) -> tuple[str | None, sql.Composable | None, tuple[str, ...]]:
-    """(new mark, WHERE clause, params) for an incremental read; no clause for a full read."""
+def _cursor_range(
+    source: BatchSnapshot, load: BatchTableLoad, schema: TableSchema, previous: str | None
+) -> tuple[str | None, CursorRange | None, bool]:
+    """(new mark, range to read, whether anything is new) for an incremental read; no range for a full read."""
     if not load.table.cursor:
-        return None, None, ()
-    column = sql.Identifier(load.table.cursor)
-    cast = sql.SQL(schema.column(load.table.cursor).source_type)  # type: ignore[arg-type]
-    table = sql.Identifier(load.table.table.schema, load.table.table.name)
-    lower = sql.SQL("{c} > %s::{t}").format(c=column, t=cast) if previous is not None else sql.SQL("true")
-    lower_params: tuple[str, ...] = (previous,) if previous is not None else ()
-    row = conn.execute(
-        sql.SQL("SELECT max({c})::text FROM {tbl} WHERE {lower}").format(c=column, tbl=table, lower=lower),
-        lower_params,
-    ).fetchone()
-    new_mark = row[0] if row else None
+        return None, None, True
+    new_mark = source.max_cursor(schema, load.table.cursor, previous)
     if new_mark is None:  # nothing new: read nothing, keep the mark
-        return previous, sql.SQL("false"), ()
-    upper = sql.SQL("{lower} AND {c} <= %s::{t}").format(lower=lower, c=column, t=cast)
-    return new_mark, upper, (*lower_params, new_mark)
+        return previous, None, False
+    return new_mark, CursorRange(load.table.cursor, previous, new_mark), True
 
 
 def _sink_schema(schema: TableSchema, strategy: WriteStrategy) -> TableSchema:
@@ -138,15 +128,6 @@ def _sink_schema(schema: TableSchema, strategy: WriteStrategy) -> TableSchema:
 
 PROGRESS_INTERVAL_S = 10.0
 ProgressCallback = Callable[[int, "int | None"], Any]  # (rows read so far, estimated total or None)
-
-
-def _estimated_rows(conn: psycopg.Connection, load: BatchTableLoad) -> int | None:
-    """The planner's row estimate of a full load's table (None if never analyzed, or incremental)."""
-    if load.table.cursor:
-        return None
-    table = sql.Identifier(load.table.table.schema, load.table.table.name).as_string(conn)
-    row = conn.execute("SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass", (table,)).fetchone()
-    return int(row[0]) if row and row[0] is not None and row[0] >= 0 else None
 
 
 def _reporting(batches: Iterable[pa.RecordBatch], total: int | None, on_progress: ProgressCallback | None):  # noqa: ANN202
@@ -169,26 +150,26 @@ def load_table(
     """Copy one table into the sink with the load's strategy; see the module docstring.
     `on_progress(rows_read, estimated_total)` is called while a long read goes on."""
     started = time.monotonic()
-    with connect_source(load.source_connection, load.source_dsn, autocommit=True) as conn:
-        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        conn.execute("SET LOCAL TIME ZONE 'UTC'")
-        schema = carried_schema(sink, _source_schema(conn, load))
+    with open_batch_snapshot(load.source_type, load.source_connection, load.source_dsn) as source:
+        schema = carried_schema(sink, _source_schema(source, load))
         sink.check_table(load.target, schema, cdc=False, strategy=load.strategy)  # refuse before writing
         diff = _check_schema_policy(store, load, schema)
         previous = stored = None
         if load.table.cursor:
             stored = sink.read_checkpoint(load.checkpoint_key)
             previous = stored or store.get_cursor(load.key, load.table.name)
-        mark, where, params = _cursor_bounds(conn, load, schema, previous)
+        mark, cursor_range, anything_new = _cursor_range(source, load, schema, previous)
         sink_schema = _sink_schema(schema, load.strategy)
         added = sink.prepare_table(load.target, sink_schema)
         if diff is not None and diff.widened:
             sink.widen_columns(load.target, [schema.column(name) for name, _, _ in diff.widened])
-        batches = read_table(conn, schema, where=where.as_string(conn) if where else None, params=params)
-        batches = _reporting(batches, _estimated_rows(conn, load), on_progress)
+        if anything_new:
+            estimate = None if load.table.cursor else source.estimated_rows(load.table.table)
+            batches = _reporting(source.read(schema, cursor_range), estimate, on_progress)
+        else:
+            batches = iter([pa.RecordBatch.from_pylist([], schema=arrow_schema(schema))])
         checkpoint = MarkCheckpoint(load.checkpoint_key, mark, previous=stored) if mark is not None else None
         written = sink.write(load.target, sink_schema, batches, load.strategy, checkpoint)
-        conn.execute("COMMIT")
     if diff is None or not diff.is_empty:
         store.append_schema(
             load.key,

@@ -56,6 +56,7 @@ def batch_table_asset(spec: PipelinesSpec, pipeline: Pipeline, table: SourceTabl
             target=SinkTable(pipeline.sink.dataset, table.target_name),
             strategy=WriteStrategy(pipeline.sink.strategy),
             schema_changes=pipeline.schema_changes,
+            source_type=source.type,
         )
         key = asset_key(pipeline, table)
 

@@ -21,19 +21,23 @@ def source_asset_key(pipeline: Pipeline, table: SourceTable) -> dg.AssetKey:
     return dg.AssetKey([pipeline.tenant, "sources", pipeline.source.connection, table.table.schema, table.table.name])
 
 
+_PRODUCT = {"postgres": "PostgreSQL", "mysql": "MySQL"}
+
+
 def source_asset_specs(spec: PipelinesSpec) -> list[dg.AssetSpec]:
     """One external asset per source table read by any pipeline (shared by pipelines reading it)."""
     specs: dict[dg.AssetKey, dg.AssetSpec] = {}
     for pipeline in spec.pipelines:
         for table in pipeline.source.tables:
             key = source_asset_key(pipeline, table)
+            source_type = spec.connections[pipeline.source.connection].type
             specs.setdefault(
                 key,
                 dg.AssetSpec(
                     key=key,
                     group_name=f"{pipeline.tenant}__sources",
-                    kinds={"postgres"},
-                    description=f"{table.name} in the PostgreSQL connection {pipeline.source.connection}",
+                    kinds={source_type},
+                    description=f"{table.name} in the {_PRODUCT[source_type]} connection {pipeline.source.connection}",
                     metadata={"dagster/table_name": dg.MetadataValue.text(table.name)},
                 ),
             )
@@ -41,7 +45,7 @@ def source_asset_specs(spec: PipelinesSpec) -> list[dg.AssetSpec]:
 
 
 def kinds(pipeline: Pipeline, spec: PipelinesSpec) -> set[str]:
-    return {"postgres", spec.connections[pipeline.sink.connection].type}
+    return {spec.connections[pipeline.source.connection].type, spec.connections[pipeline.sink.connection].type}
 
 
 def asset_tags(pipeline: Pipeline) -> dict[str, str]:

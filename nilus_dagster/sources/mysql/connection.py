@@ -36,6 +36,12 @@ class MySQLTarget:
     ssl_mode: str | None = None
     ssl_ca: str | None = None
 
+    def login(self) -> dict[str, Any]:
+        """Host, port, user, password and TLS as `pymysql.connect` (and mysql-replication's
+        `connection_settings`) take them."""
+        return {"host": self.host, "port": self.port, "user": self.user, "password": self.password,
+                **_ssl_options(self)}
+
 
 def parse_dsn(connection_name: str, dsn: str) -> MySQLTarget:
     parts = urlsplit(dsn)
@@ -75,14 +81,15 @@ def _version(conn: pymysql.Connection) -> tuple[str, tuple[int, ...], str]:
 
 
 def connect_mysql(connection_name: str, dsn: str, **kwargs: Any) -> pymysql.Connection:
-    """A session in UTC and utf8mb4 with raw result values; refuses servers older than MySQL 8 / MariaDB 10.6."""
+    """A session in UTC and utf8mb4 with raw result values (`conv=None` for PyMySQL's conversions;
+    other keyword arguments go to `pymysql.connect` too); refuses servers older than MySQL 8 / MariaDB 10.6."""
     target = parse_dsn(connection_name, dsn)
+    options: dict[str, Any] = {
+        "charset": "utf8mb4", "connect_timeout": 10, "autocommit": True, "init_command": SESSION_SETUP,
+        "conv": RAW_CONVERSIONS, **target.login(), **kwargs,
+    }
     try:
-        conn = pymysql.connect(
-            host=target.host, port=target.port, user=target.user, password=target.password,
-            database=target.database, charset="utf8mb4", connect_timeout=10, autocommit=True,
-            init_command=SESSION_SETUP, conv=RAW_CONVERSIONS, **_ssl_options(target), **kwargs,
-        )
+        conn = pymysql.connect(database=target.database, **options)
     except pymysql.err.MySQLError as exc:
         code, message = (exc.args + ("",))[:2] if exc.args else (0, type(exc).__name__)
         hint = ""
