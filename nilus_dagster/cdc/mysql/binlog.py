@@ -20,9 +20,9 @@ from pymysqlreplication import BinLogStreamReader
 from pymysqlreplication.event import MariadbGtidEvent, QueryEvent, RotateEvent, XAPrepareEvent, XidEvent
 from pymysqlreplication.row_event import DeleteRowsEvent, UpdateRowsEvent, WriteRowsEvent
 
+from nilus_dagster.cdc.mysql import time2
 from nilus_dagster.cdc.mysql.position import BinlogPosition, advance_gtid
 from nilus_dagster.schema import TableName
-from nilus_dagster.sources.mysql.connection import _ssl_options as ssl_options
 from nilus_dagster.sources.mysql.connection import parse_dsn
 
 _CONTROL = re.compile(r"^\s*(BEGIN|COMMIT|ROLLBACK|SAVEPOINT|RELEASE\s+SAVEPOINT|XA\s)", re.IGNORECASE)
@@ -30,6 +30,8 @@ _NAME = r"(?:`(?:[^`]|``)+`|[\w$]+)"
 _TRUNCATE = re.compile(rf"^\s*TRUNCATE\s+(?:TABLE\s+)?(?P<name>{_NAME}(?:\.{_NAME})?)\s*;?\s*$", re.IGNORECASE)
 _DROP_DATABASE = re.compile(r"^\s*DROP\s+(?:DATABASE|SCHEMA)\s+(?:IF\s+EXISTS\s+)?(?P<name>`(?:[^`]|``)+`|[\w$]+)",
                             re.IGNORECASE)
+time2.install()  # the library's negative TIME decoding is wrong (cdc/mysql/time2.py)
+
 _BEGIN = re.compile(r"^\s*BEGIN\b", re.IGNORECASE)
 _COMMIT = re.compile(r"^\s*COMMIT\b", re.IGNORECASE)
 _XA = re.compile(r"^\s*XA\s", re.IGNORECASE)
@@ -62,9 +64,7 @@ class Transaction:
 def connection_settings(dsn: str) -> dict[str, Any]:
     """pymysql keyword arguments of the source DSN (its TLS settings included), as the batch reader
     logs in (sources/mysql/connection.py)."""
-    target = parse_dsn("source", dsn)
-    return {"host": target.host, "port": target.port, "user": target.user, "password": target.password,
-            "charset": "utf8mb4", **ssl_options(target)}
+    return {**parse_dsn("source", dsn).login(), "charset": "utf8mb4"}
 
 
 def _identifier(text: str) -> str:

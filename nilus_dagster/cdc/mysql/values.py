@@ -81,7 +81,7 @@ def normalizer(column: Column) -> Normalize:
         return _set_text(column)
     if base == "binary":
         width = int(re.findall(r"\d+", column.source_type)[0]) if "(" in column.source_type else 1
-        return lambda v: None if v is None else v.ljust(width, b"\0")
+        return lambda v: None if v is None else _binary(v).ljust(width, b"\0")
     if kind == "decimal":
         return lambda v: None if v is None else (Decimal(v) if isinstance(v, int) else v)
     if kind == "timestamptz":
@@ -92,7 +92,14 @@ def normalizer(column: Column) -> Normalize:
         return lambda v: v if v is None or isinstance(v, str) else json.dumps(v)
     if kind == "text":
         return lambda v: v.decode() if isinstance(v, bytes) else v
+    if kind == "bytes":
+        return lambda v: None if v is None else _binary(v)
     return lambda v: v
+
+
+def _binary(value: bytes | str) -> bytes:
+    """The library gives an empty binary value as '' (a str)."""
+    return value.encode() if isinstance(value, str) else value
 
 
 def zero_date(column: Column, value: Any, none_reason: str | None) -> bool:
