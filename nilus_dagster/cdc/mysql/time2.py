@@ -44,5 +44,5 @@ def _read_time2(self: Any, column: Any) -> timedelta:
 
 def install() -> None:
     if not hasattr(RowsEvent, _LIBRARY_METHOD):
-        raise RuntimeError(f"mysql-replication changed: RowsEvent has no {_LIBRARY_METHOD} to correct; check TIME decoding")
+        raise RuntimeError(f"mysql-replication changed: RowsEvent has no {_LIBRARY_METHOD}; check its TIME decoding")
     setattr(RowsEvent, _LIBRARY_METHOD, _read_time2)
