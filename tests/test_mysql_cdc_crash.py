@@ -9,6 +9,7 @@ import random
 import signal
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from mysql_cdc_harness import assert_replica_matches, execute, mysql_connect
@@ -85,3 +86,47 @@ def test_sigkill_at_start_and_mid_stream_loses_and_doubles_nothing(
     finish_worker(spec)
     assert len(postgres_sink_rows(sink_pg, "replica.items", ["id"], "id")) > 3000  # the stream added rows
     assert_replica_matches(source, sink_pg, "items", COLUMNS, "id", sink="postgres")
+
+
+def test_sigkill_mid_snapshot_keeps_the_tables_written(source: str, duckdb_path: Path, state_dsn: str) -> None:
+    """Killed after the first table's snapshot committed and while the second one's is read: the
+    restart keeps the first (its checkpoint), snapshots the second, and streams both exactly."""
+    from nilus_dagster.sinks.factory import open_sink
+    from nilus_dagster.spec.connections import DuckDBConnection
+
+    execute(source, "CREATE TABLE big (id INT PRIMARY KEY, pad VARCHAR(200))",
+            "INSERT INTO big SELECT seq, REPEAT('p', 200) FROM seq_1_to_120000")
+    database = source.rsplit("/", 1)[1]
+    pipeline = {
+        "name": "crashy", "tenant": "acme", "type": "cdc",
+        "source": {"connection": "src", "tables": [f"{database}.items", f"{database}.big"]},
+        "sink": {"connection": "sink", "dataset": "replica"},
+        "cdc": {"batch_max_ms": 100},
+    }
+    spec = json.dumps({"connections": {"src": {"type": "mysql", "dsn_env": "MYSQL_SOURCE_DSN"},
+                                       "sink": {"type": "duckdb", "path": str(duckdb_path)}},
+                       "pipelines": [pipeline]})
+    worker = start_worker(spec)
+    try:
+        with StateStore(state_dsn).open() as store:
+
+            def first_table_written() -> bool:
+                beat = store.last_heartbeat("acme", "crashy")
+                return beat is not None and beat.detail.get("snapshot_partitions_done") == 1
+
+            wait_for(first_table_written, 120, "the first table's snapshot to commit")
+        worker.send_signal(signal.SIGKILL)
+        worker.wait(timeout=30)
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+    sink = open_sink("sink", DuckDBConnection(type="duckdb", path=str(duckdb_path)), dataset="replica")
+    try:
+        assert sink.read_checkpoint(f"acme/crashy/{database}.items") is not None
+        assert sink.read_checkpoint(f"acme/crashy/{database}.big") is None  # killed while it was read
+    finally:
+        sink.close()
+    execute(source, "UPDATE items SET counter = 5 WHERE id < 100", "DELETE FROM big WHERE id % 1000 = 0")
+    finish_worker(spec)
+    assert_replica_matches(source, duckdb_path, "items", COLUMNS, "id")
+    assert_replica_matches(source, duckdb_path, "big", ["id", "pad"], "id")
