@@ -198,13 +198,18 @@ class TableChanges:
         self.rows[key] = (op, lsn, row, unchanged, layout)
 
     # -- output ---------------------------------------------------------------------------------
+    def column_array(self, name: str, values: Sequence[Any]) -> pa.Array:
+        """The Arrow column of `values` (PostgreSQL text here; a source whose rows hold other values,
+        e.g. decoded binlog values, overrides this)."""
+        return _text_column(self.schema, name, values)
+
     def to_change_set(self) -> ChangeSet:
         entries = self.rows.values()
         upserts = [entry for entry in entries if entry[0] != _DELETE_OP]
         deletes = [entry for entry in entries if entry[0] == _DELETE_OP] if len(upserts) < len(entries) else []
         return ChangeSet(
-            upserts=_upsert_table(self.schema, upserts),
-            deletes=_delete_table(self.schema, self._key_columns, deletes),
+            upserts=_upsert_table(self.schema, upserts, self.column_array),
+            deletes=_delete_table(self._key_columns, deletes, self.column_array),
             truncate=self.truncate,
             moved=self._moved_table(),
         )
@@ -224,7 +229,7 @@ class TableChanges:
             values = [m[item] for m in moved]
             per_column = [values] if len(keys) == 1 else [[v[i] for v in values] for i in range(len(keys))]
             for name, texts in zip(keys, per_column, strict=True):
-                arrays.append(_text_column(self.schema, name, texts))
+                arrays.append(self.column_array(name, texts))
                 names.append(old_key_column(name) if prefix else name)
         arrays.append(pa.array([m[2] for m in moved], type=pa.int64()))
         arrays.append(pa.array([m[3] for m in moved], type=pa.list_(pa.string())))
@@ -284,9 +289,12 @@ def _columns(names: Sequence[str], entries: list[Entry], item: int) -> list[Sequ
     return columns  # type: ignore[return-value]
 
 
-def _upsert_table(schema: TableSchema, rows: list[Entry]) -> pa.Table:
+ColumnBuilder = Callable[[str, Sequence[Any]], pa.Array]
+
+
+def _upsert_table(schema: TableSchema, rows: list[Entry], column: ColumnBuilder) -> pa.Table:
     names = schema.column_names
-    arrays = [_text_column(schema, name, texts) for name, texts in zip(names, _columns(names, rows, 2), strict=True)]
+    arrays = [column(name, texts) for name, texts in zip(names, _columns(names, rows, 2), strict=True)]
     arrays.append(pa.array(list(map(itemgetter(1), rows)), type=pa.int64()))
     arrays.append(pa.array(list(map(itemgetter(0), rows)), type=pa.string()))
     unchanged_type = pa.list_(pa.string())
@@ -297,12 +305,12 @@ def _upsert_table(schema: TableSchema, rows: list[Entry]) -> pa.Table:
     return pa.Table.from_arrays(arrays, names=[*names, LSN_COLUMN, OP_COLUMN, UNCHANGED_COLUMN])
 
 
-def _delete_table(schema: TableSchema, key_columns: tuple[str, ...], rows: list[Entry]) -> pa.Table:
+def _delete_table(key_columns: tuple[str, ...], rows: list[Entry], column: ColumnBuilder) -> pa.Table:
     keys = list(map(itemgetter(2), rows))
     if len(key_columns) == 1:
         key_values: list[Sequence[Any]] = [keys]
     else:
         key_values = [list(map(itemgetter(i), keys)) for i in range(len(key_columns))]
-    arrays = [_text_column(schema, name, values) for name, values in zip(key_columns, key_values, strict=True)]
+    arrays = [column(name, values) for name, values in zip(key_columns, key_values, strict=True)]
     arrays.append(pa.array(list(map(itemgetter(1), rows)), type=pa.int64()))
     return pa.Table.from_arrays(arrays, names=[*key_columns, LSN_COLUMN])

@@ -51,7 +51,14 @@ def approve_schema_change(store: StateStore, key: PipelineKey) -> str:
 def reset_pipeline(config: CdcPipelineConfig, store: StateStore) -> str:
     """Start over after a lost slot: drop the slot (if any) and forget the snapshot progress. The
     next run creates a new slot, empties the sink tables and snapshots every table again.
-    Returns the slot's name."""
+    Returns the slot's name. A MariaDB pipeline has no slot: its next run snapshots every table
+    again, at a new binlog position (cdc/mysql/pipeline.py)."""
+    from nilus_dagster.cdc.mysql.pipeline import is_binlog_source
+
+    if is_binlog_source(config):
+        store.clear_table_failures(config.key)
+        store.set_pipeline_state(config.key, "active", {"reset": True})
+        return "(binlog: no slot)"
     with connect_source(config.source_connection, config.source_dsn, autocommit=True) as conn:
         slot = config.slot(current_database(conn))
         drop_slot(conn, slot)

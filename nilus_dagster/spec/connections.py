@@ -153,5 +153,5 @@ Connection = Annotated[
     PostgresConnection | MySQLConnection | DuckDBConnection | BigQueryConnection, Field(discriminator="type")
 ]
 SINK_CONNECTION_TYPES = ("duckdb", "postgres", "bigquery")
-# Source connection types by pipeline type (MySQL CDC reads the binlog: not available yet).
-SOURCE_CONNECTION_TYPES: dict[str, tuple[str, ...]] = {"batch": ("postgres", "mysql"), "cdc": ("postgres",)}
+# Source connection types by pipeline type (MySQL CDC reads a MariaDB binlog: cdc/mysql/).
+SOURCE_CONNECTION_TYPES: dict[str, tuple[str, ...]] = {"batch": ("postgres", "mysql"), "cdc": ("postgres", "mysql")}

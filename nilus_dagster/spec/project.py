@@ -39,6 +39,8 @@ class PipelinesSpec(SpecModel):
             seen[(p.tenant, p.name)] = index
             if p.sink.strategy == "merge":
                 self._check_merge_keys(where, p)
+            if p.type == "cdc" and self.connections[p.source.connection].type == "mysql":
+                self._check_binlog_options(where, p)
             sink_type = self.connections[p.sink.connection].type
             if p.sink.table_options is not None and sink_type != "bigquery":
                 raise ValueError(f"{where}.sink.table_options: only BigQuery sinks take table_options")
@@ -52,6 +54,13 @@ class PipelinesSpec(SpecModel):
         if kind not in allowed:
             needs = f"a {mode} pipeline's source" if mode else "this"
             raise ValueError(f"{where}: connection '{name}' is {kind}; {needs} needs one of {', '.join(allowed)}")
+
+    @staticmethod
+    def _check_binlog_options(where: str, pipeline: Pipeline) -> None:
+        """A MySQL CDC pipeline reads the binlog: PostgreSQL's replication names mean nothing there."""
+        for option in ("slot_name", "publication_name"):
+            if getattr(pipeline.cdc, option):
+                raise ValueError(f"{where}.cdc.{option}: a mysql source streams its binlog; it has no {option}")
 
     @staticmethod
     def _check_merge_keys(where: str, pipeline: Pipeline) -> None:
