@@ -322,14 +322,14 @@ class DuckDBSink(SqlSink):
 
         Into an empty keyed table (a replace, a first load) the rows go in without the key, which
         is built once at the end (`duckdb_keys`); a merge into it is then a plain insert, and a
-        merge of whole rows deletes the staged keys and inserts (`duckdb_keys.replace_rows`).
+        merge of whole rows with lists deletes the staged keys and inserts (`duckdb_keys.replace_rows`).
         """
         run = self._runner(conn)
         key = duckdb_keys.drop_key_if_empty(conn, target) if schema.primary_key else []
         conn.register(_BATCHES_VIEW, pa.RecordBatchReader.from_batches(arrow_schema(schema), rows))
         source = sql.Identifier(_BATCHES_VIEW)
         if merge and not key:
-            if duckdb_keys.holds_whole_rows(conn, target, schema):
+            if duckdb_keys.merges_by_replacing(conn, target, schema):
                 duckdb_keys.replace_rows(conn, target, schema, source)
             else:
                 run(merge_statement(target, schema, source))
