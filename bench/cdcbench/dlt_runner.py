@@ -1,4 +1,5 @@
-"""dlt's `sql_database` source (pyarrow backend) into DuckDB, in its own cached venv and process.
+"""dlt's `sql_database` source (pyarrow or connectorx backend) into DuckDB, in its own cached venv
+and process.
 
 dlt is not a project dependency: the venv lives under `~/.cache/nilus-dagster/bench-dlt` and is
 created on first use. The script times `pipeline.run(...)` itself and prints one JSON line.
@@ -16,7 +17,7 @@ from pathlib import Path
 from cdcbench.common import SOURCE_DB, Cluster, Measurement
 
 VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nilus-dagster" / "bench-dlt"
-REQUIREMENTS = ["dlt[duckdb,sql-database]>=1,<2", "psycopg2-binary", "pyarrow"]
+REQUIREMENTS = ["dlt[duckdb,sql-database]>=1,<2", "psycopg2-binary", "pyarrow", "connectorx"]
 SIDE = "dlt pyarrow"
 
 SCRIPT = """
@@ -24,8 +25,8 @@ import json, sys, time
 import dlt
 from dlt.sources.sql_database import sql_database
 
-url, table, db_path, pipelines_dir = sys.argv[1:5]
-source = sql_database(credentials=url, schema="public", table_names=[table], backend="pyarrow")
+url, table, db_path, pipelines_dir, backend = sys.argv[1:6]
+source = sql_database(credentials=url, schema="public", table_names=[table], backend=backend)
 pipeline = dlt.pipeline(
     pipeline_name="bench_dlt", destination=dlt.destinations.duckdb(db_path), dataset_name="bench",
     pipelines_dir=pipelines_dir,
@@ -52,7 +53,7 @@ def python() -> Path:
     return interpreter
 
 
-def run_dlt(cluster: Cluster, table: str, rows: int) -> Measurement:
+def run_dlt(cluster: Cluster, table: str, rows: int, backend: str = "pyarrow") -> Measurement:
     """Load `public.<table>` into a fresh DuckDB file; the time is dlt's `pipeline.run` alone."""
     interpreter = python()
     url = f"postgresql+psycopg2://postgres@127.0.0.1:{cluster.port}/{SOURCE_DB}"
@@ -61,7 +62,8 @@ def run_dlt(cluster: Cluster, table: str, rows: int) -> Measurement:
         script.write_text(SCRIPT)
         env = {**os.environ, "RUNTIME__DLTHUB_TELEMETRY": "false", "DLT_DATA_DIR": tmp}
         done = subprocess.run(
-            [str(interpreter), str(script), url, table, str(Path(tmp) / "dlt.duckdb"), str(Path(tmp) / "pipelines")],
+            [str(interpreter), str(script), url, table, str(Path(tmp) / "dlt.duckdb"), str(Path(tmp) / "pipelines"),
+             backend],
             capture_output=True, text=True, cwd=tmp, env=env, timeout=3600,
         )  # fmt: skip
     if done.returncode != 0:
@@ -69,4 +71,5 @@ def run_dlt(cluster: Cluster, table: str, rows: int) -> Measurement:
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if result["rows"] != rows:
         raise AssertionError(f"dlt loaded {result['rows']} rows, expected {rows}")
-    return Measurement(SIDE, "snapshot", result["seconds"], rows, f"dlt {result['dlt']}, pipeline.run only")
+    side = SIDE if backend == "pyarrow" else f"dlt {backend}"
+    return Measurement(side, "snapshot", result["seconds"], rows, f"dlt {result['dlt']}, pipeline.run only")

@@ -195,6 +195,10 @@ class SnapshotRunner:
     def _run(self, tables: list[tuple[CdcTable, SinkTable]]) -> int:
         for table, target in tables:
             self.sink.prepare_table(target, table.schema, cdc=True)
+        if self._resumed:
+            self._restore_keys(tables)  # a resumed snapshot merges, by key
+        else:
+            self._defer_keys(tables)
         tasks = self.plan(tables)
         progress = SnapshotProgress(len(tables), len(tasks), 0, 0)
         for task in tasks:
@@ -202,8 +206,28 @@ class SnapshotRunner:
                 progress.by_table.setdefault(task.table.name.qualified, [0, 0, 0])[1] += 1
         self.on_progress(progress)  # the copy begins (phase `snapshot`, 0 of N partitions)
         rows = self._read_and_write(tasks, progress) if tasks else 0
+        self._restore_keys(tables)
         self.mark_streaming_start(tables)
         return rows
+
+    @property
+    def _resumed(self) -> bool:
+        return self.stream_from_lsn is not None or not self.snapshot_name
+
+    def _defer_keys(self, tables: list[tuple[CdcTable, SinkTable]]) -> None:
+        """A sink that builds a primary key faster at once (DuckDB) loads a fresh snapshot's empty
+        tables without it; `_restore_keys` builds it after the last partition, or before a resumed
+        snapshot goes on (a crash in between leaves the table without its key until then)."""
+        defer = getattr(self.sink, "defer_primary_key", None)
+        if callable(defer):
+            for _, target in tables:
+                defer(target)
+
+    def _restore_keys(self, tables: list[tuple[CdcTable, SinkTable]]) -> None:
+        restore = getattr(self.sink, "restore_primary_key", None)
+        if callable(restore):
+            for table, target in tables:
+                restore(target, table.schema.primary_key)
 
     def mark_streaming_start(self, tables: list[tuple[CdcTable, SinkTable]]) -> None:
         """Each table's stream checkpoint: its changes apply from the snapshot point on."""
@@ -234,33 +258,13 @@ class SnapshotRunner:
         ]
         for thread in threads:
             thread.start()
-        resumed = self.stream_from_lsn is not None or not self.snapshot_name
-        strategy = WriteStrategy.MERGE if resumed else WriteStrategy.APPEND
+        remaining = len(tasks)
         try:
-            for _ in range(len(tasks)):
-                item = self._next_result(results)
-                if isinstance(item, BaseException):
-                    raise item
-                task, batches = item
-                checkpoint = Checkpoint(self.partition_checkpoint(task.table.name, task.partition.partition_no), "done")
-                written = self.sink.write(
-                    task.target,
-                    cdc_schema(task.table.schema),
-                    self._arriving(batches),
-                    strategy,
-                    None if task.fill else checkpoint,
-                )
-                if not task.fill:
-                    self.store.mark_partition_done(
-                        self.key, task.table.name.qualified, task.partition.partition_no, written.rows
-                    )
-                progress.partitions_done += 1
-                progress.rows_done += written.rows
-                if not task.fill:
-                    table_progress = progress.by_table[task.table.name.qualified]
-                    table_progress[0] += 1
-                    table_progress[2] += written.rows
-                self.on_progress(progress)
+            while remaining:
+                written = self._write_group(results, remaining)
+                remaining -= len(written)
+                for task, rows in written:  # committed: the store follows the sink
+                    self._partition_written(task, rows, progress)
         finally:
             stop.set()
             while True:  # unblock workers waiting on a full queue
@@ -269,6 +273,47 @@ class SnapshotRunner:
                 except queue.Empty:
                     break
         return progress.rows_done
+
+    def _write_group(
+        self, results: queue.Queue[tuple[SnapshotTask, _Batches] | BaseException], remaining: int
+    ) -> list[tuple[SnapshotTask, int]]:
+        """Write arriving partitions, each with its checkpoint, in one sink transaction: a sink with
+        `grouped_writes()` (DuckDB) takes up to `snapshot_group_partitions` partitions until
+        `snapshot_group_rows` rows, others one.
+        A crash loses the group's partitions only; their checkpoints commit with their rows."""
+        grouped = getattr(self.sink, "grouped_writes", None)
+        budget = int(getattr(self.sink, "snapshot_group_rows", 0)) if callable(grouped) else 0
+        most = min(remaining, int(getattr(self.sink, "snapshot_group_partitions", 1)) if budget else 1)
+        strategy = WriteStrategy.MERGE if self._resumed else WriteStrategy.APPEND
+        written: list[tuple[SnapshotTask, int]] = []
+        group_rows = 0
+        with grouped() if callable(grouped) else nullcontext():
+            while len(written) < most and (not written or group_rows < budget):
+                item = self._next_result(results)
+                if isinstance(item, BaseException):
+                    raise item
+                task, batches = item
+                checkpoint = Checkpoint(self.partition_checkpoint(task.table.name, task.partition.partition_no), "done")
+                result = self.sink.write(
+                    task.target,
+                    cdc_schema(task.table.schema),
+                    self._arriving(batches),
+                    strategy,
+                    None if task.fill else checkpoint,
+                )
+                written.append((task, result.rows))
+                group_rows += result.rows
+        return written
+
+    def _partition_written(self, task: SnapshotTask, rows: int, progress: SnapshotProgress) -> None:
+        if not task.fill:
+            self.store.mark_partition_done(self.key, task.table.name.qualified, task.partition.partition_no, rows)
+            table_progress = progress.by_table[task.table.name.qualified]
+            table_progress[0] += 1
+            table_progress[2] += rows
+        progress.partitions_done += 1
+        progress.rows_done += rows
+        self.on_progress(progress)
 
     def _next_result(
         self, results: queue.Queue[tuple[SnapshotTask, _Batches] | BaseException]

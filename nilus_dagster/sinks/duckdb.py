@@ -32,6 +32,7 @@ import pyarrow as pa
 from psycopg import sql
 
 from nilus_dagster.schema import Column, TableSchema, arrow_schema
+from nilus_dagster.sinks import duckdb_keys
 from nilus_dagster.sinks.base import (
     ChangeSet,
     Checkpoint,
@@ -317,15 +318,47 @@ class DuckDBSink(SqlSink):
         *,
         merge: bool,
     ) -> None:
-        """One INSERT ... SELECT (or upsert) over an Arrow stream of the batches."""
+        """One INSERT ... SELECT (or upsert) over an Arrow stream of the batches.
+
+        Into an empty keyed table (a replace, a first load) the rows go in without the key, which
+        is built once at the end (`duckdb_keys`); a merge into it is then a plain insert, and a
+        merge of whole rows with lists deletes the staged keys and inserts (`duckdb_keys.replace_rows`).
+        """
         run = self._runner(conn)
+        key = duckdb_keys.drop_key_if_empty(conn, target) if schema.primary_key else []
         conn.register(_BATCHES_VIEW, pa.RecordBatchReader.from_batches(arrow_schema(schema), rows))
         source = sql.Identifier(_BATCHES_VIEW)
-        if merge:
-            run(merge_statement(target, schema, source))
+        if merge and not key:
+            if duckdb_keys.merges_by_replacing(conn, target, schema):
+                duckdb_keys.replace_rows(conn, target, schema, source)
+            else:
+                run(merge_statement(target, schema, source))
         else:
             run(insert_statement(target, schema.column_names, source))
         conn.unregister(_BATCHES_VIEW)
+        duckdb_keys.add_key(conn, target, key)
+
+    # Snapshot partitions are written in groups of at most this many partitions and about this
+    # many rows per transaction (each partition's checkpoint in its group's transaction): a
+    # commit, and DuckDB's checkpoint of its file, per group rather than per partition.
+    snapshot_group_partitions = 8
+    snapshot_group_rows = 2_000_000
+
+    def defer_primary_key(self, target: SinkTable) -> list[str]:
+        """Set aside the key of an empty table for a bulk load (see `duckdb_keys`); returns it."""
+        with self._transaction(target) as conn:
+            return duckdb_keys.drop_key_if_empty(conn, target)
+
+    def restore_primary_key(self, target: SinkTable, key: Sequence[str]) -> None:
+        """Build the key set aside by `defer_primary_key` (nothing when the table has one)."""
+        with self._transaction(target) as conn:
+            duckdb_keys.add_key(conn, target, key)
+
+    @contextmanager
+    def grouped_writes(self) -> Iterator[None]:
+        """Every call in the block commits together (a group of snapshot partitions)."""
+        with self.change_transaction():
+            yield
 
     def apply_changes(
         self,
