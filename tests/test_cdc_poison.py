@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -33,25 +32,18 @@ AMOUNT_COLUMNS = ["id", "amount", "note"]
 POISON = {101: "NaN", 103: "Infinity", 104: "-Infinity"}
 
 
-@pytest.fixture
-def sink(duckdb_sink: SinkTarget) -> SinkTarget:
-    return duckdb_sink
-
-
-@pytest.fixture
-def env(pipeline_env: str) -> str:
-    with psycopg.connect(pipeline_env, autocommit=True) as conn:
+def create_tables(dsn: str) -> str:
+    with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE public.amounts (id int PRIMARY KEY, amount numeric, note text)")
         conn.execute("CREATE TABLE public.others (id int PRIMARY KEY, label text)")
         conn.execute("INSERT INTO public.amounts VALUES (1, 1.50, 'one'), (2, 2.25, 'two')")
         conn.execute("INSERT INTO public.others VALUES (1, 'first')")
-    return pipeline_env
+    return dsn
 
 
 @pytest.fixture
-def store(state_dsn: str) -> Iterator[StateStore]:
-    with StateStore(state_dsn).open() as opened:
-        yield opened
+def env(pipeline_env: str) -> str:
+    return create_tables(pipeline_env)
 
 
 def write_poison_among_good_rows(dsn: str) -> None:
