@@ -19,6 +19,7 @@ BODIES = {
     "/schema-history": {"connector_name": "c", "table_name": "t", "table_schema": {}},
     "/dlq/ack": {"up_to_id": 1},
     "/dlq/purge": {},
+    "/dlq/replay": {"pipeline": "stream"},
 }
 # Operator routes: reads need `read`, writes `operate` (role editor); /validate any valid token.
 OPERATOR_SCOPES = {"GET": "read", "PUT": "operate", "POST": None}
@@ -35,7 +36,7 @@ def _routes(client: TestClient) -> list[tuple[str, str, str | None]]:
                 scope = OPERATOR_SCOPES[method.upper()]
             elif tag == "cdc" and method == "post":  # retry a failed table: an operator action
                 scope = "operate"
-            elif tag == "dead-letter queue":  # reads with `read`, ack with `operate`, purge with `admin`
+            elif tag == "dead-letter queue":  # reads with `read`, ack/replay with `operate`, purge with `admin`
                 scope = "read" if method == "get" else "admin" if path.endswith("/purge") else "operate"
             else:
                 scope = {"system": None, "monitoring": "read", "cdc": "read"}.get(tag, "runtime")
@@ -46,7 +47,8 @@ def _routes(client: TestClient) -> list[tuple[str, str, str | None]]:
 def _call(client: TestClient, method: str, template: str, tenant: str, headers: dict):
     resource_id = "nilus:v1:stream:acme" if template.endswith(("/state", "/checkpoints")) else "rid-orders"
     # (a retry of a table that is not failed: 404 once the token passed, the matrix changes nothing)
-    path = template.format(tenant=tenant, resource_id=resource_id, pipeline_name="stream", table="acme.none")
+    path = template.format(tenant=tenant, resource_id=resource_id, pipeline_name="stream", table="acme.none",
+                           replay_id=1)
     if path.endswith("/validate"):
         return client.post(path, headers={**headers, "Content-Type": "application/yaml"}, content=DEFS_YAML)
     if method == "PUT":  # a lifecycle change the running pipeline refuses (409): the matrix changes nothing
@@ -62,7 +64,7 @@ def _error(response, status: int, code: str) -> None:
 
 def test_every_route_is_documented_and_covered(sqlite_client) -> None:
     routes = _routes(sqlite_client)
-    assert len(routes) == 27
+    assert len(routes) == 29
     assert {scope for *_, scope in routes} == {None, "read", "operate", "runtime", "admin"}
 
 
@@ -94,14 +96,15 @@ def test_auth_matrix_on_every_route(sqlite_world: World, matrix_client) -> None:
             "admin": ["read_acme", "runtime", "editor_acme"],
         }.get(scope, ["read_acme", "editor_acme"])
         allowed = (200, 201, 409) if method == "PUT" else (200, 201)  # the PUT asks a refused transition
-        if template.endswith("/retry"):
+        if template.endswith(("/retry", "/dlq/replay", "/replays/{replay_id}")):  # nothing to retry or replay
             allowed = (404,)
         ok = _call(sqlite_client, method, template, "acme", sqlite_world.headers(right))
         assert ok.status_code in allowed, (where, ok.text)
         assert _call(sqlite_client, method, template, "acme", sqlite_world.headers("admin")).status_code in allowed
         if scope == "read":  # an editor reads too
             assert (
-                _call(sqlite_client, method, template, "acme", sqlite_world.headers("editor_acme")).status_code == 200
+                _call(sqlite_client, method, template, "acme", sqlite_world.headers("editor_acme")).status_code
+                in allowed
             )
         for wrong in wrongs:
             _error(_call(sqlite_client, method, template, "acme", sqlite_world.headers(wrong)), 403, "forbidden")
