@@ -18,7 +18,7 @@ import pytest
 
 from nilus_dagster.embedded.postgres import EmbeddedPostgres
 
-pytest_plugins = ["api_fixtures", "bigquery_fixtures", "mariadb_fixtures"]
+pytest_plugins = ["api_fixtures", "bigquery_fixtures", "cdc_duckdb_fixtures", "mariadb_fixtures"]
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ BODIES = {
     "/schema-history": {"connector_name": "c", "table_name": "t", "table_schema": {}},
     "/dlq/ack": {"up_to_id": 1},
     "/dlq/purge": {},
+    "/dlq/replay": {"pipeline": "stream"},
     "/resync": {"tables": ["acme.none"]},  # refused (422 unknown_tables) once the token passed
 }
 # Operator routes: reads need `read`, writes `operate` (role editor), reset `admin`; /validate any valid token.
@@ -45,7 +46,7 @@ def _routes(client: TestClient) -> list[tuple[str, str, str | None]]:
                 )
             elif tag == "cdc" and method == "post":  # retry a failed table: an operator action
                 scope = "operate"
-            elif tag == "dead-letter queue":  # reads with `read`, ack with `operate`, purge with `admin`
+            elif tag == "dead-letter queue":  # reads with `read`, ack/replay with `operate`, purge with `admin`
                 scope = "read" if method == "get" else "admin" if path.endswith("/purge") else "operate"
             else:
                 scope = {"system": None, "monitoring": "read", "cdc": "read"}.get(tag, "runtime")
@@ -57,7 +58,8 @@ def _call(client: TestClient, method: str, template: str, tenant: str, headers: 
     cdc_only = ("/state", "/checkpoints", "/progress", "/metrics", "/schema/proposed", "/drift", *OPERATOR_REFUSALS)
     resource_id = "nilus:v1:stream:acme" if template.endswith(cdc_only) else "rid-orders"
     # (a retry of a table that is not failed: 404 once the token passed, the matrix changes nothing)
-    path = template.format(tenant=tenant, resource_id=resource_id, pipeline_name="stream", table="acme.none")
+    path = template.format(tenant=tenant, resource_id=resource_id, pipeline_name="stream", table="acme.none",
+                           replay_id=1)
     if path.endswith("/validate"):
         return client.post(path, headers={**headers, "Content-Type": "application/yaml"}, content=DEFS_YAML)
     if method == "PUT":  # a lifecycle change the running pipeline refuses (409): the matrix changes nothing
@@ -73,7 +75,7 @@ def _error(response, status: int, code: str) -> None:
 
 def test_every_route_is_documented_and_covered(sqlite_client) -> None:
     routes = _routes(sqlite_client)
-    assert len(routes) == 34
+    assert len(routes) == 36
     assert {scope for *_, scope in routes} == {None, "read", "operate", "runtime", "admin"}
 
 
@@ -105,7 +107,7 @@ def test_auth_matrix_on_every_route(sqlite_world: World, matrix_client) -> None:
             "admin": ["read_acme", "runtime", "editor_acme"],
         }.get(scope, ["read_acme", "editor_acme"])
         allowed = (200, 201, 409) if method == "PUT" else (200, 201)  # the PUT asks a refused transition
-        if template.endswith("/retry"):
+        if template.endswith(("/retry", "/dlq/replay", "/replays/{replay_id}")):  # nothing to retry or replay
             allowed = (404,)
         allowed = next((codes for suffix, codes in OPERATOR_REFUSALS.items() if template.endswith(suffix)), allowed)
         ok = _call(sqlite_client, method, template, "acme", sqlite_world.headers(right))

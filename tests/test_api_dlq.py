@@ -65,6 +65,27 @@ def test_peek_count_ack_purge(sqlite_world: World, client: TestClient) -> None:
     }  # another tenant's queue is untouched
 
 
+def test_replay_request_and_its_status(sqlite_world: World, client: TestClient, state_dsn: str) -> None:
+    """The request the CDC run carries out (tests/test_cdc_dlq_replay.py): recorded, then readable."""
+    url, read, write = f"{BASE}/tenants/acme/dlq", sqlite_world.headers("read_acme"), sqlite_world.headers("editor_acme")
+    ids = [e["id"] for e in client.get(url, headers=read).json()["entries"]]
+    asked = client.post(f"{url}/replay", headers=write, json={"pipeline": "stream", "ids": ids[:2]})
+    assert asked.status_code == 202, asked.text
+    body = asked.json()
+    assert body["entry_ids"] == ids[:2] and body["status"] == "pending" and body["pipeline_name"] == "stream"
+    status = client.get(f"{url}/replays/{body['replay_id']}", headers=read)
+    assert status.status_code == 200 and status.json()["status"] == "pending"
+    with StateStore(state_dsn).open() as store:
+        assert [r.id for r in store.pending_dlq_replays("acme", "stream")] == [body["replay_id"]]
+    assert client.get(f"{BASE}/tenants/globex/dlq/replays/{body['replay_id']}",
+                      headers=sqlite_world.headers("read_globex")).status_code == 404  # another tenant's
+    for wrong in ({"pipeline": "orders"}, {"pipeline": "nope"}, {"pipeline": "stream", "table": "acme.other"},
+                  {"pipeline": "stream", "ids": [10**9]}):
+        answer = client.post(f"{url}/replay", headers=write, json=wrong)
+        assert answer.status_code == 404 and answer.json()["code"] == "not_found", wrong
+    assert client.post(f"{url}/replay", headers=read, json={"pipeline": "stream"}).status_code == 403
+
+
 def test_scopes_tenants_and_bad_input(sqlite_world: World, client: TestClient) -> None:
     url = f"{BASE}/tenants/acme/dlq"
     assert client.get(url).status_code == 401

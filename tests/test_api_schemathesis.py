@@ -26,7 +26,7 @@ def _fuzz(schema, who: str, max_examples: int, mode: GenerationMode = Generation
     checks = [not_a_server_error, status_code_conformance, response_schema_conformance]
     calls = 0
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert len(operations) == 34
+    assert len(operations) == 36
     for operation in operations:
 
         @given(case=operation.as_strategy(generation_mode=mode))

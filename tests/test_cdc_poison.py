@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
@@ -33,25 +32,18 @@ AMOUNT_COLUMNS = ["id", "amount", "note"]
 POISON = {101: "NaN", 103: "Infinity", 104: "-Infinity"}
 
 
-@pytest.fixture
-def sink(duckdb_sink: SinkTarget) -> SinkTarget:
-    return duckdb_sink
-
-
-@pytest.fixture
-def env(pipeline_env: str) -> str:
-    with psycopg.connect(pipeline_env, autocommit=True) as conn:
+def create_tables(dsn: str) -> str:
+    with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("CREATE TABLE public.amounts (id int PRIMARY KEY, amount numeric, note text)")
         conn.execute("CREATE TABLE public.others (id int PRIMARY KEY, label text)")
         conn.execute("INSERT INTO public.amounts VALUES (1, 1.50, 'one'), (2, 2.25, 'two')")
         conn.execute("INSERT INTO public.others VALUES (1, 'first')")
-    return pipeline_env
+    return dsn
 
 
 @pytest.fixture
-def store(state_dsn: str) -> Iterator[StateStore]:
-    with StateStore(state_dsn).open() as opened:
-        yield opened
+def env(pipeline_env: str) -> str:
+    return create_tables(pipeline_env)
 
 
 def write_poison_among_good_rows(dsn: str) -> None:
@@ -250,3 +242,36 @@ def test_a_poison_row_waits_for_its_entry_while_the_state_store_is_down(
     with StateStore(state_dsn).open() as direct:
         entries = direct.dead_letters("acme").items
     assert [(e.table_name, e.row_key, e.row_data) for e in entries] == [("public.t", ["2"], {"id": "2", "v": "NaN"})]
+
+
+def test_pause_table_inside_a_transaction_applied_in_chunks(
+    env: str, sink: SinkTarget, instance: dg.DagsterInstance, store: StateStore
+) -> None:
+    """The sink transaction of a chunked (spilled) transaction is rolled back at the poison piece and
+    applied again without the held table: the transaction's other table gets its rows, the held
+    one none of them, until it is fixed and resynced."""
+    defs = cdc_project(sink, cdc_pipeline("crm", TABLES, on_error="pause_table", cdc={"batch_max_rows": 50}))
+    assert run_until_caught_up(defs, "acme__crm", instance).success
+    before = amounts(sink)
+    with psycopg.connect(env, autocommit=True) as conn, conn.transaction():
+        conn.execute("INSERT INTO public.others SELECT g, 'in the big one' FROM generate_series(10, 309) g")
+        conn.execute("INSERT INTO public.amounts SELECT g, g, 'good' FROM generate_series(200, 499) g")
+        conn.execute("UPDATE public.amounts SET amount = 'NaN', note = 'bad' WHERE id = 450")
+    held = run_until_caught_up(defs, "acme__crm", instance)
+    assert held.success, failure_message(held)
+    assert_others_exact(env, sink)  # 300 rows of the same source transaction: applied
+    assert amounts(sink) == before  # none of the transaction reached the held table
+    state = store.get_pipeline_state("acme", "crm")
+    assert state is not None and state.state == "paused"
+    assert state.detail["paused_tables"]["public.amounts"]["column"] == "amount"
+    assert store.count_dead_letters("acme") == 0
+
+    with psycopg.connect(env, autocommit=True) as conn:
+        conn.execute("UPDATE public.amounts SET amount = 0 WHERE id = 450")
+    resync = defs.resolve_job_def("acme__crm__resync").execute_in_process(
+        instance=instance, run_config={"ops": {"acme__crm__resync_op": {"config": {"tables": ["public.amounts"]}}}}
+    )
+    assert resync.success
+    assert run_until_caught_up(defs, "acme__crm", instance).success
+    assert_same_rows(source_rows(env, "public.amounts", AMOUNT_COLUMNS, "id"), amounts(sink))
+    assert_others_exact(env, sink)

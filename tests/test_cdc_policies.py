@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
@@ -16,11 +15,6 @@ from nilus_dagster.state.store import StateStore
 
 
 @pytest.fixture
-def sink(duckdb_sink: SinkTarget) -> SinkTarget:
-    return duckdb_sink
-
-
-@pytest.fixture
 def env(pipeline_env: str) -> str:
     with psycopg.connect(pipeline_env, autocommit=True) as conn:
         conn.execute("CREATE TABLE public.people (id int PRIMARY KEY, name text)")
@@ -28,12 +22,6 @@ def env(pipeline_env: str) -> str:
         conn.execute("INSERT INTO public.people VALUES (1, 'ann'), (2, 'bob')")
         conn.execute("INSERT INTO public.pets VALUES (1, 'cat')")
     return pipeline_env
-
-
-@pytest.fixture
-def store(state_dsn: str) -> Iterator[StateStore]:
-    with StateStore(state_dsn).open() as opened:
-        yield opened
 
 
 def change_schema_and_rows(dsn: str) -> None:

@@ -12,6 +12,7 @@ by row.
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 import uuid
@@ -20,14 +21,17 @@ from collections.abc import Iterator
 import psycopg
 import pytest
 from batch_project import SinkTarget, failure_message
+from blips_harness import COLUMNS, make_table, start_run, streaming, wait_until, write
+from blips_harness import in_sink as pipeline_in_sink
 from cdc_project import cdc_project
-from table_compare import source_rows
+from table_compare import postgres_sink_rows, source_rows
 from test_cdc_crash import finish_worker, wait_for
 from test_cdc_live_resync import ITEMS_TABLE, LiveRun, _beat, in_sink, live_run, pipeline_config
 from test_cdc_resync import NOTES, assert_exact, churn, create_tables, spec_dict, stop_churn
 
 from nilus_dagster.cdc.operations import NothingToRetry, retry_tables
 from nilus_dagster.cdc.pipeline import request_table_resync
+from nilus_dagster.sinks.postgres import PostgresSink
 from nilus_dagster.state.store import StateStore
 
 
@@ -209,3 +213,35 @@ def test_the_retry_tables_job_asks_for_a_retry_of_failed_tables_only(
         assert done.success, failure_message(done)
         assert [(f.table_name, f.status) for f in store.table_failures("acme", "crashy")] == [("public.items", "retry")]
         assert instance.get_run_by_id(done.run_id).tags["nilus/operation"] == "crashy:retry_tables"
+
+
+def test_the_only_table_of_a_pipeline_is_held_failed_and_the_run_waits_for_a_retry(
+    source_db: str, state_dsn: str, sink_role: tuple[SinkTarget, str]
+) -> None:
+    """No other table can show that the sink works: the table is failed anyway (holding it stops
+    nothing else), the run stays alive and says so, and a retry after the grant resumes it exactly."""
+    sink, role = sink_role
+    make_table(source_db)
+    read = lambda: postgres_sink_rows(sink.location, "replica.t", COLUMNS, "id")  # noqa: E731 - as the superuser
+    with StateStore(state_dsn).open() as store:
+        live = start_run(source_db, PostgresSink(os.environ["SINK_DSN"]), store, "solo")
+        try:
+            wait_until(lambda: streaming(live) and pipeline_in_sink(read, source_db)(), 60, "the snapshot to stream")
+            sink_execute(sink, f"REVOKE ALL ON replica.t FROM {role}")
+            write(source_db, 100, 20)
+
+            def failed() -> bool:
+                return any(f.status == "failed" for f in store.table_failures("acme", "solo"))
+
+            wait_until(failed, 60, "the only table to be held failed")
+            [failure] = store.table_failures("acme", "solo")
+            assert failure.table_name == "public.t" and "replica.t" in failure.reason
+            wait_until(lambda: "public.t" in (store.last_heartbeat("acme", "solo").detail.get("failed_tables") or {}),  # type: ignore[union-attr]
+                       30, "the heartbeat to name it")
+            assert live.thread.is_alive() and live.error is None  # the run waits, it did not fail
+            sink_execute(sink, f"GRANT ALL ON replica.t TO {role}")
+            retry_tables(live.run.config, store, ["public.t"])
+            wait_until(lambda: not store.table_failures("acme", "solo") and pipeline_in_sink(read, source_db)(), 60,
+                       "the table to resume from its checkpoint")
+        finally:
+            live.finish()

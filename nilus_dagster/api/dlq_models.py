@@ -85,3 +85,22 @@ class DlqCount(BaseModel):
 
 class DlqChanged(BaseModel):
     count: int = Field(description="Entries acknowledged or deleted")
+
+
+class DlqReplayRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline: str = Field(pattern=NAME_PATTERN, description="The CDC pipeline whose entries to replay")
+    ids: list[int] = Field(default_factory=list, max_length=10_000, description="Entry ids (empty: any)")
+    table: str | None = Field(None, pattern=TEXT_PATTERN, description="Only entries of this table (schema.table)")
+
+
+class DlqReplay(BaseModel):
+    replay_id: int
+    pipeline_name: str
+    entry_ids: list[int] = Field(description="The unacknowledged entries the replay covers")
+    status: str = Field(description="pending (the CDC run carries it out), done, or failed (message names why)")
+    message: str | None
+    run_id: str | None
+    requested_at: datetime
+    updated_at: datetime

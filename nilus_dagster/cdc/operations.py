@@ -1,5 +1,6 @@
 """Operator actions on a CDC pipeline: approve a held schema change, reset (re-snapshot all),
-resync (re-snapshot some tables while the others keep their place), retry failed tables."""
+resync (re-snapshot some tables while the others keep their place), retry failed tables, replay
+dead-letter entries."""
 
 from __future__ import annotations
 
@@ -155,3 +156,46 @@ def retry_tables(config: CdcPipelineConfig, store: StateStore, tables: Sequence[
 def _failed_listing(store: StateStore, key: PipelineKey) -> str:
     failed = [f.table_name for f in store.table_failures(key.tenant, key.pipeline)]
     return f"; failed tables: {', '.join(failed)}" if failed else "; it has no failed tables"
+
+
+class NothingToReplay(Exception):
+    """A dead-letter replay was asked for, but no unacknowledged entry matches."""
+
+
+class ReplayFailed(Exception):
+    """The CDC run carried out the replay but some entries could not be replayed (named)."""
+
+
+def replay_dead_letters(
+    config: CdcPipelineConfig,
+    store: StateStore,
+    ids: Sequence[int] | None = None,
+    table: str | None = None,
+    *,
+    wait_s: float = 600.0,
+    poll_s: float = 1.0,
+) -> str:
+    """Ask the CDC run to replay the pipeline's unacknowledged dead-letter entries with these ids
+    and/or of this table, from the current source rows of their keys (cdc/dlq_replay.py), and wait
+    (at most `wait_s`) for the live run to do it; with no live run the next run does it first."""
+    if not ids and table is None:
+        raise NothingToReplay("name the entries to replay: their ids, a table, or both")
+    name = validate_resync_tables([table], [t.table for t in config.tables])[0].qualified if table else None
+    request_id, entries = store.request_dlq_replay(config.key, ids or None, name)
+    if not entries:
+        which = " and ".join(filter(None, [f"ids {list(ids)}" if ids else "", f"table {name}" if name else ""]))
+        raise NothingToReplay(f"pipeline {config.key.pipeline} has no unacknowledged dead-letter entry with {which}")
+    asked = f"replay {request_id} of {len(entries)} dead-letter entries"
+    deadline = time.monotonic() + wait_s
+    while True:
+        request = store.dlq_replay(request_id)
+        assert request is not None
+        if request.status == "failed":
+            raise ReplayFailed(f"{asked}: {request.message}")
+        if request.status != "pending":
+            return f"{asked}: {request.message}"
+        if not _run_is_live(store, config.key):
+            return f"{asked} requested; no CDC run of {config.key.pipeline} is live: the next run replays them first"
+        if time.monotonic() >= deadline:
+            return f"{asked} is still pending after {wait_s:.0f}s; the live CDC run carries it out"
+        time.sleep(poll_s)

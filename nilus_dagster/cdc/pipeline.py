@@ -39,6 +39,7 @@ from nilus_dagster.cdc.run_config import (
 )
 from nilus_dagster.cdc.run_poison import PoisonSteps
 from nilus_dagster.cdc.run_reconnect import ReconnectSteps
+from nilus_dagster.cdc.run_replay import ReplaySteps
 from nilus_dagster.cdc.run_resync import ResyncSteps, request_table_resync
 from nilus_dagster.cdc.run_schema import SchemaSteps
 from nilus_dagster.cdc.run_snapshot import SnapshotSteps
@@ -60,7 +61,8 @@ from nilus_dagster.state.store import StateStore
 
 @dataclass
 class CdcRun(
-    LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, ReconnectSteps, PoisonSteps, TableFailureSteps
+    LiveResyncSteps, ResyncSteps, SchemaSteps, SnapshotSteps, ReconnectSteps, PoisonSteps, TableFailureSteps,
+    ReplaySteps,
 ):
     """State and collaborators of one run; `run()` does the work."""
 
@@ -92,6 +94,7 @@ class CdcRun(
         self.slot = self.config.slot_name or ""  # resolved against the source database in run()
         self._init_reconnect()
         self._init_table_failures()
+        self._init_replays()
 
     # -- helpers ---------------------------------------------------------------------------
     def _set_state(self, state: str, **detail: Any) -> None:
@@ -129,6 +132,7 @@ class CdcRun(
         finally:
             self._close_state_io()
             self._close_table_failures()
+            self._close_replays()
 
     def _run(self) -> CdcRunResult:
         result = CdcRunResult()
@@ -299,6 +303,7 @@ class CdcRun(
                 stats=stats,
                 isolation=self._isolation,
             )
+            self._replay_pending(applier, conn)  # dead-letter replays asked for (cdc/dlq_replay.py)
             start = min((t.applied_lsn for t in stream_tables.values()), default=0)
             progress = CdcProgress("streaming")
             last_slot_check = 0.0
@@ -334,6 +339,7 @@ class CdcRun(
                             self.should_stop()
                             or self._resync_tick(tables, applier)
                             or self._table_retry_requested(applier.tables)
+                            or self._replay_tick(applier)
                         ),
                         stop_at_lsn=stop_at,
                         on_progress=report,

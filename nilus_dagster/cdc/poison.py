@@ -112,7 +112,8 @@ def _candidates(changes: Changes) -> Any:
             yield row, ("D" if count < 0 else op), lsn, list(row), dict(zip(names, row, strict=True))
 
 
-# Called with (stream table, its batch, the decode error, inside a spilled transaction?): returns
+# Called with (stream table, its batch, the decode error, inside a spilled transaction a hold cannot
+# undo?): returns
 # the batch's ChangeSet without its poison rows, or None to apply nothing to the table (held).
 PoisonHandler = Callable[[Any, Changes, ValueDecodeError, bool], "ChangeSet | None"]
 

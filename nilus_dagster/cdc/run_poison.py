@@ -7,7 +7,9 @@
   store that is down raises a transient error: the run reconnects and replays (cdc/retry.py).
 * `pause_table`: the table is held (none of its changes applied, its checkpoint and the slot's
   acknowledgement stay before the row), the pipeline state `paused` names it and why; the other
-  tables flow. A resync of the table (after fixing the row in the source) ends the hold.
+  tables flow. A resync of the table (after fixing the row in the source) ends the hold. Inside a
+  transaction applied in chunks the sink transaction is rolled back and applied again without the
+  table (cdc/spanning.py); where that cannot undo the pieces (BigQuery) the run fails instead.
 * `fail`: the run fails naming the table, row, column, value and LSN.
 """
 
@@ -42,6 +44,7 @@ class PoisonSteps:
     def _on_poison(
         self, table: StreamTable, changes: Changes, error: ValueDecodeError, spanning: bool
     ) -> ChangeSet | None:
+        """`spanning`: inside a transaction applied in chunks whose pieces a hold cannot undo."""
         poison = find_poison(changes)
         if not poison:
             raise error
@@ -51,7 +54,7 @@ class PoisonSteps:
                 "on_error is 'fail' (set it to dlq or pause_table to let the other rows flow)"
                 if policy == "fail"
                 else "on_error 'pause_table' cannot hold a table inside a transaction applied in chunks "
-                "(more than batch_max_rows changes): use dlq, or raise batch_max_rows"
+                "(more than batch_max_rows changes) on this sink: use dlq, or raise batch_max_rows"
             )
             raise PoisonRowRefused(f"{describe(table, poison[0])}; {why}") from error
         if policy == "pause_table":

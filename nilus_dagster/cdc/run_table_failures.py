@@ -49,6 +49,7 @@ class TableFailureSteps:
         """Before a stream: the pipeline's failed tables are held; those an operator asked to
         retry are released (status `retrying` until a change of theirs reaches the sink)."""
         key = self.config.key
+        self._isolation.tables = set(names)
         by_name = {n.qualified: n for n in names}
         retry: list[str] = []
         for failure in self.store.table_failures(key.tenant, key.pipeline):

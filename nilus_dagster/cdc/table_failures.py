@@ -12,7 +12,10 @@ checkpoint (cdc/applier.py). When one of them fails:
   alone (`SinkTableMissing`), the table is failed: held (`StreamTable.held`), its changes from
   then on dropped, its checkpoint kept, and the failure recorded (state store `table_failures`,
   the heartbeat's `failed_tables`). Without such evidence the error is raised as before (the
-  whole sink may be refusing writes).
+  whole sink may be refusing writes), unless no other table of the pipeline streams (a one-table
+  pipeline, or the others already failed): nothing could give evidence then, and holding the table
+  stops nothing else, so it is failed too; the run stays alive (the API and the metric
+  `nilus_cdc_failed_tables` show it) and a retry resumes it from its checkpoint once fixed.
 
 The slot is never acknowledged past a held table's checkpoint (`ChangeApplier.durable_lsn`), so the
 WAL it still needs is kept. A retry (operator job or API: status `retry`) ends the stream at a
@@ -63,6 +66,7 @@ class TableIsolation:
     backoff_s: float = DEFAULT_BACKOFF_S
     sleep: Callable[[float], None] = time.sleep
     failed: dict[TableName, str] = field(default_factory=dict)  # held: table → reason
+    tables: set[TableName] = field(default_factory=set)  # the pipeline's tables in the stream
     retrying: set[TableName] = field(default_factory=set)  # released by a retry, not yet proven
     errors: int = 0  # sink errors met applying tables (each failed attempt)
     _first_failure: dict[TableName, float] = field(default_factory=dict)
@@ -165,7 +169,7 @@ class TableIsolation:
                 self.applied(name)
                 return True
         sink_works = others_applied or self._last_success > self._first_failure.get(name, 0.0)
-        if not sink_works and not isinstance(error, SinkTableMissing):
+        if not sink_works and not isinstance(error, SinkTableMissing) and not self._alone(name):
             raise error  # no other table got through meanwhile: maybe the whole sink refuses writes
         self.fail(table, failure_reason(error))
         return False
@@ -183,7 +187,7 @@ class TableIsolation:
         self._span_failures[name] = self._span_failures.get(name, 0) + 1
         definitive = isinstance(error, SinkTableMissing)
         if definitive or self._span_failures[name] >= self.attempts:
-            if not definitive and self._last_success <= self._first_failure[name]:
+            if not definitive and self._last_success <= self._first_failure[name] and not self._alone(name):
                 raise error  # no other table got through meanwhile: maybe the whole sink refuses writes
             self._span_failures.pop(name, None)
             self.fail(table, failure_reason(error))
@@ -191,6 +195,10 @@ class TableIsolation:
             f"a transaction applied in chunks failed on {name}; replaying it "
             f"{'without the table' if name in self.failed else 'to try again'}: {failure_reason(error)}"
         ) from None
+
+    def _alone(self, name: TableName) -> bool:
+        """No other table streams: none could show that the sink works."""
+        return not (self.tables - {name} - self.failed.keys())
 
     def applied(self, name: TableName) -> None:
         """A change of the table reached the sink."""

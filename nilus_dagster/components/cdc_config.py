@@ -31,6 +31,15 @@ class RetryTablesConfig(dg.Config):
     tables: list[str] = Field(description="the failed tables to stream again, as schema.table")
 
 
+class ReplayDeadLettersConfig(dg.Config):
+    """Run config of the `<tenant>__<pipeline>__replay_dead_letters` job: the unacknowledged
+    entries with these ids and/or of this table (at least one of the two)."""
+
+    ids: list[int] = Field(default_factory=list, description="dead-letter entry ids (empty: any)")
+    table: str | None = Field(default=None, description="only entries of this table, as schema.table")
+    wait_s: float = 600.0  # how long the job waits for the live CDC run to replay them
+
+
 def pipeline_key(pipeline: Pipeline) -> PipelineKey:
     return PipelineKey(pipeline.tenant, pipeline.name, pipeline.effective_resource_id)
 

@@ -1,11 +1,17 @@
 """Operator jobs of a CDC pipeline: approve a held schema change, reset, resync tables, retry
-failed tables."""
+failed tables, replay dead-letter entries."""
 
 from collections.abc import Callable
 
 import dagster as dg
 
-from nilus_dagster.components.cdc_config import ResyncConfig, RetryTablesConfig, cdc_config, pipeline_key
+from nilus_dagster.components.cdc_config import (
+    ReplayDeadLettersConfig,
+    ResyncConfig,
+    RetryTablesConfig,
+    cdc_config,
+    pipeline_key,
+)
 from nilus_dagster.components.lifecycle import lifecycle_jobs
 from nilus_dagster.components.operator_audit import Refusals, audited
 from nilus_dagster.components.tags import operation_tags
@@ -85,6 +91,30 @@ def _retry_tables_job(spec: PipelinesSpec, pipeline: Pipeline) -> dg.JobDefiniti
     return _job
 
 
+def _replay_dead_letters_job(spec: PipelinesSpec, pipeline: Pipeline) -> dg.JobDefinition:
+    """`<tenant>__<pipeline>__replay_dead_letters`: once the cause is fixed, write the current source
+    rows of the chosen entries' keys and acknowledge them (the CDC run does it: cdc/dlq_replay.py)."""
+    name = f"{pipeline.job_name}__replay_dead_letters"
+
+    @dg.op(name=f"{name}_op", tags=operation_tags(pipeline, "replay_dead_letters"))
+    def _act(context: dg.OpExecutionContext, config: ReplayDeadLettersConfig, nilus_state: NilusStateStore) -> None:
+        from nilus_dagster.cdc.operations import NothingToReplay, ReplayFailed, replay_dead_letters
+        from nilus_dagster.cdc.resync import UnknownTables
+
+        try:
+            context.log.info(replay_dead_letters(
+                cdc_config(spec, pipeline), nilus_state.get_store(), config.ids, config.table, wait_s=config.wait_s
+            ))
+        except (UnknownTables, NothingToReplay, ReplayFailed) as error:
+            raise dg.Failure(str(error)) from None
+
+    @dg.job(name=name, tags=operation_tags(pipeline, "replay_dead_letters"))
+    def _job() -> None:
+        _act()
+
+    return _job
+
+
 def operator_jobs(spec: PipelinesSpec, pipeline: Pipeline) -> list[dg.JobDefinition]:
     from nilus_dagster.cdc.operations import NothingToApprove, approve_schema_change, reset_pipeline
 
@@ -101,5 +131,6 @@ def operator_jobs(spec: PipelinesSpec, pipeline: Pipeline) -> list[dg.JobDefinit
         _operator_job(pipeline, "reset", "reset", reset, ()),
         _resync_job(spec, pipeline),
         _retry_tables_job(spec, pipeline),
+        _replay_dead_letters_job(spec, pipeline),
         *lifecycle_jobs(pipeline),
     ]

@@ -39,6 +39,16 @@ UNCONSTRAINED_DECIMAL = (38, 9)
 
 
 @dataclass(frozen=True)
+class SinkLimits:
+    """Values a sink refuses although their logical type holds them (checked, vectorized, when
+    text values are decoded for it: a row with one is a poison row, see cdc/poison.py)."""
+
+    sink: str  # named in the refusal
+    max_year: int | None = None  # dates and timestamps (timestamptz: in UTC)
+    null_elements: bool = True  # a list may hold NULL elements
+
+
+@dataclass(frozen=True)
 class ColumnType:
     """A logical type. `precision`/`scale` for decimals, `element` for lists."""
 
@@ -50,6 +60,8 @@ class ColumnType:
     # Arrow string) rather than an Arrow decimal, for a sink whose numeric holds every source value
     # (NaN, ±Infinity, any number of digits). Equality, JSON and the schema history ignore it.
     as_text: bool = field(default=False, compare=False, repr=False)
+    # What the sink refuses among the values (`SinkLimits`); like `as_text`, ignored by equality and JSON.
+    limits: SinkLimits | None = field(default=None, compare=False, repr=False)
 
     def describe(self) -> str:
         if self.kind == "decimal":
@@ -180,4 +192,15 @@ def _numeric_as_text(column_type: ColumnType) -> ColumnType:
 def numerics_as_text(schema: TableSchema) -> TableSchema:
     """The schema with its decimal columns (and decimal list elements) carried as exact text."""
     columns = tuple(replace(c, type=_numeric_as_text(c.type)) for c in schema.columns)
+    return replace(schema, columns=columns)
+
+
+def _limited(column_type: ColumnType, limits: SinkLimits) -> ColumnType:
+    element = _limited(column_type.element, limits) if column_type.element is not None else None
+    return replace(column_type, element=element, limits=limits)
+
+
+def with_limits(schema: TableSchema, limits: SinkLimits) -> TableSchema:
+    """The schema with the sink's value limits on every column (and list element) type."""
+    columns = tuple(replace(c, type=_limited(c.type, limits)) for c in schema.columns)
     return replace(schema, columns=columns)

@@ -16,7 +16,7 @@ from typing import Protocol
 import pyarrow as pa
 
 from nilus_dagster.schema import Column, TableSchema
-from nilus_dagster.schema.table import numerics_as_text
+from nilus_dagster.schema.table import SinkLimits, numerics_as_text, with_limits
 
 # Sink-side bookkeeping table holding checkpoints atomically with the data.
 CHECKPOINT_TABLE = "_nilus_checkpoints"
@@ -243,5 +243,8 @@ class Sink(Protocol):
 
 def carried_schema(sink: Sink, schema: TableSchema) -> TableSchema:
     """`schema` with its values carried the way `sink` holds them exactly: decimals as their source
-    text where the sink's numeric holds NaN and ±Infinity, else as Arrow decimals."""
-    return numerics_as_text(schema) if getattr(sink, "holds_numeric_specials", False) else schema
+    text where the sink's numeric holds NaN and ±Infinity, else as Arrow decimals; and the values
+    the sink refuses at write time (its optional `value_limits`) refused when they are decoded."""
+    carried = numerics_as_text(schema) if getattr(sink, "holds_numeric_specials", False) else schema
+    limits: SinkLimits | None = getattr(sink, "value_limits", None)
+    return with_limits(carried, limits) if limits is not None else carried

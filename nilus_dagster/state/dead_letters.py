@@ -53,6 +53,7 @@ class DeadLetter:
     run_id: str | None
     created_at: datetime
     acked_at: datetime | None
+    replay_id: int | None = None  # the replay (state/dlq_replays.py) that acknowledged it
 
 
 @dataclass(frozen=True)

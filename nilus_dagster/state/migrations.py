@@ -181,4 +181,22 @@ MIGRATIONS: list[tuple[int, str]] = [
         CREATE INDEX ON {schema}.operator_audit (tenant, pipeline, id DESC);
         """,
     ),
+    (
+        7,  # issue 12: replaying dead-letter entries once their cause is fixed (cdc/dlq_replay.py)
+        """
+        CREATE TABLE {schema}.dlq_replays (
+            id bigserial PRIMARY KEY,
+            tenant text NOT NULL,
+            pipeline text NOT NULL,
+            entry_ids jsonb NOT NULL,
+            status text NOT NULL DEFAULT 'pending',
+            message text,
+            run_id text,
+            requested_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX ON {schema}.dlq_replays (tenant, pipeline) WHERE status = 'pending';
+        ALTER TABLE {schema}.dead_letters ADD COLUMN replay_id bigint;
+        """,
+    ),
 ]

@@ -15,6 +15,7 @@ from psycopg.types.json import Jsonb
 
 from nilus_dagster.state.base import StateStoreError
 from nilus_dagster.state.dead_letters import DeadLetterStore
+from nilus_dagster.state.dlq_replays import DlqReplayStore
 from nilus_dagster.state.records import (
     Heartbeat,
     OffsetRecord,
@@ -50,7 +51,7 @@ ORDER BY o.id DESC
 """
 
 
-class StateStore(SnapshotStore, DeadLetterStore, TableFailureStore):
+class StateStore(SnapshotStore, DeadLetterStore, DlqReplayStore, TableFailureStore):
     """All persistent pipeline state, in one PostgreSQL schema that this class migrates."""
 
     # -- pipeline state --------------------------------------------------------------------

@@ -12,6 +12,7 @@ from google.api_core import exceptions as api_errors
 from google.cloud import bigquery
 
 from nilus_dagster.schema import Column, TableName, TableSchema
+from nilus_dagster.schema.table import SinkLimits
 from nilus_dagster.sinks.base import (
     CHECKPOINT_TABLE,
     DELETED_COLUMN,
@@ -74,6 +75,9 @@ class BigQuerySink(BigQueryJobs):
 
     name = "bigquery"
     holds_numeric_specials = False  # NUMERIC/BIGNUMERIC: NaN and ±Infinity are refused per value
+    # DATE/DATETIME/TIMESTAMP end at 9999-12-31 (a timestamptz late that day west of UTC is past it),
+    # an ARRAY cannot hold NULL: such a row is a poison row (on_error) instead of a failed load.
+    value_limits = SinkLimits("BigQuery", max_year=9999, null_elements=False)
     # In change_transaction() a table's checkpoint moves its shadow into the target: it must come
     # with the table's last piece (cdc/spanning.py).
     checkpoint_with_last_piece = True

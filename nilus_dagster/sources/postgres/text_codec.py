@@ -17,7 +17,8 @@ fallbacks (zone offsets with seconds), which are decoded value by value. A value
 the logical type (a NUMERIC too wide for its decimal, `infinity` dates, NaN numerics, 24:00:00
 times...) raises `ValueDecodeError` naming the column and the value: nothing is rounded or dropped.
 A decimal carried as text (`ColumnType.as_text`, for sinks whose numeric holds every value) stays
-PostgreSQL's text, so NaN, ±Infinity and any number of digits arrive exactly.
+PostgreSQL's text, so NaN, ±Infinity and any number of digits arrive exactly. A value the sink
+refuses at write time (`ColumnType.limits`, see sink_limits.py) raises `ValueDecodeError` too.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import pyarrow.json as pa_json
 from nilus_dagster.schema.arrow import arrow_type
 from nilus_dagster.schema.table import ColumnType
 from nilus_dagster.sources.errors import ValueDecodeError
+from nilus_dagster.sources.postgres.sink_limits import check_limits
 
 
 def text_to_arrow(values: pa.Array, column_type: ColumnType, *, column: str | None = None) -> pa.Array:
@@ -42,7 +44,9 @@ def text_to_arrow(values: pa.Array, column_type: ColumnType, *, column: str | No
     """
     values = _as_string(values)
     decoder = _DECODERS.get(column_type.kind, _decode_by_cast)
-    return decoder(values, column_type, column)
+    decoded = decoder(values, column_type, column)
+    check_limits(values, decoded, column_type, column, ValueDecodeError)  # what the sink refuses
+    return decoded
 
 
 def json_text_array_to_arrow(
@@ -65,7 +69,9 @@ def json_text_array_to_arrow(
             f"(multidimensional arrays are not supported): {error}"
         ) from None
     text_lists = lists.combine_chunks() if lists.num_chunks != 1 else lists.chunk(0)
-    return _decode_list_elements(text_lists, column_type, column)
+    decoded = _decode_list_elements(text_lists, column_type, column)
+    check_limits(values, decoded, column_type, column, ValueDecodeError)  # what the sink refuses
+    return decoded
 
 
 # --- scalars ---------------------------------------------------------------------------------------
