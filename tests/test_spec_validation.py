@@ -97,6 +97,13 @@ def test_good_declaration_resolves_defaults() -> None:
         ("pipelines.0.sink.table_options", {"clustering": ["id"]}, "only BigQuery sinks take table_options"),
         ("pipelines.0.checks", {"max_lag": "5 minutes"}, "'5 minutes' is not a duration: use a number and s, m or h"),
         ("pipelines.0.checks", {"severity": "fatal"}, "Input should be 'warn' or 'error'"),
+        (
+            "pipelines.0.schedule_timezone",
+            "Mars/Olympus",
+            "pipelines[0].schedule_timezone = 'Mars/Olympus': 'Mars/Olympus' is not a time zone: use an IANA name",
+        ),
+        ("connections.shop", {"type": "postgres", "host": "db", "database": "d", "sslmode": "requird"}, "sslmode"),
+        ("connections.shop", {"type": "postgres", "host": "db", "database": "d", "port": 0}, "connections.shop.port"),
     ],
 )
 def test_bad_field_names_file_field_value_and_fix(path: str, value: Any, expected: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 from pydantic import Field, field_validator, model_validator
@@ -223,6 +224,17 @@ class Pipeline(SpecModel):
                 f"'{value}' is not a cron expression: use five fields, e.g. '0 * * * *' (hourly) "
                 "or '*/15 * * * *' (every 15 minutes)"
             )
+        return value
+
+    @field_validator("schedule_timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"'{value}' is not a time zone: use an IANA name, e.g. 'UTC', 'Europe/Berlin' or 'America/New_York'"
+            ) from None
         return value
 
     @model_validator(mode="after")
