@@ -120,6 +120,7 @@ def test_duplicate_pipeline_name_in_a_tenant() -> None:
     with pytest.raises(PipelineSpecError, match=r"pipeline name 'orders' is used twice in tenant 'acme'"):
         validate_spec(PipelinesSpec, data, "defs.yaml")
     data["pipelines"][1]["tenant"] = "globex"
+    data["pipelines"][1]["sink"]["dataset"] = "globex"
     validate_spec(PipelinesSpec, data, "defs.yaml")  # same name, other tenant: fine
 
 
@@ -137,6 +138,18 @@ def test_two_tables_into_one_sink_table_need_a_rename() -> None:
     with pytest.raises(PipelineSpecError, match="give one of them a sink_table"):
         validate_spec(PipelinesSpec, data, "defs.yaml")
     data = _with("pipelines.0.source.tables", ["public.orders", {"name": "archive.orders", "sink_table": "old_orders"}])
+    validate_spec(PipelinesSpec, data, "defs.yaml")
+
+
+def test_two_pipelines_into_one_sink_table_are_refused() -> None:
+    data = copy.deepcopy(GOOD)
+    other = {**copy.deepcopy(data["pipelines"][0]), "name": "orders_full", "schedule": None}
+    other["source"] = {"connection": "shop", "tables": ["public.orders"]}
+    data["pipelines"].append(other)
+    with pytest.raises(PipelineSpecError, match=r"pipelines\[1\] \(orders_full\): public.orders would land in "
+                       r"acme.orders of connection 'warehouse', which pipelines\[0\] \(orders\) \(public.orders\)"):
+        validate_spec(PipelinesSpec, data, "defs.yaml")
+    other["sink"] = {**other["sink"], "dataset": "acme_full"}
     validate_spec(PipelinesSpec, data, "defs.yaml")
 
 
