@@ -103,6 +103,8 @@ def test_good_declaration_resolves_defaults() -> None:
             "pipelines[0].schedule_timezone = 'Mars/Olympus': 'Mars/Olympus' is not a time zone: use an IANA name",
         ),
         ("connections.shop", {"type": "postgres", "host": "db", "database": "d", "sslmode": "requird"}, "sslmode"),
+        ("pipelines.0.cdc", {"soft_delete": True}, "cdc only apply to cdc pipelines: remove them, or set type: cdc"),
+        ("pipelines.0.checks", {"max_lag": "5m", "severity": "error"}, "checks.max_lag only apply to cdc pipelines"),
         ("connections.shop", {"type": "postgres", "host": "db", "database": "d", "port": 0}, "connections.shop.port"),
     ],
 )

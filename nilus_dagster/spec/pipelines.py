@@ -248,6 +248,13 @@ class Pipeline(SpecModel):
                 "strategy replace reloads whole tables, so a 'cursor' would drop older rows: "
                 "use strategy merge or append with a cursor"
             )
+        if self.type == "batch":
+            cdc_only = [f for f in ("cdc", "on_error") if f in self.model_fields_set]
+            cdc_only += [f"checks.{f}" for f in ("max_lag", "row_count_interval") if f in self.checks.model_fields_set]
+            if cdc_only:
+                raise ValueError(
+                    f"{', '.join(cdc_only)} only apply to cdc pipelines: remove them, or set type: cdc"
+                )
         if self.type == "cdc" and self.sink.strategy != "merge":
             raise ValueError("a cdc pipeline applies changes by key: set sink.strategy to merge (the default)")
         return self
