@@ -9,6 +9,7 @@ import dagster as dg
 import pytest
 
 from nilus_dagster.api.declarations import Declarations
+from nilus_dagster.spec.check import check_defs_text
 from nilus_dagster.spec.errors import PipelineSpecError
 from nilus_dagster.spec.loading import load_declared_pipelines
 
@@ -79,3 +80,15 @@ def test_a_template_error_names_the_file(defs_dir: Path) -> None:
     while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)  # type: ignore[arg-type]
     assert any("NILUS_T_UNSET is not set" in str(e) for e in chain)
+
+
+def test_the_validate_check_renders_templates_as_dagster_does(defs_dir: Path) -> None:
+    """`POST /validate` (check_defs_text) sees the rendered values, as `dg check defs` does."""
+    check = check_defs_text(DEFS, "defs.yaml")
+    assert check.problems == []
+    assert check.pipelines == ["globex/orders"]
+
+    check = check_defs_text(DEFS.replace("env.NILUS_T_TENANT", "env('NILUS_T_UNSET')"), "defs.yaml")
+    [problem] = check.problems
+    assert (problem.file, problem.field) == ("defs.yaml", "attributes")
+    assert "NILUS_T_UNSET is not set" in problem.message

@@ -97,6 +97,15 @@ def test_good_declaration_resolves_defaults() -> None:
         ("pipelines.0.sink.table_options", {"clustering": ["id"]}, "only BigQuery sinks take table_options"),
         ("pipelines.0.checks", {"max_lag": "5 minutes"}, "'5 minutes' is not a duration: use a number and s, m or h"),
         ("pipelines.0.checks", {"severity": "fatal"}, "Input should be 'warn' or 'error'"),
+        (
+            "pipelines.0.schedule_timezone",
+            "Mars/Olympus",
+            "pipelines[0].schedule_timezone = 'Mars/Olympus': 'Mars/Olympus' is not a time zone: use an IANA name",
+        ),
+        ("connections.shop", {"type": "postgres", "host": "db", "database": "d", "sslmode": "requird"}, "sslmode"),
+        ("pipelines.0.cdc", {"soft_delete": True}, "cdc only apply to cdc pipelines: remove them, or set type: cdc"),
+        ("pipelines.0.checks", {"max_lag": "5m", "severity": "error"}, "checks.max_lag only apply to cdc pipelines"),
+        ("connections.shop", {"type": "postgres", "host": "db", "database": "d", "port": 0}, "connections.shop.port"),
     ],
 )
 def test_bad_field_names_file_field_value_and_fix(path: str, value: Any, expected: str) -> None:
@@ -113,6 +122,7 @@ def test_duplicate_pipeline_name_in_a_tenant() -> None:
     with pytest.raises(PipelineSpecError, match=r"pipeline name 'orders' is used twice in tenant 'acme'"):
         validate_spec(PipelinesSpec, data, "defs.yaml")
     data["pipelines"][1]["tenant"] = "globex"
+    data["pipelines"][1]["sink"]["dataset"] = "globex"
     validate_spec(PipelinesSpec, data, "defs.yaml")  # same name, other tenant: fine
 
 
@@ -130,6 +140,18 @@ def test_two_tables_into_one_sink_table_need_a_rename() -> None:
     with pytest.raises(PipelineSpecError, match="give one of them a sink_table"):
         validate_spec(PipelinesSpec, data, "defs.yaml")
     data = _with("pipelines.0.source.tables", ["public.orders", {"name": "archive.orders", "sink_table": "old_orders"}])
+    validate_spec(PipelinesSpec, data, "defs.yaml")
+
+
+def test_two_pipelines_into_one_sink_table_are_refused() -> None:
+    data = copy.deepcopy(GOOD)
+    other = {**copy.deepcopy(data["pipelines"][0]), "name": "orders_full", "schedule": None}
+    other["source"] = {"connection": "shop", "tables": ["public.orders"]}
+    data["pipelines"].append(other)
+    with pytest.raises(PipelineSpecError, match=r"pipelines\[1\] \(orders_full\): public.orders would land in "
+                       r"acme.orders of connection 'warehouse', which pipelines\[0\] \(orders\) \(public.orders\)"):
+        validate_spec(PipelinesSpec, data, "defs.yaml")
+    other["sink"] = {**other["sink"], "dataset": "acme_full"}
     validate_spec(PipelinesSpec, data, "defs.yaml")
 
 

@@ -10,7 +10,7 @@ import yaml
 from pydantic import ValidationError
 
 from nilus_dagster.spec.errors import _describe, _field_path
-from nilus_dagster.spec.loading import COMPONENT_TYPES
+from nilus_dagster.spec.loading import COMPONENT_TYPES, TemplateError, render_templates
 from nilus_dagster.spec.project import PipelinesSpec
 
 
@@ -37,7 +37,8 @@ def _scalar(value: Any) -> Any:
 
 
 def check_defs_text(text: str, file: str = "defs.yaml") -> DefsCheck:
-    """Every NilusPipelines document of `text` validated as the component would validate it."""
+    """Every NilusPipelines document of `text` validated as the component would validate it
+    (templates rendered in this process's environment, as `dg check defs` would render them here)."""
     check = DefsCheck()
     try:
         documents = [d for d in yaml.safe_load_all(text) if d is not None]
@@ -52,7 +53,11 @@ def check_defs_text(text: str, file: str = "defs.yaml") -> DefsCheck:
         )
     for index, document in enumerate(ours):
         prefix = f"[document {index}] " if len(ours) > 1 else ""
-        attributes = document.get("attributes") or {}
+        try:  # templates render as Dagster renders them when it loads the file
+            attributes = render_templates(document.get("attributes") or {})
+        except TemplateError as exc:
+            check.problems.append(DefsProblem(file, f"{prefix}attributes", None, str(exc)))
+            continue
         try:
             check.specs.append(PipelinesSpec.model_validate(attributes))
         except ValidationError as exc:

@@ -35,11 +35,13 @@ class PostgresConnection(SpecModel):
     type: Literal["postgres"]
     dsn_env: str | None = Field(default=None, description="Env var holding a full postgresql:// DSN.")
     host: str | None = None
-    port: int = 5432
+    port: int = Field(default=5432, ge=1, le=65535)
     database: str | None = None
     user: str | None = None
     password_env: str | None = Field(default=None, description="Env var holding the password.")
-    sslmode: str | None = None
+    sslmode: Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"] | None = Field(
+        default=None, description="libpq's sslmode."
+    )
 
     @model_validator(mode="after")
     def _dsn_or_parts(self) -> PostgresConnection:

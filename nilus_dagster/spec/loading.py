@@ -38,7 +38,11 @@ def load_spec_file(path: Path) -> list[PipelinesSpec]:
     return specs
 
 
-def _render_templates(attributes: object, path: Path) -> object:
+class TemplateError(ValueError):
+    """A `{{ ... }}` template in the attributes that Dagster cannot render (e.g. an unset env('X'))."""
+
+
+def render_templates(attributes: object) -> object:
     """The attributes as Dagster's component loading resolves them (the same template scope)."""
     from dagster.components.resolved.context import ResolutionContext
     from dagster.components.resolved.errors import ResolutionException
@@ -46,7 +50,14 @@ def _render_templates(attributes: object, path: Path) -> object:
     try:
         return ResolutionContext.default().resolve_value(attributes)
     except ResolutionException as exc:
-        raise PipelineSpecError(path, [f"template: {exc}"]) from None
+        raise TemplateError(f"template: {exc}") from None
+
+
+def _render_templates(attributes: object, path: Path) -> object:
+    try:
+        return render_templates(attributes)
+    except TemplateError as exc:
+        raise PipelineSpecError(path, [str(exc)]) from None
 
 
 def load_declared_pipelines(defs_dir: Path) -> list[DeclaredPipeline]:

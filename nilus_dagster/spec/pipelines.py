@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 from pydantic import Field, field_validator, model_validator
@@ -225,6 +226,17 @@ class Pipeline(SpecModel):
             )
         return value
 
+    @field_validator("schedule_timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"'{value}' is not a time zone: use an IANA name, e.g. 'UTC', 'Europe/Berlin' or 'America/New_York'"
+            ) from None
+        return value
+
     @model_validator(mode="after")
     def _mode_rules(self) -> Pipeline:
         if self.type == "cdc" and self.schedule:
@@ -236,6 +248,13 @@ class Pipeline(SpecModel):
                 "strategy replace reloads whole tables, so a 'cursor' would drop older rows: "
                 "use strategy merge or append with a cursor"
             )
+        if self.type == "batch":
+            cdc_only = [f for f in ("cdc", "on_error") if f in self.model_fields_set]
+            cdc_only += [f"checks.{f}" for f in ("max_lag", "row_count_interval") if f in self.checks.model_fields_set]
+            if cdc_only:
+                raise ValueError(
+                    f"{', '.join(cdc_only)} only apply to cdc pipelines: remove them, or set type: cdc"
+                )
         if self.type == "cdc" and self.sink.strategy != "merge":
             raise ValueError("a cdc pipeline applies changes by key: set sink.strategy to merge (the default)")
         return self

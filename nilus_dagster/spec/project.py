@@ -25,6 +25,7 @@ class PipelinesSpec(SpecModel):
         for name in self.connections:
             check_name(name, "connection name")
         seen: dict[tuple[str, str], int] = {}
+        landed: dict[tuple[str, str, str], str] = {}
         for index, p in enumerate(self.pipelines):
             where = f"pipelines[{index}] ({p.name})"
             self._check_connection(
@@ -37,6 +38,7 @@ class PipelinesSpec(SpecModel):
                     f"(also pipelines[{seen[(p.tenant, p.name)]}]); pipeline names must be unique per tenant"
                 )
             seen[(p.tenant, p.name)] = index
+            self._check_sink_tables(where, p, landed)
             if p.sink.strategy == "merge":
                 self._check_merge_keys(where, p)
             if p.type == "cdc" and self.connections[p.source.connection].type == "mysql":
@@ -61,6 +63,19 @@ class PipelinesSpec(SpecModel):
         for option in ("slot_name", "publication_name"):
             if getattr(pipeline.cdc, option):
                 raise ValueError(f"{where}.cdc.{option}: a mysql source streams its binlog; it has no {option}")
+
+    @staticmethod
+    def _check_sink_tables(where: str, pipeline: Pipeline, landed: dict[tuple[str, str, str], str]) -> None:
+        """Two pipelines writing one sink table would overwrite each other's rows and checkpoints."""
+        for t in pipeline.source.tables:
+            target = (pipeline.sink.connection, pipeline.sink.dataset, t.target_name)
+            if target in landed:
+                raise ValueError(
+                    f"{where}: {t.name} would land in {pipeline.sink.dataset}.{t.target_name} of connection "
+                    f"'{pipeline.sink.connection}', which {landed[target]} already writes: give it a sink_table "
+                    "or another sink.dataset"
+                )
+            landed[target] = f"{where} ({t.name})"
 
     @staticmethod
     def _check_merge_keys(where: str, pipeline: Pipeline) -> None:

@@ -62,7 +62,7 @@ def table_failures(
 def retry_table(
     tenant: OperateTenant, pipeline_name: PipelineName, table: TableParam, model: Model
 ) -> models.TableRetryResponse:
-    """Stream a failed table again from its checkpoint (fix the cause first). Needs scope `runtime` or `admin`."""
+    """Stream a failed table again from its checkpoint (fix the cause first). Needs scope `operate` or `admin`."""
     retried = model.store.request_table_retry(PipelineKey(tenant, pipeline_name, ""), [table])
     if not retried:
         raise ApiError(404, "not_found", f"table {table} of pipeline {pipeline_name} is not failed")
