@@ -66,8 +66,8 @@ def test_mysql_dsn_env_and_tls(monkeypatch: pytest.MonkeyPatch) -> None:
          "Input should be 'disabled', 'preferred', 'required', 'verify_ca' or 'verify_identity'"),
         ({"type": "mysql", "host": "h", "user": "u", "ssl_mode": "verify_ca"}, {},
          "ssl_mode verify_ca needs ssl_ca (the CA certificate file to verify with)"),
-        ({"type": "mysql", "dsn_env": "D"}, {"type": "cdc"},
-         "connection 'shop' is mysql; a cdc pipeline's source needs one of postgres"),
+        ({"type": "mysql", "dsn_env": "D"}, {"type": "cdc", "cdc": {"slot_name": "s"}},
+         "cdc.slot_name: a mysql source streams its binlog; it has no slot_name"),
     ],
 )
 def test_mysql_connection_errors(connection: dict[str, Any], pipeline: dict[str, Any], expected: str) -> None:
