@@ -34,6 +34,11 @@ _LOGICAL_MESSAGE = b"M"[0]
 EAGER_STATUS_BYTES = 16 << 20
 
 
+def _payload(buf: bytes, offset: int) -> bytes:
+    """The "decoder" that keeps a payload as it is (decoded later by `decode_many`)."""
+    return buf
+
+
 def _now_pg_micros() -> int:
     return int((time.time() - _PG_EPOCH_UNIX_S) * 1_000_000)
 
@@ -126,6 +131,7 @@ class ReplicationStream:
         max_messages: int = 10_000,
         *,
         decoder: Callable[[bytes, int], Message | RowChange] = decode,
+        decode_many: Callable[[list[bytes], int], list[Message | RowChange]] | None = None,
     ) -> list[tuple[Lsn, Message]]:
         """Return the messages already received, or wait up to `timeout_s` for some.
 
@@ -133,7 +139,8 @@ class ReplicationStream:
         messages, which describe rather than change). Keepalives are answered and periodic status
         updates sent here, so call it at least every few seconds while the stream is open.
         `decoder` turns a payload (and the offset of the pgoutput message in it) into a message,
-        e.g. `pgoutput.decode_row_change` for row changes as plain tuples.
+        e.g. `pgoutput.decode_row_change` for row changes as plain tuples; `decode_many`, if given,
+        decodes the payloads of each drain at once instead (`pgoutput.decode_many`).
         """
         if self._stopped:
             raise ReplicationError(f"the stream of slot '{self.slot}' is stopped")
@@ -141,6 +148,8 @@ class ReplicationStream:
         if time.monotonic() - self._last_poll > 1.0:  # the caller was busy (a long sink write): not silence
             self._listening_since, self._pinged = time.monotonic(), False
         try:
+            if decode_many is not None:
+                return self._poll(timeout_s, max_messages, _payload, messages, decode_many)
             return self._poll(timeout_s, max_messages, decoder, messages)
         finally:
             self._last_poll = time.monotonic()
@@ -151,10 +160,15 @@ class ReplicationStream:
         max_messages: int,
         decoder: Callable[[bytes, int], Message | RowChange],
         messages: list[tuple[Lsn, Message]],
+        decode_many: Callable[[list[bytes], int], list[Message | RowChange]] | None = None,
     ) -> list[tuple[Lsn, Message]]:
         deadline = time.monotonic() + timeout_s
         while True:
+            first = len(messages)
             self._drain(messages, max_messages, decoder)
+            if decode_many is not None and len(messages) > first:  # (the payloads, kept by `_payload`)
+                starts, payloads = zip(*messages[first:], strict=True)
+                messages[first:] = zip(starts, decode_many(list(payloads), _PAYLOAD_OFFSET), strict=True)  # type: ignore[arg-type]
             now = time.monotonic()
             self._check_alive(now)
             if now - self._last_status >= self._status_interval_s:

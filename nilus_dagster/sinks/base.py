@@ -8,7 +8,7 @@ as the data, so a crash can never separate the two; `read_checkpoint` returns it
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -245,3 +245,17 @@ def carried_schema(sink: Sink, schema: TableSchema) -> TableSchema:
     """`schema` with its values carried the way `sink` holds them exactly: decimals as their source
     text where the sink's numeric holds NaN and ±Infinity, else as Arrow decimals."""
     return numerics_as_text(schema) if getattr(sink, "holds_numeric_specials", False) else schema
+
+
+def stream_session(sink: Sink) -> AbstractContextManager[None]:
+    """The sink's `stream_session()` around a CDC stream (DuckDB keeps its file open between the
+    stream's calls, see sinks/duckdb.py), or nothing."""
+    session = getattr(sink, "stream_session", None)
+    return session() if callable(session) else nullcontext()
+
+
+def release_idle(sink: Sink) -> None:
+    """The stream has nothing to apply: let the sink release what its stream session keeps."""
+    release = getattr(sink, "release_idle", None)
+    if callable(release):
+        release()
