@@ -221,7 +221,7 @@ class ReplicationStream:
         append = messages.append
         room = max_messages - len(messages)
         received, caught_up = self.received_lsn, self._caught_up  # locals: this loop is the hot path
-        just_read_socket = got_any = False
+        just_read_socket = got_any = got_data = False
         try:
             while room > 0:
                 size, data = get_copy_data(1)
@@ -237,7 +237,7 @@ class ReplicationStream:
                         if buf[_PAYLOAD_OFFSET] == _LOGICAL_MESSAGE and self._is_heartbeat(buf):
                             caught_up = self.heartbeat_lsn  # everything committed before it was sent
                             continue
-                        self._last_data = time.monotonic()
+                        got_data = True
                         append((start, decoder(buf, _PAYLOAD_OFFSET)))  # type: ignore[arg-type]
                         room -= 1
                         caught_up = None
@@ -261,6 +261,8 @@ class ReplicationStream:
             self.received_lsn, self._caught_up = received, caught_up
             if got_any:
                 self._last_receive, self._pinged = time.monotonic(), False
+            if got_data:  # (once per drain, not per message)
+                self._last_data = self._last_receive
 
     def _is_heartbeat(self, buf: bytes) -> bool:
         message = decode(buf, _PAYLOAD_OFFSET)
