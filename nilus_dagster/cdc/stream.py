@@ -127,7 +127,9 @@ def run_stream(
 
 
 def _flush(stream: ReplicationStream, applier: ChangeApplier, on_durable: Callable[[int], Any]) -> None:
-    _confirm(stream, applier, applier.flush(), on_durable)
+    with stream.reading_ahead():  # the server decodes on while the sink writes
+        end_lsn = applier.flush()
+    _confirm(stream, applier, end_lsn, on_durable)
 
 
 def _confirm(stream: ReplicationStream, applier: ChangeApplier, end_lsn: int, on_durable: Callable[[int], Any]) -> None:
