@@ -10,11 +10,8 @@ from __future__ import annotations
 import select
 import selectors
 import struct
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 import psycopg
@@ -35,7 +32,6 @@ _LOGICAL_MESSAGE = b"M"[0]
 # Tell the server at once (not at the next periodic update) once the confirmed position moved this
 # far: on a busy cluster an idle slot then releases WAL segment by segment.
 EAGER_STATUS_BYTES = 16 << 20
-READ_AHEAD_BYTES = 64 << 20  # what `reading_ahead` holds at most
 
 
 def _payload(buf: bytes, offset: int) -> bytes:
@@ -48,8 +44,7 @@ def _now_pg_micros() -> int:
 
 
 class ReplicationStream:
-    """A started pgoutput stream. Not thread-safe: poll and confirm from one thread (inside
-    `reading_ahead()` a helper thread reads; status updates take turns with it).
+    """A started pgoutput stream. Not thread-safe: poll and confirm from one thread.
 
     Heartbeats (`heartbeat_interval_s`, see `cdc.heartbeat`): while no data arrives for that long,
     `poll()` writes one into the slot's database. When it comes back its LSN becomes `caught_up_lsn`,
@@ -86,8 +81,6 @@ class ReplicationStream:
         self._pinged = False  # a reply was requested since the last message
         self._listening_since = time.monotonic()  # silence counts only while the caller polls
         self._last_poll = time.monotonic()
-        self._ahead: deque[bytes] = deque()  # copy data read by `reading_ahead`, not yet drained
-        self._conn_lock = threading.RLock()  # the connection is used by one thread at a time
 
     @property
     def fresh(self) -> bool:
@@ -124,10 +117,9 @@ class ReplicationStream:
         written = max(flushed, self.received_lsn)
         message = _STANDBY_STATUS(b"r", written, flushed, flushed, _now_pg_micros(), reply_requested)
         try:
-            with self._conn_lock:
-                if self._pgconn.put_copy_data(message) != 1:
-                    raise ServerClosed("could not queue a status update: the connection is broken")
-                self._flush_output()
+            if self._pgconn.put_copy_data(message) != 1:
+                raise ServerClosed("could not queue a status update: the connection is broken")
+            self._flush_output()
         except psycopg.OperationalError as error:
             self._raise_lost(str(error))
         self._last_status = time.monotonic()
@@ -203,39 +195,6 @@ class ReplicationStream:
         """How long the server has said nothing while we were listening."""
         return now - max(self._last_receive, self._listening_since)
 
-    @contextmanager
-    def reading_ahead(self, max_bytes: int = READ_AHEAD_BYTES) -> Iterator[None]:
-        """While the block runs (the caller busy elsewhere: a sink write, which releases the GIL), a
-        thread reads what the server sends into memory, up to `max_bytes`, so the server goes on
-        decoding WAL instead of waiting for a full socket; `poll()` returns it first, in order."""
-        stop = threading.Event()
-        reader = threading.Thread(target=self._read_ahead, args=(stop, max_bytes), name="nilus-read-ahead")
-        reader.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            reader.join()
-
-    def _read_ahead(self, stop: threading.Event, max_bytes: int) -> None:
-        held, sock = 0, self._pgconn.socket
-        while not stop.is_set() and held < max_bytes:
-            with self._conn_lock:
-                try:
-                    size, data = self._pgconn.get_copy_data(1)
-                    if size == 0:
-                        self._pgconn.consume_input()
-                        size, data = self._pgconn.get_copy_data(1)
-                except psycopg.OperationalError:
-                    return  # the caller meets the broken connection at its next poll
-            if size < 0:
-                return  # the end of the stream: the caller's poll reads why
-            if size > 0:
-                self._ahead.append(bytes(data))
-                held += size
-            else:
-                select.select([sock], [], [], 0.02)
-
     def stop(self) -> None:
         """Tell the server to end the stream (best effort; closing the connection also does)."""
         if self._stopped:
@@ -244,13 +203,12 @@ class ReplicationStream:
         if self.heartbeat is not None:
             self.heartbeat.close()
         self._selector.close()
-        with self._conn_lock:
-            if self._pgconn.status == pq.ConnStatus.OK:
-                try:
-                    self._pgconn.put_copy_end()
-                    self._pgconn.flush()
-                except psycopg.OperationalError:
-                    pass
+        if self._pgconn.status == pq.ConnStatus.OK:
+            try:
+                self._pgconn.put_copy_end()
+                self._pgconn.flush()
+            except psycopg.OperationalError:
+                pass
 
     def _drain(
         self,
@@ -259,22 +217,18 @@ class ReplicationStream:
         decoder: Callable[[bytes, int], Message | RowChange] = decode,
     ) -> None:
         """Decode every complete message libpq holds, reading the socket without blocking."""
-        get_copy_data, ahead = self._pgconn.get_copy_data, self._ahead
+        get_copy_data = self._pgconn.get_copy_data
         append = messages.append
         room = max_messages - len(messages)
         received, caught_up = self.received_lsn, self._caught_up  # locals: this loop is the hot path
         just_read_socket = got_any = got_data = False
         try:
             while room > 0:
-                if ahead:
-                    buf = ahead.popleft()
-                    size = len(buf)
-                else:
-                    size, data = get_copy_data(1)
-                    buf = bytes(data) if size > 0 else b""
+                size, data = get_copy_data(1)
                 if size > 0:
                     just_read_socket = False
                     got_any = True
+                    buf = bytes(data)
                     tag = buf[0]
                     if tag == _XLOG_DATA:
                         (start,) = _XLOG_START(buf, 1)

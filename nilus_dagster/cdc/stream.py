@@ -127,9 +127,7 @@ def run_stream(
 
 
 def _flush(stream: ReplicationStream, applier: ChangeApplier, on_durable: Callable[[int], Any]) -> None:
-    with stream.reading_ahead():  # the server decodes on while the sink writes
-        end_lsn = applier.flush()
-    _confirm(stream, applier, end_lsn, on_durable)
+    _confirm(stream, applier, applier.flush(), on_durable)
 
 
 def _confirm(stream: ReplicationStream, applier: ChangeApplier, end_lsn: int, on_durable: Callable[[int], Any]) -> None:
