@@ -1,9 +1,10 @@
-"""CDC throughput: our engine into DuckDB vs `pg_recvlogical` (pgoutput) reading the same changes.
+"""CDC throughput: our engine into DuckDB (and into PostgreSQL) vs `pg_recvlogical` (pgoutput)
+reading the same changes.
 
-Each round truncates the table, lets a fresh pipeline create its slot (snapshot of the empty
-table) and creates a second slot for `pg_recvlogical` right after, then for each phase (insert,
-mixed) writes the changes once and lets both readers consume them from their own slot, in the
-round's order. Rounds alternate the order.
+Each round truncates the table, lets a fresh pipeline per sink create its slot (snapshot of the
+empty table) and creates a slot for `pg_recvlogical` right after, then for each phase (insert,
+mixed) writes the changes once and lets every reader consume them from its own slot, in the
+round's order. Rounds rotate the order.
 """
 
 from __future__ import annotations
@@ -25,13 +26,15 @@ from nilus_dagster.cdc.pipeline import CdcPipelineConfig, CdcTableConfig, run_cd
 from nilus_dagster.schema import TableName
 from nilus_dagster.sinks.base import SinkTable
 from nilus_dagster.sinks.duckdb import DuckDBSink
+from nilus_dagster.sinks.postgres import PostgresSink
 from nilus_dagster.state.records import PipelineKey
 from nilus_dagster.state.store import StateStore
 
 TABLE = "public.cdc_events"
 PUBLICATION = "bench_cdc_pub"
 TARGET = SinkTable("bench", "cdc_events")
-OURS, RECVLOGICAL = "nilus-cdc", "pg_recvlogical"
+OURS, OURS_PG, RECVLOGICAL = "nilus-cdc", "nilus-cdc-pg", "pg_recvlogical"
+SINK_DB = "sink"  # the PostgreSQL sink's database, in the same cluster
 
 Profile = Callable[[str], AbstractContextManager[Any]]
 
@@ -69,6 +72,8 @@ def prepare_source(cluster: Cluster) -> None:
     with cluster.connect() as conn:
         conn.execute(f"CREATE TABLE {TABLE} ({COLUMNS_DDL})")
         conn.execute(f"CREATE PUBLICATION {PUBLICATION} FOR TABLE {TABLE}")
+    with cluster.connect("postgres") as conn:
+        conn.execute(f"CREATE DATABASE {SINK_DB}")
 
 
 def pipeline_config(cluster: Cluster, name: str) -> CdcPipelineConfig:
@@ -82,7 +87,7 @@ def pipeline_config(cluster: Cluster, name: str) -> CdcPipelineConfig:
 
 
 def run_ours(
-    config: CdcPipelineConfig, sink: DuckDBSink, store: StateStore, phase: str, expected: int, run_id: str
+    side: str, config: CdcPipelineConfig, sink: Any, store: StateStore, phase: str, expected: int, run_id: str
 ) -> Measurement:
     timed, cpu_start = TimedSink(sink), time.process_time()
     with Timer() as timer:
@@ -92,7 +97,7 @@ def run_ours(
     if stats.events_total != expected:
         raise AssertionError(f"our CDC applied {stats.events_total} events in {phase}, expected {expected}")
     note = f"{stats.batches} batches; in sink {timed.total:.1f}s; process CPU {cpu:.1f}s"
-    return Measurement(OURS, phase, timer.seconds, stats.events_total, note)
+    return Measurement(side, phase, timer.seconds, stats.events_total, note)
 
 
 def run_recvlogical(cluster: Cluster, slot: str, end_lsn: str, phase: str, events: int) -> Measurement:
@@ -120,17 +125,24 @@ def run_round(
 ) -> list[Measurement]:
     """One round: fresh slots, then each phase written once and read by each side in `order`.
 
-    With `profile`, each phase of our side runs inside `profile(phase)` (e.g. pyinstrument).
+    With `profile`, each phase of our sides runs inside `profile(phase)` (e.g. pyinstrument).
     """
-    name = f"cdc{round_no}"
-    config = pipeline_config(cluster, name)
-    duckdb_path = workdir / f"{name}.duckdb"
-    sink = DuckDBSink(duckdb_path)
+    duckdb_path = workdir / f"cdc{round_no}.duckdb"
+    ours = {
+        side: (pipeline_config(cluster, f"{name}{round_no}"), sink)
+        for side, name, sink in (
+            (OURS, "cdc", DuckDBSink(duckdb_path)),
+            (OURS_PG, "cdcpg", PostgresSink(cluster.dsn(SINK_DB))),
+        )
+        if side in order
+    }
     recv_slot = f"bench_recv_{round_no}"
     measurements: list[Measurement] = []
-    with cluster.connect() as conn:
+    with cluster.connect() as conn, cluster.connect(SINK_DB) as sink_conn:
         conn.execute(f"TRUNCATE {TABLE}")
-        run_cdc_pipeline(config, sink, store, run_id=f"{name}-setup", stop_at_caught_up=True)  # creates our slot
+        sink_conn.execute(f"DROP TABLE IF EXISTS {TARGET.qualified}")
+        for side, (config, sink) in ours.items():  # creates our slots
+            run_cdc_pipeline(config, sink, store, run_id=f"{side}-{round_no}-setup", stop_at_caught_up=True)
         if RECVLOGICAL in order:
             conn.execute("SELECT pg_create_logical_replication_slot(%s, 'pgoutput')", (recv_slot,))
         try:
@@ -138,19 +150,25 @@ def run_round(
                 events = write(conn)
                 end_lsn = current_lsn(conn)
                 for side in order:
-                    if side == OURS:
-                        with profile(phase) if profile else nullcontext():
-                            measured = run_ours(config, sink, store, phase, events, f"{name}-{phase}")
+                    if side in ours:
+                        config, sink = ours[side]
+                        with profile(f"{side}-{phase}") if profile else nullcontext():
+                            measured = run_ours(side, config, sink, store, phase, events, f"{side}-{round_no}-{phase}")
                     else:
                         measured = run_recvlogical(cluster, recv_slot, end_lsn, phase, events)
                     print(f"  round {round_no}:{measured.line()[1:]}", flush=True)
                     measurements.append(measured)
-            check_sink(duckdb_path, workload.remaining_rows)
+            if OURS in ours:
+                check_sink(duckdb_path, workload.remaining_rows)
+            if OURS_PG in ours:
+                check_count(sink_conn.execute(f"SELECT count(*) FROM {TARGET.qualified}").fetchone(), workload)
         finally:
-            for slot in (config.slot(SOURCE_DB), recv_slot):
+            for slot in [config.slot(SOURCE_DB) for config, _ in ours.values()] + [recv_slot]:
                 conn.execute(
                     "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = %s", (slot,)
                 )
+            for _, sink in ours.values():
+                sink.close()
     duckdb_path.unlink(missing_ok=True)
     return measurements
 
@@ -163,6 +181,12 @@ def check_sink(path: Path, expected_rows: int) -> None:
         raise AssertionError(f"DuckDB holds {row} rows after the CDC round, expected {expected_rows}")
 
 
-def orders(rounds: int) -> list[tuple[str, ...]]:
-    """Alternate who goes first: ours first in odd rounds, pg_recvlogical first in even ones."""
-    return [(OURS, RECVLOGICAL) if i % 2 == 0 else (RECVLOGICAL, OURS) for i in range(rounds)]
+def check_count(row: tuple[Any, ...] | None, workload: Workload) -> None:
+    if row is None or row[0] != workload.remaining_rows:
+        expected = workload.remaining_rows
+        raise AssertionError(f"the PostgreSQL sink holds {row} rows after the CDC round, expected {expected}")
+
+
+def orders(rounds: int, sides: tuple[str, ...] = (OURS, RECVLOGICAL)) -> list[tuple[str, ...]]:
+    """Rotate who goes first from round to round."""
+    return [sides[i % len(sides) :] + sides[: i % len(sides)] for i in range(rounds)]

@@ -54,7 +54,7 @@ from nilus_dagster.cdc.stream import (
     run_stream,
 )
 from nilus_dagster.schema import TableName, TableSchema
-from nilus_dagster.sinks.base import Sink, SinkTable, carried_schema
+from nilus_dagster.sinks.base import Sink, SinkTable, carried_schema, stream_session
 from nilus_dagster.sources.postgres.connection import connect_source
 from nilus_dagster.state.store import StateStore
 
@@ -256,6 +256,10 @@ class CdcRun(
         return RowParityProbe(config.source_connection, config.source_dsn, self.sink, checked, interval or 0.0)
 
     def _stream_once(self, tables: list[CdcTable], stop_at: int | None, stats: StreamStats) -> None:
+        with stream_session(self.sink):  # (DuckDB: the file stays open while batches come back to back)
+            self._stream_session(tables, stop_at, stats)
+
+    def _stream_session(self, tables: list[CdcTable], stop_at: int | None, stats: StreamStats) -> None:
         config = self.config
         latest = self.store.latest_schemas(config.key.tenant, config.key.pipeline)
         stream_tables: dict[TableName, StreamTable] = {}
@@ -348,7 +352,6 @@ class CdcRun(
                     )
             except SlotLost as error:
                 raise self._fail(f"{error}; {RESET_HINT}", slot=self.slot) from None
-
 
     def _tick_parity(
         self, stream: StreamProgress, tables: dict[TableName, StreamTable], stats: StreamStats, progress: CdcProgress

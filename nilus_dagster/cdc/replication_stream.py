@@ -34,6 +34,11 @@ _LOGICAL_MESSAGE = b"M"[0]
 EAGER_STATUS_BYTES = 16 << 20
 
 
+def _payload(buf: bytes, offset: int) -> bytes:
+    """The "decoder" that keeps a payload as it is (decoded later by `decode_many`)."""
+    return buf
+
+
 def _now_pg_micros() -> int:
     return int((time.time() - _PG_EPOCH_UNIX_S) * 1_000_000)
 
@@ -126,6 +131,7 @@ class ReplicationStream:
         max_messages: int = 10_000,
         *,
         decoder: Callable[[bytes, int], Message | RowChange] = decode,
+        decode_many: Callable[[list[bytes], int], list[Message | RowChange]] | None = None,
     ) -> list[tuple[Lsn, Message]]:
         """Return the messages already received, or wait up to `timeout_s` for some.
 
@@ -133,7 +139,8 @@ class ReplicationStream:
         messages, which describe rather than change). Keepalives are answered and periodic status
         updates sent here, so call it at least every few seconds while the stream is open.
         `decoder` turns a payload (and the offset of the pgoutput message in it) into a message,
-        e.g. `pgoutput.decode_row_change` for row changes as plain tuples.
+        e.g. `pgoutput.decode_row_change` for row changes as plain tuples; `decode_many`, if given,
+        decodes the payloads of each drain at once instead (`pgoutput.decode_many`).
         """
         if self._stopped:
             raise ReplicationError(f"the stream of slot '{self.slot}' is stopped")
@@ -141,6 +148,8 @@ class ReplicationStream:
         if time.monotonic() - self._last_poll > 1.0:  # the caller was busy (a long sink write): not silence
             self._listening_since, self._pinged = time.monotonic(), False
         try:
+            if decode_many is not None:
+                return self._poll(timeout_s, max_messages, _payload, messages, decode_many)
             return self._poll(timeout_s, max_messages, decoder, messages)
         finally:
             self._last_poll = time.monotonic()
@@ -151,10 +160,15 @@ class ReplicationStream:
         max_messages: int,
         decoder: Callable[[bytes, int], Message | RowChange],
         messages: list[tuple[Lsn, Message]],
+        decode_many: Callable[[list[bytes], int], list[Message | RowChange]] | None = None,
     ) -> list[tuple[Lsn, Message]]:
         deadline = time.monotonic() + timeout_s
         while True:
+            first = len(messages)
             self._drain(messages, max_messages, decoder)
+            if decode_many is not None and len(messages) > first:  # (the payloads, kept by `_payload`)
+                starts, payloads = zip(*messages[first:], strict=True)
+                messages[first:] = zip(starts, decode_many(list(payloads), _PAYLOAD_OFFSET), strict=True)  # type: ignore[arg-type]
             now = time.monotonic()
             self._check_alive(now)
             if now - self._last_status >= self._status_interval_s:
@@ -207,7 +221,7 @@ class ReplicationStream:
         append = messages.append
         room = max_messages - len(messages)
         received, caught_up = self.received_lsn, self._caught_up  # locals: this loop is the hot path
-        just_read_socket = got_any = False
+        just_read_socket = got_any = got_data = False
         try:
             while room > 0:
                 size, data = get_copy_data(1)
@@ -223,7 +237,7 @@ class ReplicationStream:
                         if buf[_PAYLOAD_OFFSET] == _LOGICAL_MESSAGE and self._is_heartbeat(buf):
                             caught_up = self.heartbeat_lsn  # everything committed before it was sent
                             continue
-                        self._last_data = time.monotonic()
+                        got_data = True
                         append((start, decoder(buf, _PAYLOAD_OFFSET)))  # type: ignore[arg-type]
                         room -= 1
                         caught_up = None
@@ -247,6 +261,8 @@ class ReplicationStream:
             self.received_lsn, self._caught_up = received, caught_up
             if got_any:
                 self._last_receive, self._pinged = time.monotonic(), False
+            if got_data:  # (once per drain, not per message)
+                self._last_data = self._last_receive
 
     def _is_heartbeat(self, buf: bytes) -> bool:
         message = decode(buf, _PAYLOAD_OFFSET)

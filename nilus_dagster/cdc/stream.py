@@ -19,8 +19,9 @@ from nilus_dagster.cdc.applier import (
     StreamStats,
     StreamTable,
 )
-from nilus_dagster.cdc.pgoutput import decode_row_change
+from nilus_dagster.cdc.pgoutput import decode_many
 from nilus_dagster.cdc.replication import ReplicationStream
+from nilus_dagster.sinks.base import release_idle
 
 __all__ = [
     "ChangeApplier",
@@ -82,7 +83,7 @@ def run_stream(
                 stop_requested_at = time.monotonic()
             timeout = 0.05 if stop_requested_at is not None else min(0.2, applier.batch_max_ms / 1000)
             try:
-                messages = stream.poll(timeout_s=timeout, max_messages=poll_max, decoder=decode_row_change)
+                messages = stream.poll(timeout_s=timeout, max_messages=poll_max, decode_many=decode_many)
             except interrupts as error:
                 if interrupted is not None:
                     raise
@@ -114,6 +115,8 @@ def run_stream(
                 break  # an unfinished transaction is simply replayed by the next run
             if stop_at_lsn is not None and _caught_up(stream, applier, stop_at_lsn):
                 break
+            if not messages and not applier.in_transaction and not applier.has_pending:
+                release_idle(applier.sink)  # nothing to apply: other processes may open the sink
     finally:
         applier.abandon()  # ending inside a transaction applied in chunks: roll it back
     stream.send_status()

@@ -8,7 +8,7 @@ as the data, so a crash can never separate the two; `read_checkpoint` returns it
 from __future__ import annotations
 
 from collections.abc import Iterable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -248,3 +248,18 @@ def carried_schema(sink: Sink, schema: TableSchema) -> TableSchema:
     carried = numerics_as_text(schema) if getattr(sink, "holds_numeric_specials", False) else schema
     limits: SinkLimits | None = getattr(sink, "value_limits", None)
     return with_limits(carried, limits) if limits is not None else carried
+
+
+
+def stream_session(sink: Sink) -> AbstractContextManager[None]:
+    """The sink's `stream_session()` around a CDC stream (DuckDB keeps its file open between the
+    stream's calls, see sinks/duckdb.py), or nothing."""
+    session = getattr(sink, "stream_session", None)
+    return session() if callable(session) else nullcontext()
+
+
+def release_idle(sink: Sink) -> None:
+    """The stream has nothing to apply: let the sink release what its stream session keeps."""
+    release = getattr(sink, "release_idle", None)
+    if callable(release):
+        release()
