@@ -116,7 +116,8 @@ class TableFailureSteps:
         return counted
 
     def _failure_progress(self, progress: CdcProgress) -> None:
-        progress.sink_errors_total = self._isolation.errors + self._sink_faults + getattr(self.sink, "lock_waits", 0)
+        waited_out = getattr(self.sink, "lock_waits", 0) + getattr(self.sink, "transient_errors", 0)
+        progress.sink_errors_total = self._isolation.errors + self._sink_faults + waited_out
         if self._isolation.failed:
             progress.failed_tables = {n.qualified: reason for n, reason in self._isolation.failed.items()}
 

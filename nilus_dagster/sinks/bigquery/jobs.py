@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import logging
 import os
 import threading
 import time
@@ -28,6 +29,8 @@ from nilus_dagster.sinks.bigquery.files import LoadFile, parquet_file
 from nilus_dagster.sinks.bigquery.options import BigQueryTableOptions
 from nilus_dagster.sinks.bigquery.sql import table_ref
 from nilus_dagster.sinks.bigquery_types import to_load_table
+
+log = logging.getLogger(__name__)
 
 _STAGING_LIFETIME = dt.timedelta(days=1)  # a crashed run's staging table expires by itself
 _LEGACY_TYPE_NAMES = {"INTEGER": "INT64", "FLOAT": "FLOAT64", "BOOLEAN": "BOOL"}
@@ -66,13 +69,23 @@ class BigQueryJobs:
         self.retry_deadline = retry_deadline
         self._owns_client = client is None
         self.client = client or make_client(project, location, credentials_env, api_endpoint)
-        self._retry = Retry(predicate=is_transient, initial=1.0, maximum=32.0, multiplier=2.0, timeout=retry_deadline)
+        self.transient_errors = 0  # transient API errors waited out (an outage count: sink_errors_total)
+        self._retry = Retry(
+            predicate=is_transient, initial=1.0, maximum=32.0, multiplier=2.0, timeout=retry_deadline,
+            on_error=self._retrying,
+        )
         self._tables: dict[str, bigquery.Table] = {}
         self._datasets: set[str] = set()
         self._parent: BigQueryJobs | None = None  # the sink this one was forked from
         # Held by every statement writing the checkpoint table, shared with forks: the stream and a
         # resync's worker both write it, and concurrent DML on one table conflicts (BigQuery aborts one).
         self._checkpoint_lock = threading.Lock()
+
+    def _retrying(self, error: BaseException) -> None:
+        """A transient error the retry waits out: counted (on the sink a fork came from too) and logged."""
+        for sink in (self, self._parent) if self._parent is not None else (self,):
+            sink.transient_errors += 1
+        log.warning("BigQuery answered %s: retrying for up to %.0f s", error, self.retry_deadline)
 
     @property
     def can_fork(self) -> bool:
@@ -191,9 +204,10 @@ class BigQueryJobs:
                         job = self.client.load_table_from_file(source, table, job_config=config, location=self.location)
                     job.result(retry=self._retry)
                     return
-                except api_errors.GoogleAPICallError as exc:
+                except Exception as exc:  # an upload's dropped connection too, not only API errors
                     if failures >= attempts or not is_transient(exc):
                         raise
+                    self._retrying(exc)
                     time.sleep(min(2.0**failures, 32.0))
 
     def _query(self, sql: str, action: str, *parameters: bigquery.ScalarQueryParameter) -> list[bigquery.Row]:
