@@ -32,6 +32,7 @@ from nilus_dagster.cdc.pgoutput import (
     TypeMessage,
     Update,
     decode,
+    decode_row_change,
     relation_schema,
 )
 from nilus_dagster.schema.table import ColumnType, TableName
@@ -164,13 +165,22 @@ def test_messages_are_immutable() -> None:
         (b"I" + struct.pack(">I", 1) + b"X", "Insert: expected 'N'"),
         (b"I" + struct.pack(">IcH", 1, b"N", 1) + b"q", "unknown tuple value kind 'q'"),
         (b"I" + struct.pack(">IcHci", 1, b"N", 1, b"t", 10) + b"ab", "runs past the end"),
+        (b"I" + struct.pack(">IcHci", 1, b"N", 1, b"t", -2) + b"ab", "negative value length -2"),
+        (b"I" + struct.pack(">IcHci", 1, b"N", 1, b"t", 2) + b"abc", "1 unexpected bytes after the tuple"),
+        (b"D" + struct.pack(">IcHc", 1, b"K", 1, b"n") + b"\x00", "1 unexpected bytes after the tuple"),
+        (b"U" + struct.pack(">IcHc", 1, b"N", 1, b"n") + b"??", "2 unexpected bytes after the tuple"),
         (b"D" + struct.pack(">I", 1) + b"N", "Delete: expected 'K' or 'O'"),
         (b"B\x00\x00", "malformed pgoutput 'B'"),
     ],
 )
 def test_malformed_payloads_raise_pgoutput_error(payload: bytes, error: str) -> None:
+    """A message that is not exactly what the protocol says is refused, never read as something else,
+    by the message decoder and by the stream's row decoder alike."""
     with pytest.raises(PgOutputError, match=error):
         decode(payload)
+    if payload[:1] in (b"I", b"U", b"D"):
+        with pytest.raises(PgOutputError, match=error):
+            decode_row_change(payload)
 
 
 def test_relation_schema_maps_types_and_key() -> None:

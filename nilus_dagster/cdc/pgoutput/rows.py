@@ -12,7 +12,7 @@ import struct
 from collections.abc import Callable
 
 from nilus_dagster.cdc.pgoutput.messages import Message, PgOutputError, TupleData
-from nilus_dagster.cdc.pgoutput.wire import _KEY, _NEW, _OLD, _UINT32, _expect, _tuple_flagged, decode
+from nilus_dagster.cdc.pgoutput.wire import _KEY, _NEW, _OLD, _UINT32, _ends, _expect, _tuple_flagged, decode
 
 RowChange = tuple[int, int, TupleData | None, TupleData | None, bool, bool]
 _INSERT_KIND, _UPDATE_KIND, _DELETE_KIND = b"I"[0], b"U"[0], b"D"[0]
@@ -22,7 +22,8 @@ def _insert_row(buf: bytes, pos: int) -> RowChange:
     (relation_id,) = _UINT32(buf, pos)
     if buf[pos + 4] != _NEW:
         _expect(buf, pos + 4, _NEW, "Insert")
-    new, _, special = _tuple_flagged(buf, pos + 5)
+    new, end, special = _tuple_flagged(buf, pos + 5)
+    _ends(buf, end)
     return (_INSERT_KIND, relation_id, new, None, False, special)
 
 
@@ -31,13 +32,15 @@ def _update_row(buf: bytes, pos: int) -> RowChange:
     pos += 4
     marker = buf[pos]
     if marker == _NEW:
-        new, _, special = _tuple_flagged(buf, pos + 1)
+        new, end, special = _tuple_flagged(buf, pos + 1)
+        _ends(buf, end)
         return (_UPDATE_KIND, relation_id, new, None, False, special)
     if marker not in (_KEY, _OLD):
         raise PgOutputError(f"Update: expected 'K', 'O' or 'N' at offset {pos}, got {chr(marker)!r}")
     old, pos, old_special = _tuple_flagged(buf, pos + 1)
     _expect(buf, pos, _NEW, "Update")
-    new, _, special = _tuple_flagged(buf, pos + 1)
+    new, end, special = _tuple_flagged(buf, pos + 1)
+    _ends(buf, end)
     return (_UPDATE_KIND, relation_id, new, old, marker == _KEY, special or old_special)
 
 
@@ -46,7 +49,8 @@ def _delete_row(buf: bytes, pos: int) -> RowChange:
     marker = buf[pos + 4]
     if marker not in (_KEY, _OLD):
         raise PgOutputError(f"Delete: expected 'K' or 'O' at offset {pos + 4}, got {chr(marker)!r}")
-    old, _, special = _tuple_flagged(buf, pos + 5)
+    old, end, special = _tuple_flagged(buf, pos + 5)
+    _ends(buf, end)
     return (_DELETE_KIND, relation_id, None, old, marker == _KEY, special)
 
 

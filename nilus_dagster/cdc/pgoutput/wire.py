@@ -67,6 +67,8 @@ def _tuple_flagged(buf: bytes, pos: int) -> tuple[TupleData, int, bool]:
         kind = buf[pos]
         if kind == _TEXT:
             (length,) = _INT32(buf, pos + 1)
+            if length < 0:
+                raise PgOutputError(f"negative value length {length} at offset {pos}")
             start = pos + 5
             pos = start + length
             append(buf[start:pos].decode())
@@ -79,6 +81,8 @@ def _tuple_flagged(buf: bytes, pos: int) -> tuple[TupleData, int, bool]:
             special = True
         elif kind == _BINARY:
             (length,) = _INT32(buf, pos + 1)
+            if length < 0:
+                raise PgOutputError(f"negative value length {length} at offset {pos}")
             start = pos + 5
             pos = start + length
             append(buf[start:pos])
@@ -93,6 +97,18 @@ def _tuple_flagged(buf: bytes, pos: int) -> tuple[TupleData, int, bool]:
 def _tuple(buf: bytes, pos: int) -> tuple[TupleData, int]:
     values, pos, _ = _tuple_flagged(buf, pos)
     return values, pos
+
+
+def _ends(buf: bytes, end: int) -> None:
+    """The message's last tuple ended at `end`: bytes after it mean the message is not what we think."""
+    if end != len(buf):
+        raise PgOutputError(f"{len(buf) - end} unexpected bytes after the tuple ending at offset {end}")
+
+
+def _last_tuple(buf: bytes, pos: int) -> TupleData:
+    values, end = _tuple(buf, pos)
+    _ends(buf, end)
+    return values
 
 
 def _expect(buf: bytes, pos: int, marker: int, what: str) -> None:
@@ -144,7 +160,7 @@ def _insert(buf: bytes, pos: int) -> Insert:
     (relation_id,) = _UINT32(buf, pos)
     if buf[pos + 4] != _NEW:
         _expect(buf, pos + 4, _NEW, "Insert")
-    return Insert(relation_id, _tuple(buf, pos + 5)[0])
+    return Insert(relation_id, _last_tuple(buf, pos + 5))
 
 
 def _update(buf: bytes, pos: int) -> Update:
@@ -152,14 +168,12 @@ def _update(buf: bytes, pos: int) -> Update:
     pos += 4
     marker = buf[pos]
     if marker == _NEW:
-        new, _ = _tuple(buf, pos + 1)
-        return Update(relation_id, new)
+        return Update(relation_id, _last_tuple(buf, pos + 1))
     if marker not in (_KEY, _OLD):
         raise PgOutputError(f"Update: expected 'K', 'O' or 'N' at offset {pos}, got {chr(marker)!r}")
     old, pos = _tuple(buf, pos + 1)
     _expect(buf, pos, _NEW, "Update")
-    new, _ = _tuple(buf, pos + 1)
-    return Update(relation_id, new, old, marker == _KEY)
+    return Update(relation_id, _last_tuple(buf, pos + 1), old, marker == _KEY)
 
 
 def _delete(buf: bytes, pos: int) -> Delete:
@@ -167,8 +181,7 @@ def _delete(buf: bytes, pos: int) -> Delete:
     marker = buf[pos + 4]
     if marker not in (_KEY, _OLD):
         raise PgOutputError(f"Delete: expected 'K' or 'O' at offset {pos + 4}, got {chr(marker)!r}")
-    old, _ = _tuple(buf, pos + 5)
-    return Delete(relation_id, old, marker == _KEY)
+    return Delete(relation_id, _last_tuple(buf, pos + 5), marker == _KEY)
 
 
 def _truncate(buf: bytes, pos: int) -> Truncate:
