@@ -16,7 +16,6 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import socket
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -24,6 +23,8 @@ from pathlib import Path
 from urllib.parse import quote
 
 from apt_packages import ensure_packages
+
+from nilus_dagster.embedded.postgres import free_port
 
 APT_PACKAGES = ["mariadb-server", "mariadb-client"]
 SERVER_TIME_ZONE = "+05:30"
@@ -42,12 +43,6 @@ def ensure_mariadb() -> tuple[str, str]:
     install_db, server = _binaries()
     assert install_db and server, f"apt-get install {' '.join(APT_PACKAGES)} did not provide mariadbd"
     return install_db, server
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -125,7 +120,7 @@ class MariaDBServer:
             f"ALTER USER 'root'@'127.0.0.1' IDENTIFIED BY '{ROOT_PASSWORD}';\n"
             "GRANT ALL PRIVILEGES ON *.* TO 'root'@'127.0.0.1' WITH GRANT OPTION;\n"
         )
-        self.port = self.port or _free_port()
+        self.port = self.port or free_port()
         with open(self.base_dir / "stdout.log", "ab") as out:
             self._process = subprocess.Popen(self._options(server), stdout=out, stderr=subprocess.STDOUT)
         self._wait_ready(timeout_s)

@@ -403,13 +403,10 @@ def run_cdc_pipeline(
     """Run the pipeline until `should_stop()` (or, with `stop_at_caught_up`, until the WAL position
     seen at the start is applied). `interrupts`: see `run_stream`. A MariaDB source streams its
     binlog instead (cdc/mysql/pipeline.py), with the same result and progress."""
-    from nilus_dagster.cdc.mysql.pipeline import is_binlog_source, run_binlog_cdc_pipeline
+    from nilus_dagster.cdc.mysql.pipeline import BinlogCdcRun, is_binlog_source
 
-    if is_binlog_source(config):
-        return run_binlog_cdc_pipeline(config, sink, store, run_id=run_id, should_stop=should_stop,
-                                       on_progress=on_progress, stop_at_caught_up=stop_at_caught_up,
-                                       interrupts=interrupts)
-    return CdcRun(config, sink, store, run_id, should_stop, on_progress, stop_at_caught_up, interrupts).run()
+    run = BinlogCdcRun if is_binlog_source(config) else CdcRun
+    return run(config, sink, store, run_id, should_stop, on_progress, stop_at_caught_up, interrupts).run()
 
 
 __all__ = [

@@ -280,16 +280,3 @@ def _value(conn: Any, sql: str) -> Any:
     value = row[0]
     return value.decode() if isinstance(value, bytes) else value
 
-
-def run_binlog_cdc_pipeline(
-    config: CdcPipelineConfig,
-    sink: Sink,
-    store: StateStore,
-    *,
-    run_id: str,
-    should_stop: Callable[[], bool] = lambda: False,
-    on_progress: Callable[[CdcProgress], Any] = lambda progress: None,
-    stop_at_caught_up: bool = False,
-    interrupts: tuple[type[BaseException], ...] = (),
-) -> CdcRunResult:
-    return BinlogCdcRun(config, sink, store, run_id, should_stop, on_progress, stop_at_caught_up, interrupts).run()
