@@ -16,7 +16,7 @@ from dagster import DagsterRunStatus
 from fastapi.testclient import TestClient
 
 from nilus_dagster.api.app import create_app
-from nilus_dagster.api.metrics import create_metrics_app
+from nilus_dagster.api.metrics import STALE_BEAT_S, create_metrics_app
 from nilus_dagster.embedded.postgres import free_port
 
 
@@ -45,7 +45,10 @@ def test_metrics_server_reports_pipelines_cdc_and_api(world: World) -> None:
         assert _sample(text, "nilus_pipeline_runs", tenant="globex", pipeline="orders", status="FAILURE") == 25
         assert _sample(text, "nilus_pipeline_last_run_duration_seconds", tenant="acme", pipeline="orders") == 10.0
         assert _sample(text, "nilus_pipeline_last_run_success", tenant="globex", pipeline="events") == 0.0
-        assert _sample(text, "nilus_cdc_lag_seconds", tenant="acme", pipeline="stream") == 1.5
+        # the reported lag, plus the heartbeat's age once it is stale (the session's world may be old by now)
+        beat_age = _sample(text, "nilus_cdc_heartbeat_age_seconds", tenant="acme", pipeline="stream")
+        lag = _sample(text, "nilus_cdc_lag_seconds", tenant="acme", pipeline="stream")
+        assert lag == pytest.approx(1.5 if beat_age <= STALE_BEAT_S else 1.5 + beat_age)
         assert _sample(text, "nilus_cdc_events_total", tenant="acme", pipeline="stream") == 1234
         assert _sample(text, "nilus_sink_errors_total", tenant="acme", pipeline="stream") == 3
         assert _sample(text, "nilus_cdc_failed_tables", tenant="acme", pipeline="stream") == 1
