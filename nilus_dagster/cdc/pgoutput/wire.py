@@ -65,27 +65,23 @@ def _tuple_flagged(buf: bytes, pos: int) -> tuple[TupleData, int, bool]:
     special = False
     for _ in range(count):
         kind = buf[pos]
-        if kind == _TEXT:
+        if kind in (_TEXT, _BINARY):
             (length,) = _INT32(buf, pos + 1)
             if length < 0:
                 raise PgOutputError(f"negative value length {length} at offset {pos}")
             start = pos + 5
             pos = start + length
-            append(buf[start:pos].decode())
+            if kind == _TEXT:
+                append(buf[start:pos].decode())
+            else:
+                append(buf[start:pos])
+                special = True
         elif kind == _NULL:
             append(None)
             pos += 1
         elif kind == _UNCHANGED:
             append(UNCHANGED_TOAST)
             pos += 1
-            special = True
-        elif kind == _BINARY:
-            (length,) = _INT32(buf, pos + 1)
-            if length < 0:
-                raise PgOutputError(f"negative value length {length} at offset {pos}")
-            start = pos + 5
-            pos = start + length
-            append(buf[start:pos])
             special = True
         else:
             raise PgOutputError(f"unknown tuple value kind {chr(kind)!r} at offset {pos}")
