@@ -69,6 +69,21 @@ def test_ddl_inside_a_transaction_between_its_rows(env: str, sink: SinkTarget, i
     assert_same_rows(source_rows(env, "public.people", columns, "id"), people(sink, columns))
 
 
+def test_evolve_follows_a_column_renamed_mid_stream(env: str, sink: SinkTarget, instance: dg.DagsterInstance) -> None:
+    """Rows from before the rename keep their values under the new name; later changes land in it."""
+    defs = cdc_project(sink, cdc_pipeline("crm", ["public.people"]))
+    assert run_until_caught_up(defs, "acme__crm", instance).success
+    with psycopg.connect(env, autocommit=True) as conn:
+        conn.execute("INSERT INTO public.people VALUES (3, 'cy')")
+        conn.execute("ALTER TABLE public.people RENAME COLUMN name TO full_name")
+        conn.execute("INSERT INTO public.people VALUES (4, 'di')")
+        conn.execute("UPDATE public.people SET full_name = 'ann b' WHERE id = 1")
+    result = run_until_caught_up(defs, "acme__crm", instance)
+    assert result.success, failure_message(result)
+    columns = ["id", "full_name"]
+    assert_same_rows(source_rows(env, "public.people", columns, "id"), people(sink, columns))
+
+
 def test_evolve_widens_a_column_type(env: str, sink: SinkTarget, instance: dg.DagsterInstance) -> None:
     with psycopg.connect(env, autocommit=True) as conn:
         conn.execute("ALTER TABLE public.pets ADD COLUMN grams int")
