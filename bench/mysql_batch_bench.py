@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import venv
 from pathlib import Path
 
 import duckdb
@@ -41,6 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from mariadb_server import ROOT_PASSWORD, MariaDBServer  # noqa: E402
+from peer_venvs import peer_python  # noqa: E402
 
 from nilus_dagster.batch import BatchTableLoad, load_table  # noqa: E402
 from nilus_dagster.embedded.postgres import EmbeddedPostgres  # noqa: E402
@@ -51,7 +51,6 @@ from nilus_dagster.spec.pipelines import SourceTable  # noqa: E402
 from nilus_dagster.state.records import PipelineKey  # noqa: E402
 from nilus_dagster.state.store import StateStore  # noqa: E402
 
-DLT_VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nilus-dagster" / "bench-dlt-mysql"
 DLT_REQUIREMENTS = ["dlt[duckdb,sql-database]>=1,<2", "pymysql", "pyarrow"]
 DLT_SCRIPT = """
 import json, sys, time
@@ -119,15 +118,7 @@ def nilus_load(server: MariaDBServer, state_dsn: str, out: Path, round_: int) ->
 def dlt_python() -> Path:
     if os.environ.get("NILUS_BENCH_DLT_PYTHON"):  # an interpreter that already has dlt and pymysql
         return Path(os.environ["NILUS_BENCH_DLT_PYTHON"])
-    interpreter, marker = DLT_VENV / "bin" / "python", DLT_VENV / ".nilus-bench-requirements"
-    wanted = " ".join(DLT_REQUIREMENTS)
-    if not marker.exists() or marker.read_text() != wanted:
-        print(f"  preparing {DLT_VENV}: pip install {wanted} (once)...", flush=True)
-        if not interpreter.exists():
-            venv.create(DLT_VENV, with_pip=True)
-        subprocess.run([str(interpreter), "-m", "pip", "install", "-q", *DLT_REQUIREMENTS], check=True)
-        marker.write_text(wanted)
-    return interpreter
+    return peer_python("bench-dlt-mysql", DLT_REQUIREMENTS)
 
 
 def dlt_load(server: MariaDBServer, out: Path, round_: int) -> tuple[float, int]:

@@ -11,12 +11,12 @@ import json
 import os
 import subprocess
 import tempfile
-import venv
 from pathlib import Path
+
+from peer_venvs import peer_python
 
 from cdcbench.common import SOURCE_DB, Cluster, Measurement
 
-VENV = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nilus-dagster" / "bench-dlt"
 REQUIREMENTS = ["dlt[duckdb,sql-database]>=1,<2", "psycopg2-binary", "pyarrow", "connectorx"]
 SIDE = "dlt pyarrow"
 
@@ -40,22 +40,9 @@ print(json.dumps({"seconds": seconds, "rows": rows, "dlt": dlt.__version__}))
 """
 
 
-def python() -> Path:
-    """The venv's interpreter, creating the venv and installing dlt when missing."""
-    interpreter = VENV / "bin" / "python"
-    marker, wanted = VENV / ".nilus-bench-requirements", " ".join(REQUIREMENTS)
-    if not marker.exists() or marker.read_text() != wanted:
-        print(f"  preparing {VENV}: pip install {wanted} (once)...", flush=True)
-        if not interpreter.exists():
-            venv.create(VENV, with_pip=True)
-        subprocess.run([str(interpreter), "-m", "pip", "install", "-q", *REQUIREMENTS], check=True)
-        marker.write_text(wanted)
-    return interpreter
-
-
 def run_dlt(cluster: Cluster, table: str, rows: int, backend: str = "pyarrow") -> Measurement:
     """Load `public.<table>` into a fresh DuckDB file; the time is dlt's `pipeline.run` alone."""
-    interpreter = python()
+    interpreter = peer_python("bench-dlt", REQUIREMENTS)
     url = f"postgresql+psycopg2://postgres@127.0.0.1:{cluster.port}/{SOURCE_DB}"
     with tempfile.TemporaryDirectory(prefix="nilus-bench-dlt-") as tmp:
         script = Path(tmp) / "dlt_load.py"

@@ -9,7 +9,7 @@
   `duckdb-extension-postgres-scanner` wheel, loaded by path.
 - `sling`: Sling's CLI (from the `sling-linux-amd64` wheel) into a DuckDB file.
 
-Peers live in venvs of their own under `~/.cache/nilus-dagster/` (`venvs.py`), never in the
+Peers live in venvs of their own under `~/.cache/nilus-dagster/` (`bench/peer_venvs.py`), never in the
 project's dependencies; each prints one JSON line with its own timing.
 """
 
@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-
-from snapbench.venvs import peer_python
+from peer_venvs import peer_python
 
 EXTENSION_REQUIREMENTS = ["duckdb==1.5.5", "duckdb-extension-postgres-scanner==1.5.5"]
 # The `sling` wheel downloads its binary on first use; this one ships it (for linux/amd64).
