@@ -8,6 +8,7 @@ sets the creation time; `handle_run_event` with `update_timestamp` sets start/en
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -35,6 +36,24 @@ from nilus_dagster.components.tags import PIPELINE_TAG, RESOURCE_ID_TAG, RUN_AS_
 from nilus_dagster.embedded.postgres import free_port
 from nilus_dagster.state.records import PipelineKey
 from nilus_dagster.state.store import StateStore
+
+
+@contextlib.contextmanager
+def api_over_defs(folder: Path, attributes: dict, state_dsn: str, tokens: str) -> Iterator[TestClient]:
+    """The API app over a defs folder holding one `defs.yaml` with these NilusPipelines attributes."""
+    folder.mkdir()
+    document = {"type": "nilus_dagster.components.NilusPipelines", "attributes": attributes}
+    (folder / "defs.yaml").write_text(json.dumps(document))  # JSON is YAML
+    settings = Settings(
+        dagster_home=Path(os.environ["DAGSTER_HOME"]),
+        state_dsn=state_dsn,
+        defs_dir=folder,
+        tokens_env=tokens,
+        defs_reload_seconds=0.0,
+    )
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        yield client
+
 
 BASE = "/nilus-manager/api/v1"
 TOKENS = {

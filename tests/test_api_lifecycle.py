@@ -8,7 +8,6 @@ decision is evaluated on the same instance and state store. Source PostgreSQL, P
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -18,14 +17,13 @@ from pathlib import Path
 import dagster as dg
 import psycopg
 import pytest
+from api_fixtures import api_over_defs
 from batch_project import SinkTarget, failure_message, sink_target
 from cdc_project import cdc_pipeline, cdc_project
 from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 from test_cdc_crash import assert_exact, create_items, spec_json, start_worker, wait_for
 
-from nilus_dagster.api.app import create_app
-from nilus_dagster.api.settings import Settings
 from nilus_dagster.components.cdc_assets import keep_alive_decision
 from nilus_dagster.components.lifecycle import AUDIT_TAG, OPERATOR_TAG
 from nilus_dagster.spec.errors import validate_spec
@@ -49,18 +47,7 @@ def operated(
 ) -> Iterator[tuple[str, TestClient]]:
     """The pipeline's spec (as the worker takes it) and the API over its defs folder."""
     spec = spec_json(pg_sink)
-    defs = tmp_path / "defs"
-    defs.mkdir()
-    document = {"type": "nilus_dagster.components.NilusPipelines", "attributes": json.loads(spec)}
-    (defs / "defs.yaml").write_text(json.dumps(document))  # JSON is YAML
-    settings = Settings(
-        dagster_home=Path(os.environ["DAGSTER_HOME"]),
-        state_dsn=state_dsn,
-        defs_dir=defs,
-        tokens_env="tok-edit:acme:editor",
-        defs_reload_seconds=0.0,
-    )
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with api_over_defs(tmp_path / "defs", json.loads(spec), state_dsn, "tok-edit:acme:editor") as client:
         yield spec, client
 
 

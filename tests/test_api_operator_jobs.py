@@ -8,14 +8,13 @@ the API (real app, in process) shares. Source PostgreSQL, PostgreSQL sink.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
 import psycopg
 import pytest
+from api_fixtures import api_over_defs
 from batch_project import SinkTarget, failure_message, sink_target
 from cdc_project import cdc_pipeline, cdc_project, run_until_caught_up
 from fastapi.testclient import TestClient
@@ -23,8 +22,6 @@ from prometheus_client import generate_latest
 from table_compare import assert_same_rows, source_rows
 from test_cdc_crash import create_items
 
-from nilus_dagster.api.app import create_app
-from nilus_dagster.api.settings import Settings
 from nilus_dagster.components.lifecycle import AUDIT_TAG, OPERATOR_TAG
 from nilus_dagster.state import NilusStateStore
 from nilus_dagster.state.store import StateStore
@@ -52,18 +49,7 @@ def world(
         "connections": {"src": {"type": "postgres", "dsn_env": "SOURCE_DSN"}, "sink": pg_sink.connection},
         "pipelines": [pipeline],
     }
-    defs = tmp_path / "defs"
-    defs.mkdir()
-    document = {"type": "nilus_dagster.components.NilusPipelines", "attributes": attributes}
-    (defs / "defs.yaml").write_text(json.dumps(document))  # JSON is YAML
-    settings = Settings(
-        dagster_home=Path(os.environ["DAGSTER_HOME"]),
-        state_dsn=state_dsn,
-        defs_dir=defs,
-        tokens_env="tok-edit:acme:editor;tok-admin::admin",
-        defs_reload_seconds=0.0,
-    )
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    with api_over_defs(tmp_path / "defs", attributes, state_dsn, "tok-edit:acme:editor;tok-admin::admin") as client:
         yield cdc_project(pg_sink, pipeline), client
 
 
